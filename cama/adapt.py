@@ -1,0 +1,241 @@
+"""Selective test-time fine-tuning of NN_M^p and NN_M^q (paper eq. 8), and its promotion gate.
+
+The shape follows tent: configure the model, collect the parameters to update, check the setup,
+take steps under ``torch.enable_grad()``, reset. Everything that is not an m-dependent network
+stays bit-identical. The same functions serve the evaluation scripts and the service's worker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from cama.objectives import bayes_predict, finetune_objective, marginal_elbo, slice_cond
+from cama.protocol import CamaModel
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Hyper-parameters of one adaptation job."""
+
+    lr: float = 1e-3
+    epochs: int = 3
+    batch_size: int = 64
+    alpha: float = 0.5
+    seed: int = 0
+    max_steps: int | None = None
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One step's objective (eq. 8) and its two terms."""
+
+    objective: float
+    clean_elbo: float
+    test_elbo: float
+
+
+@dataclass
+class FinetuneReport:
+    """What a fine-tuning run did."""
+
+    steps: int = 0
+    cancelled: bool = False
+    history: list[StepResult] = field(default_factory=list)
+
+
+def collect_params(model: CamaModel) -> list[nn.Parameter]:
+    """The parameters of NN_M^p and NN_M^q."""
+    return model.m_parameters()
+
+
+def configure_model(model: CamaModel) -> None:
+    """Freeze everything, then let only NN_M^p and NN_M^q learn."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in collect_params(model):
+        p.requires_grad_(True)
+
+
+def check_model(model: CamaModel) -> None:
+    """Refuse a model whose trainable set is not exactly NN_M^p and NN_M^q."""
+    selected = {id(p) for p in collect_params(model)}
+    if not selected:
+        raise ValueError("the model has no m-dependent parameters to fine-tune")
+    for name, p in model.named_parameters():
+        if p.requires_grad != (id(p) in selected):
+            raise ValueError(f"parameter {name} is trainable={p.requires_grad}, expected the opposite")
+
+
+def snapshot(model: CamaModel) -> dict[str, Tensor]:
+    """A copy of the whole state, for :func:`reset`."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def reset(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Restore the state taken by :func:`snapshot`, exactly."""
+    model.load_state_dict(state, strict=True)
+
+
+@torch.enable_grad()
+def finetune_step(
+    model: CamaModel,
+    optimizer: torch.optim.Optimizer,
+    clean: tuple[Tensor, Tensor],
+    test_x: Tensor,
+    alpha: float,
+    *,
+    bf16: bool = False,
+) -> StepResult:
+    """One gradient step on eq. 8 (clean replay term with weight alpha, ELBO(x) on test data)."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    with autocast:
+        objective, clean_elbo, test_elbo = finetune_objective(model, clean, test_x, alpha)
+    optimizer.zero_grad(set_to_none=True)
+    (-objective).backward()
+    optimizer.step()
+    return StepResult(float(objective), float(clean_elbo), float(test_elbo))
+
+
+def finetune(
+    model: CamaModel,
+    clean_x: Tensor,
+    clean_y: Tensor,
+    test_x: Tensor,
+    cfg: FinetuneConfig,
+    *,
+    on_progress: Callable[[float, StepResult], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FinetuneReport:
+    """Fine-tune NN_M^p and NN_M^q on unlabelled ``test_x`` with a clean replay sample (eq. 8).
+
+    Each step pairs a mini-batch of ``test_x`` with a random mini-batch of the labelled clean data.
+    ``on_progress(fraction, step)`` reports progress; ``should_stop()`` cancels between steps.
+    """
+    configure_model(model)
+    check_model(model)
+    params = collect_params(model)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    n = test_x.shape[0]
+    per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    report = FinetuneReport()
+    model.train()  # type: ignore[attr-defined]
+    while report.steps < total:
+        order = rng.permutation(n)
+        for start in range(0, n, cfg.batch_size):
+            if report.steps >= total:
+                break
+            if should_stop is not None and should_stop():
+                report.cancelled = True
+                return report
+            idx = torch.from_numpy(order[start : start + cfg.batch_size])
+            clean_idx = torch.from_numpy(rng.integers(0, clean_x.shape[0], size=idx.shape[0]))
+            step = finetune_step(
+                model,
+                optimizer,
+                (clean_x[clean_idx], clean_y[clean_idx]),
+                test_x[idx],
+                cfg.alpha,
+                bf16=cfg.bf16,
+            )
+            report.steps += 1
+            report.history.append(step)
+            if on_progress is not None:
+                on_progress(report.steps / total, step)
+    model.eval()  # type: ignore[attr-defined]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return report
+
+
+# --- promotion gate -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """A new version is promoted only if clean accuracy drops by at most ``max_clean_drop``
+    (a fraction: 0.005 is half a point) and held-out ELBO(x) rises by more than ``min_elbo_gain``."""
+
+    max_clean_drop: float = 0.005
+    min_elbo_gain: float = 0.0
+    k: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GateEvaluation:
+    """Label-free and canary evidence about one model."""
+
+    clean_accuracy: float
+    heldout_elbo: float
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether to promote, with the evidence and the reasons for a refusal."""
+
+    accepted: bool
+    before: GateEvaluation
+    after: GateEvaluation
+    reasons: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "reasons": list(self.reasons),
+            "clean_accuracy_before": self.before.clean_accuracy,
+            "clean_accuracy_after": self.after.clean_accuracy,
+            "heldout_elbo_before": self.before.heldout_elbo,
+            "heldout_elbo_after": self.after.heldout_elbo,
+        }
+
+
+@torch.no_grad()
+def gate_evaluation(
+    model: CamaModel,
+    canary_x: Tensor,
+    canary_y: Tensor,
+    heldout_x: Tensor,
+    cfg: GateConfig,
+    cond_canary: Any = None,
+    cond_heldout: Any = None,
+) -> GateEvaluation:
+    """Clean canary accuracy (eq. 6) and mean held-out ELBO(x) (eq. 7), with fixed noise."""
+    gen = torch.Generator(device=canary_x.device).manual_seed(cfg.seed)
+    pred = bayes_predict(model, canary_x, cond_canary, k=cfg.k, generator=gen)
+    acc = float((pred.labels == canary_y).float().mean())
+    gen = torch.Generator(device=heldout_x.device).manual_seed(cfg.seed)
+    elbos = [
+        marginal_elbo(model, heldout_x[i : i + 100], slice_cond(cond_heldout, i, i + 100), generator=gen)
+        for i in range(0, heldout_x.shape[0], 100)
+    ]
+    return GateEvaluation(clean_accuracy=acc, heldout_elbo=float(torch.cat(elbos).mean()))
+
+
+def promotion_gate(before: GateEvaluation, after: GateEvaluation, cfg: GateConfig) -> GateDecision:
+    """Promote only if clean accuracy held and the held-out ELBO(x) rose."""
+    reasons: list[str] = []
+    drop = before.clean_accuracy - after.clean_accuracy
+    if drop > cfg.max_clean_drop:
+        reasons.append(
+            f"clean canary accuracy fell by {drop * 100:.2f} points "
+            f"(limit {cfg.max_clean_drop * 100:.2f}): {before.clean_accuracy:.4f} -> {after.clean_accuracy:.4f}"
+        )
+    gain = after.heldout_elbo - before.heldout_elbo
+    if not gain > cfg.min_elbo_gain:
+        reasons.append(
+            f"held-out ELBO(x) did not rise by more than {cfg.min_elbo_gain:.2f} nats: "
+            f"{before.heldout_elbo:.2f} -> {after.heldout_elbo:.2f}"
+        )
+    return GateDecision(accepted=not reasons, before=before, after=after, reasons=tuple(reasons))

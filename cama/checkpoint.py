@@ -1,0 +1,151 @@
+"""Self-describing checkpoints: config + weights + schema version + provenance + metrics.
+
+A checkpoint rebuilds its model with the core alone (no training code). Files are written
+atomically (temporary file, fsync, rename) so that a reader never sees a partial checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SCHEMA_VERSION = 1
+
+# config "kind" -> ("module:ConfigClass", "module:ModelClass"), imported lazily.
+MODEL_KINDS: dict[str, tuple[str, str]] = {
+    "image": ("cama.config:ImageCamaConfig", "cama.image_model:ImageCama"),
+    "measurement": (
+        "cama.measurement_model:MeasurementCamaConfig",
+        "cama.measurement_model:MeasurementCama",
+    ),
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable, of an unknown schema or kind, or does not match its config."""
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds besides the weights."""
+
+    config: dict[str, Any]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+
+def git_commit() -> str:
+    """The current git commit of the working tree, or ``"unknown"``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+def _config_to_dict(config: Any) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Instantiate the model a config dict describes (tuples restored from lists)."""
+    kind = config.get("kind")
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
+    cfg_type, model_type = (_import(name) for name in MODEL_KINDS[kind])
+    fields = {f.name for f in dataclasses.fields(cfg_type)}
+    unknown = set(config) - fields
+    if unknown:
+        raise CheckpointError(f"config has unknown fields {sorted(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    model: nn.Module = model_type(cfg_type(**values))
+    return model
+
+
+def _import(qualified: str) -> Any:
+    module, _, attr = qualified.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    provenance: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> str:
+    """Write ``model`` with its config atomically; returns the file's SHA-256."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise CheckpointError("model has no config attribute to describe it")
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "config": _config_to_dict(config),
+        "provenance": {"git_commit": git_commit(), **(provenance or {})},
+        "metrics": dict(metrics or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return sha256_file(target)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, Checkpoint]:
+    """Rebuild the model a checkpoint describes and load its weights (strictly)."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise CheckpointError(f"{path} is not a CAMA checkpoint")
+    version = payload.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CheckpointError(f"{path}: schema version {version}, expected {SCHEMA_VERSION}")
+    model = build_model(payload["config"])
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the config: {exc}") from exc
+    model.eval()
+    meta = Checkpoint(
+        config=payload["config"],
+        provenance=payload.get("provenance", {}),
+        metrics=payload.get("metrics", {}),
+        schema_version=version,
+    )
+    return model, meta

@@ -1,0 +1,169 @@
+"""Deep CAMA for images (paper section 3.1, fig. 4, appendix C).
+
+p(x, y, z, m) = p(m) p(z) p(y) p(x | y, z, m) with p(y) uniform, p(z) = N(0, I), p(m) = N(0, I),
+p(x | y, z, m) = Bernoulli(mean(y, z, m)) over pixels;
+q(z, m | x, y) = q(z | x, y, m) q(m | x), both diagonal Gaussians.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cama.config import ImageCamaConfig, Transform
+from cama.layers import ConvEncoder, DeconvDecoder, mlp
+from cama.mechanisms import (
+    PROB_EPS,
+    Cleaner,
+    MechanismNetwork,
+    apply_mechanisms,
+    canonicalize,
+)
+
+
+@dataclass
+class ImageContext:
+    """What depends on (x, m) only: m ``(K, B, dM)``, mechanism parameters, x-features of q(z)."""
+
+    m: Tensor
+    features: Tensor  # (K or 1, B, F)
+    params: dict[Transform, Tensor] | None  # (K, B, size) each, transform pathway only
+
+
+class ImageCama(nn.Module):
+    """The appendix-C networks, plus the optional transform pathway of ``cama.mechanisms``."""
+
+    def __init__(self, config: ImageCamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = config.num_classes
+        self.dim_z = config.dim_z
+        self.dim_m = config.dim_m
+        hidden = config.y_layers[-1]
+        if config.z_layers[-1] != hidden or config.m_layers[-1] != hidden:
+            raise ValueError("NN_Y^p, NN_Z^p and NN_M^p must end in the same width (they are summed)")
+        # p networks
+        self.nn_y = mlp((config.num_classes, *config.y_layers), final_activation=True)
+        self.nn_z = mlp((config.dim_z, *config.z_layers), final_activation=True)
+        self.nn_m = mlp((config.dim_m, *config.m_layers), final_activation=True)
+        self.merge = DeconvDecoder(hidden, config.merge_channels)
+        # q(m|x): NN_M^q
+        self.q_m_cnn = ConvEncoder(config.encoder_channels, kernel=3)
+        self.q_m_mlp = mlp(
+            (self.q_m_cnn.out_features, config.encoder_hidden, 2 * config.dim_m), final_activation=False
+        )
+        last = self.q_m_mlp[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        with torch.no_grad():
+            last.bias.zero_()
+            last.bias[config.dim_m :] = config.q_m_logvar_init
+        # q(z|x,y,m): NN_Z^q, the m input kept as its own layer (part of NN_M^q)
+        self.q_z_cnn = ConvEncoder(config.encoder_channels, kernel=5)
+        self.q_z_x = mlp((self.q_z_cnn.out_features, config.encoder_hidden), final_activation=True)
+        self.q_z_in_x = nn.Linear(config.encoder_hidden, config.z_head_hidden)
+        self.q_z_in_y = nn.Linear(config.num_classes, config.z_head_hidden, bias=False)
+        self.q_z_in_m = nn.Linear(config.dim_m, config.z_head_hidden, bias=False)
+        nn.init.zeros_(self.q_z_in_m.weight)
+        self.q_z_out = nn.Linear(config.z_head_hidden, 2 * config.dim_z)
+        # transform pathway: NN_M^p mechanisms (+ the inference-side cleaner, part of NN_M^q)
+        self.mechanisms: MechanismNetwork | None = None
+        self.cleaner: Cleaner | None = None
+        if config.m_pathway == "transform":
+            self.mechanisms = MechanismNetwork(config.dim_m, config.transform_layers, config.transforms)
+            if "clean" in config.transforms:
+                self.cleaner = Cleaner(config.cleaner_channels)
+
+    # --- q(m|x) -------------------------------------------------------------------------------
+    def infer_m(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
+        """q(m|x) = N(mu, diag(exp(logvar))), ``(B, dM)`` each."""
+        out = self.q_m_mlp(self.q_m_cnn(x)).float()
+        return out[:, : self.dim_m], out[:, self.dim_m :]
+
+    # --- work shared by every class hypothesis ---------------------------------------------------
+    def prepare(self, x: Tensor, m: Tensor, cond: Any = None) -> ImageContext:
+        """x-features of q(z|x,y,m); in the transform pathway, of x mapped back to canonical form."""
+        if self.mechanisms is None:
+            return ImageContext(m=m, features=self.q_z_x(self.q_z_cnn(x)).unsqueeze(0), params=None)
+        k, b = m.shape[0], x.shape[0]
+        params = self.mechanisms(m)  # (K, B, size)
+        flat = {name: value.reshape(k * b, -1) for name, value in params.items()}
+        xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+        canonical = canonicalize(xs, flat, self.cleaner)
+        features = self.q_z_x(self.q_z_cnn(canonical)).view(k, b, -1)
+        return ImageContext(m=m, features=features, params=params)
+
+    # --- q(z|x,y,m) -------------------------------------------------------------------------------
+    def infer_z(self, ctx: ImageContext, y: Tensor) -> tuple[Tensor, Tensor]:
+        """q(z|x,y,m) = N(mu, diag(exp(logvar))), ``(C, K, B, dZ)`` each."""
+        h = F.relu(
+            self.q_z_in_x(ctx.features).unsqueeze(0)  # (1, K, B, H)
+            + self.q_z_in_y(y)  # (C, 1, 1 or B, H)
+            + self.q_z_in_m(ctx.m).unsqueeze(0)  # (1, K, B, H)
+        )
+        out = self.q_z_out(h).float()
+        return out[..., : self.dim_z], out[..., self.dim_z :]
+
+    # --- p(x|y,z,m) -------------------------------------------------------------------------------
+    def canonical_logits(self, y: Tensor, z: Tensor, m: Tensor) -> Tensor:
+        """Bernoulli logits of p(x|y,z,m) before mechanisms, ``(C, K, B, 1, 28, 28)``.
+
+        NN_merge^p(NN_Y^p(y) + NN_Z^p(z) + NN_M^p(m)); in the transform pathway NN_M^p stays at
+        its do(m=0) value, m acting through the mechanisms instead.
+        """
+        m_in = m if self.mechanisms is None else m.new_zeros(m.shape[-1])
+        h = self.nn_y(y) + self.nn_z(z) + self.nn_m(m_in).unsqueeze(0)  # (C, K, B, H)
+        lead = h.shape[:-1]
+        logits = self.merge(h.reshape(-1, h.shape[-1])).view(*lead, 1, 28, 28)
+        return logits.float()  # the likelihood is summed in float32, also under bf16 autocast
+
+    def mean_image(self, ctx: ImageContext, y: Tensor, z: Tensor) -> Tensor:
+        """Bernoulli mean of p(x|y,z,m), ``(C, K, B, 1, 28, 28)``."""
+        logits = self.canonical_logits(y, z, ctx.m)
+        if ctx.params is None:
+            return torch.sigmoid(logits).clamp(PROB_EPS, 1.0 - PROB_EPS)
+        lead = logits.shape[:3]
+        flat = {
+            name: value.unsqueeze(0).expand(*lead, value.shape[-1]).reshape(-1, value.shape[-1])
+            for name, value in ctx.params.items()
+        }
+        p = apply_mechanisms(torch.sigmoid(logits).reshape(-1, 1, 28, 28), flat, self.config.blur_kernel)
+        return p.view_as(logits)
+
+    def log_likelihood(self, x: Tensor, ctx: ImageContext, y: Tensor, z: Tensor) -> Tensor:
+        """log p(x|y,z,m) = sum_pixels x log p + (1 - x) log(1 - p), ``(C, K, B)``."""
+        p = self.mean_image(ctx, y, z).flatten(-3)  # (C, K, B, 784)
+        xf = x.flatten(1)  # (B, 784)
+        return (xf * torch.log(p) + (1.0 - xf) * torch.log1p(-p)).sum(-1)
+
+    def log_prior_y(self, y: Tensor, cond: Any = None) -> Tensor:
+        """log p(y) = -log C (uniform), ``(C', 1, 1)``."""
+        return y.new_full((y.shape[0], 1, 1), -math.log(self.num_classes))
+
+    # --- selective fine-tuning ------------------------------------------------------------------
+    def m_parameters(self) -> list[nn.Parameter]:
+        """NN_M^p and NN_M^q: the networks that depend on m (fig. 4, shaded)."""
+        modules: list[nn.Module] = [self.q_m_cnn, self.q_m_mlp, self.q_z_in_m]
+        if self.mechanisms is None:
+            modules.append(self.nn_m)
+        else:
+            modules.append(self.mechanisms)
+            if self.cleaner is not None:
+                modules.append(self.cleaner)
+        return [p for module in modules for p in module.parameters()]
+
+
+def with_m_pathway(model: ImageCama, pathway: str, **overrides: Any) -> ImageCama:
+    """A copy of ``model`` with another m pathway; new mechanism networks start at the identity."""
+    config = replace(model.config, m_pathway=pathway, **overrides)  # type: ignore[arg-type]
+    new = ImageCama(config)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    allowed = ("mechanisms.", "cleaner.")
+    if unexpected or any(not key.startswith(allowed) for key in missing):
+        raise ValueError(f"incompatible state: missing={missing} unexpected={unexpected}")
+    return new

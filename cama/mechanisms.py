@@ -1,0 +1,145 @@
+"""Learned manipulation mechanisms M -> X for images: the "transform" m pathway.
+
+NN_M^p maps m to a parameter vector ``theta(m) = head(trunk(m)) - head(trunk(0))``: exactly zero
+at do(m=0) and, because the head starts at zero, zero for every m before fine-tuning. Each
+mechanism is the identity at ``theta = 0`` and acts on the canonical Bernoulli mean image
+p(x|y,z,do(m=0)) produced from y and z:
+
+- ``warp``: affine resampling (shift, scale, rotation, shear), 6 parameters;
+- ``blur``: a normalised 5x5 kernel ``delta + beta (G_s - delta)`` (blur for beta > 0, sharpen
+  for beta < 0), 2 parameters;
+- ``photometric``: gain and offset ``g p + b``, 2 parameters;
+- ``outlier``: a mixture ``p + eps (u - p)`` with a corruption level u, which lets noise and
+  outliers be explained by m instead of by y or z, 2 parameters;
+- ``clean``: on the inference side only, an m-gated residual conv that q(z|x,y,m) applies after
+  undoing warp and photometric change, 1 parameter.
+
+The inference network q(z|x,y,m) sees the observed image mapped back through the inverse of the
+invertible mechanisms (photometric, warp), so that z is inferred from a canonical image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cama.config import Transform
+from cama.layers import mlp
+
+PARAM_SIZES: dict[Transform, int] = {"warp": 6, "blur": 2, "photometric": 2, "outlier": 2, "clean": 1}
+PROB_EPS = 1e-6
+
+
+class MechanismNetwork(nn.Module):
+    """NN_M^p of the transform pathway: m -> theta(m), zero at m = 0 and at initialisation."""
+
+    def __init__(self, dim_m: int, layers: tuple[int, ...], transforms: tuple[Transform, ...]):
+        super().__init__()
+        self.transforms = transforms
+        self.trunk = mlp((dim_m, *layers), final_activation=True)
+        self.head = nn.Linear(layers[-1], sum(PARAM_SIZES[t] for t in transforms))
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, m: Tensor) -> dict[Transform, Tensor]:
+        """``m (..., dM)`` -> the parameters of each mechanism, ``(..., size)`` each."""
+        raw = self.head(self.trunk(m)) - self.head(self.trunk(m.new_zeros(m.shape[-1])))
+        out: dict[Transform, Tensor] = {}
+        start = 0
+        for name in self.transforms:
+            out[name] = raw[..., start : start + PARAM_SIZES[name]]
+            start += PARAM_SIZES[name]
+        return out
+
+
+def _affine(theta: Tensor) -> Tensor:
+    """Warp parameters ``(N, 6)`` -> affine matrices ``(N, 2, 3)``, the identity at zero."""
+    eye = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=theta.device, dtype=theta.dtype)
+    return (theta + eye).view(-1, 2, 3)
+
+
+def _invert_affine(a: Tensor) -> Tensor:
+    """Inverse of ``[M | t]`` as ``[M^-1 | -M^-1 t]``, closed form for 2x2 ``M``."""
+    m00, m01, t0 = a[:, 0, 0], a[:, 0, 1], a[:, 0, 2]
+    m10, m11, t1 = a[:, 1, 0], a[:, 1, 1], a[:, 1, 2]
+    det = m00 * m11 - m01 * m10
+    i00, i01, i10, i11 = m11 / det, -m01 / det, -m10 / det, m00 / det
+    return torch.stack(
+        [i00, i01, -(i00 * t0 + i01 * t1), i10, i11, -(i10 * t0 + i11 * t1)], dim=1
+    ).view(-1, 2, 3)
+
+
+def _resample(img: Tensor, affine: Tensor) -> Tensor:
+    """Sample ``img (N, 1, H, W)`` at ``affine @ grid``, zeros outside."""
+    grid = F.affine_grid(affine, list(img.shape), align_corners=False)
+    return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _blur(img: Tensor, theta: Tensor, size: int) -> Tensor:
+    """Per-image kernel ``delta + beta (G_s - delta)``, beta = tanh(theta0), s = exp(theta1)."""
+    n = img.shape[0]
+    beta = torch.tanh(theta[:, 0]).view(n, 1, 1)
+    sigma = torch.exp(theta[:, 1]).view(n, 1, 1)
+    r = torch.arange(size, device=img.device, dtype=img.dtype) - size // 2
+    d2 = (r.view(1, -1, 1) ** 2 + r.view(1, 1, -1) ** 2).expand(n, size, size)
+    gauss = torch.softmax((-d2 / (2 * sigma**2)).reshape(n, -1), dim=1).view(n, size, size)
+    delta = (d2 == 0).to(img.dtype)
+    kernel = delta + beta * (gauss - delta)  # (N, size, size), sums to 1
+    # a sum of shifted copies rather than a grouped conv: static shapes, so it exports to ONNX
+    h, w = img.shape[2], img.shape[3]
+    padded = F.pad(img, (size // 2,) * 4)
+    out = torch.zeros_like(img)
+    for i in range(size):
+        for j in range(size):
+            out = out + kernel[:, i, j].view(n, 1, 1, 1) * padded[:, :, i : i + h, j : j + w]
+    return out
+
+
+def apply_mechanisms(
+    p: Tensor, params: dict[Transform, Tensor], blur_kernel: int
+) -> Tensor:
+    """Manipulate the canonical Bernoulli mean ``p (N, 1, 28, 28)`` with ``params`` ``(N, size)``."""
+    if "warp" in params:
+        p = _resample(p, _affine(params["warp"]))
+    if "blur" in params:
+        p = _blur(p, params["blur"], blur_kernel)
+    if "photometric" in params:
+        gain = torch.exp(params["photometric"][:, 0]).view(-1, 1, 1, 1)
+        offset = params["photometric"][:, 1].view(-1, 1, 1, 1)
+        p = gain * p + offset
+    if "outlier" in params:
+        eps = torch.tanh(params["outlier"][:, 0]).view(-1, 1, 1, 1)
+        level = torch.sigmoid(params["outlier"][:, 1]).view(-1, 1, 1, 1)
+        p = p + eps * (level - p)
+    return p.clamp(PROB_EPS, 1.0 - PROB_EPS)
+
+
+class Cleaner(nn.Module):
+    """Part of NN_M^q: an m-gated residual conv ``x + gamma(m) r(x)`` before q(z|x,y,m)'s encoder."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, 1, 3, padding=1)
+        )
+
+    def forward(self, x: Tensor, gamma: Tensor) -> Tensor:
+        """``x (N, 1, 28, 28)``, ``gamma (N, 1)``."""
+        out: Tensor = x + gamma.view(-1, 1, 1, 1) * self.net(x)
+        return out
+
+
+def canonicalize(
+    x: Tensor, params: dict[Transform, Tensor], cleaner: Cleaner | None
+) -> Tensor:
+    """Map observed images ``(N, 1, 28, 28)`` back through the invertible mechanisms."""
+    if "photometric" in params:
+        gain = torch.exp(params["photometric"][:, 0]).view(-1, 1, 1, 1)
+        offset = params["photometric"][:, 1].view(-1, 1, 1, 1)
+        x = (x - offset) / gain
+    if "warp" in params:
+        x = _resample(x, _invert_affine(_affine(params["warp"])))
+    if cleaner is not None and "clean" in params:
+        x = cleaner(x, params["clean"])
+    return x

@@ -1,0 +1,242 @@
+"""The objectives and the Bayes-rule classifier of CAMA: the single copy of the paper's math.
+
+Every function takes any model that follows :class:`cama.protocol.CamaModel` (images or
+measurement data). Noise can be passed in explicitly (``eps_m``, ``eps_z``), which makes a
+prediction replayable and lets an exported graph take its noise as an input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cama.distributions import (
+    kl_to_standard_normal,
+    log_normal,
+    log_standard_normal,
+    reparameterize,
+)
+from cama.protocol import CamaModel, all_classes, given_labels
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Standard-normal noise for one Bayes-rule prediction: ``m (K, B, dM)``, ``z (C, K, B, dZ)``."""
+
+    m: Tensor
+    z: Tensor
+
+
+def sample_noise(
+    model: CamaModel,
+    batch: int,
+    k: int,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
+) -> Noise:
+    """Draw the noise of eq. 6's importance sampler for ``batch`` inputs and ``k`` samples per class."""
+    c = model.num_classes
+    m = torch.randn(k, batch, model.dim_m, generator=generator, device=device)
+    z = torch.randn(c, k, batch, model.dim_z, generator=generator, device=device)
+    return Noise(m=m, z=z)
+
+
+def _joint_elbo_terms(
+    model: CamaModel,
+    x: Tensor,
+    y: Tensor,
+    cond: Any,
+    m: Tensor,
+    eps_z: Tensor,
+) -> Tensor:
+    """E_q(z|x,y,m)[log p(x|y,z,m) + log p(z) - log q(z|x,y,m)] + log p(y), ``(C', B)``.
+
+    ``m`` is ``(K, B, dM)``; the KL of z is analytic, the expectation over z uses ``eps_z``.
+    """
+    ctx = model.prepare(x, m, cond)
+    mu_z, logvar_z = model.infer_z(ctx, y)  # (C', K, B, dZ)
+    z = reparameterize(mu_z, logvar_z, eps_z)
+    rec = model.log_likelihood(x, ctx, y, z)  # (C', K, B)
+    kl_z = kl_to_standard_normal(mu_z, logvar_z)  # (C', K, B)
+    log_py = model.log_prior_y(y, cond)  # broadcastable to (C', 1, B)
+    return (rec - kl_z).mean(1) + log_py[:, 0]
+
+
+def intervention_elbo(
+    model: CamaModel,
+    x: Tensor,
+    labels: Tensor,
+    cond: Any = None,
+    *,
+    m0: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Eq. 3, the intervention ELBO under do(m = m0) (m0 = 0 by default), ``(B,)``.
+
+    ELBO(x, y, do(m=m0)) = E_q(z|x,y,m0)[log p(x|y,z,m0) + log p(y) + log p(z) - log q(z|x,y,m0)].
+    """
+    b = x.shape[0]
+    m = torch.zeros(1, b, model.dim_m, device=x.device) if m0 is None else m0.expand(1, b, -1)
+    y = given_labels(labels, model.num_classes).to(x.device)
+    eps_z = torch.randn(1, 1, b, model.dim_z, generator=generator, device=x.device)
+    return _joint_elbo_terms(model, x, y, cond, m, eps_z)[0]
+
+
+def joint_elbo(
+    model: CamaModel,
+    x: Tensor,
+    y: Tensor,
+    cond: Any = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Eq. 4, ELBO(x, y) = E_q(z,m|x,y)[log p(x, y, z, m) - log q(z, m|x, y)], ``(C', B)``.
+
+    q(z, m|x, y) = q(z|x, y, m) q(m|x); one sample of m and of z, both KLs analytic.
+    ``y`` is one-hot, ``(1, 1, B, C)`` for given labels or ``(C, 1, 1, C)`` for every class.
+    """
+    b = x.shape[0]
+    mu_m, logvar_m = model.infer_m(x, cond)  # (B, dM)
+    eps_m = torch.randn(1, b, model.dim_m, generator=generator, device=x.device)
+    m = reparameterize(mu_m, logvar_m, eps_m)  # (1, B, dM)
+    eps_z = torch.randn(y.shape[0], 1, b, model.dim_z, generator=generator, device=x.device)
+    kl_m = kl_to_standard_normal(mu_m, logvar_m)  # (B,)
+    return _joint_elbo_terms(model, x, y, cond, m, eps_z) - kl_m
+
+
+def labelled_joint_elbo(
+    model: CamaModel,
+    x: Tensor,
+    labels: Tensor,
+    cond: Any = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Eq. 4 for given labels, ``(B,)``."""
+    y = given_labels(labels, model.num_classes).to(x.device)
+    return joint_elbo(model, x, y, cond, generator=generator)[0]
+
+
+def marginal_elbo(
+    model: CamaModel,
+    x: Tensor,
+    cond: Any = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Eq. 7, ELBO(x) = log sum_c exp ELBO(x, y_c), computed in log space, ``(B,)``."""
+    y = all_classes(model.num_classes, x.device)
+    return torch.logsumexp(joint_elbo(model, x, y, cond, generator=generator), dim=0)
+
+
+def augmented_objective(
+    model: CamaModel,
+    clean: tuple[Tensor, Tensor],
+    manipulated: tuple[Tensor, Tensor],
+    lam: float,
+    *,
+    cond_clean: Any = None,
+    cond_manipulated: Any = None,
+) -> Tensor:
+    """Eq. 5, L_aug = lam E_D[ELBO(x, y, do(m=0))] + (1 - lam) E_D'[ELBO(x, y)] (to maximise)."""
+    clean_term = intervention_elbo(model, clean[0], clean[1], cond_clean).mean()
+    manip_term = labelled_joint_elbo(model, manipulated[0], manipulated[1], cond_manipulated).mean()
+    return lam * clean_term + (1.0 - lam) * manip_term
+
+
+def finetune_objective(
+    model: CamaModel,
+    clean: tuple[Tensor, Tensor],
+    test_x: Tensor,
+    alpha: float,
+    *,
+    cond_clean: Any = None,
+    cond_test: Any = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Eq. 8, L_ft = alpha E_D[ELBO(x, y)] + (1 - alpha) E_D~[ELBO(x)] (to maximise).
+
+    Returns ``(objective, mean clean ELBO(x, y), mean test ELBO(x))``.
+    """
+    clean_term = labelled_joint_elbo(model, clean[0], clean[1], cond_clean).mean()
+    test_term = marginal_elbo(model, test_x, cond_test).mean()
+    return alpha * clean_term + (1.0 - alpha) * test_term, clean_term, test_term
+
+
+def bayes_log_weights(
+    model: CamaModel,
+    x: Tensor,
+    cond: Any = None,
+    *,
+    k: int = 10,
+    noise: Noise | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Eq. 6, per-class log importance weights ``log (1/K) sum_k p(x|y_c,z_k,m)p(y_c)p(z_k)/q(z_k|x,y_c,m)``.
+
+    m ~ q(m|x) once per sample k and shared by every class; z_c^k ~ q(z|x, y_c, m).
+    Returns ``(B, C)``: un-normalised log p(x, y_c), usable as logits (also for attacks).
+    """
+    b = x.shape[0]
+    if noise is None:
+        noise = sample_noise(model, b, k, generator=generator, device=x.device)
+    k = noise.m.shape[0]
+    mu_m, logvar_m = model.infer_m(x, cond)  # (B, dM)
+    m = reparameterize(mu_m, logvar_m, noise.m)  # (K, B, dM)
+    ctx = model.prepare(x, m, cond)
+    y = all_classes(model.num_classes, x.device)  # (C, 1, 1, C)
+    mu_z, logvar_z = model.infer_z(ctx, y)  # (C, K, B, dZ)
+    z = reparameterize(mu_z, logvar_z, noise.z)
+    log_w = (
+        model.log_likelihood(x, ctx, y, z)
+        + model.log_prior_y(y, cond)
+        + log_standard_normal(z)
+        - log_normal(z, mu_z, logvar_z)
+    )  # (C, K, B)
+    return (torch.logsumexp(log_w, dim=1) - math.log(k)).transpose(0, 1)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Bayes-rule prediction: per-class log-weights (logits), probabilities and labels."""
+
+    log_weights: Tensor  # (B, C)
+    probs: Tensor  # (B, C)
+    labels: Tensor  # (B,)
+
+
+@torch.no_grad()
+def bayes_predict(
+    model: CamaModel,
+    x: Tensor,
+    cond: Any = None,
+    *,
+    k: int = 10,
+    chunk: int = 100,
+    generator: torch.Generator | None = None,
+) -> Prediction:
+    """Eq. 6, p(y|x) = softmax_c log-weights, in chunks of ``chunk`` inputs to bound memory."""
+    logits = []
+    for start in range(0, x.shape[0], chunk):
+        sub_cond = slice_cond(cond, start, start + chunk)
+        logits.append(
+            bayes_log_weights(model, x[start : start + chunk], sub_cond, k=k, generator=generator)
+        )
+    log_w = torch.cat(logits)
+    probs = torch.softmax(log_w, dim=1)
+    return Prediction(log_weights=log_w, probs=probs, labels=probs.argmax(1))
+
+
+def slice_cond(cond: Any, start: int, stop: int) -> Any:
+    """Slice the per-example tensors of ``cond`` (a tensor, a tuple of tensors, or None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond[start:stop]
+    if isinstance(cond, tuple):
+        return tuple(slice_cond(part, start, stop) for part in cond)
+    raise TypeError(f"unsupported cond type {type(cond).__name__}")

@@ -1,0 +1,185 @@
+"""MNIST loading: standard IDX files (gzipped or not) or ``mnist.npz``, with checksummed download.
+
+The data directory comes from ``--data-dir`` or the ``CAMA_DATA_DIR`` environment variable
+(default ``./data``). Where the files are missing and the user has a network, ``download_mnist``
+fetches them from the standard mirrors and verifies each file's MD5.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR_ENV = "CAMA_DATA_DIR"
+
+MNIST_FILES: dict[str, str] = {
+    # file name -> MD5 of the .gz file as distributed (the classic LeCun values)
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+
+
+class DataError(RuntimeError):
+    """Raised when a data file is missing, truncated or fails its checksum."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as float32 in [0, 1], ``(N, 1, 28, 28)``, and int64 labels ``(N,)``."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass(frozen=True)
+class Mnist:
+    """The MNIST train and test splits and the SHA-256 of the files they came from."""
+
+    train: Split
+    test: Split
+    checksum: str
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``data_dir`` if given, else ``$CAMA_DATA_DIR``, else ``./data``."""
+    return Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (``.gz`` or raw) into a uint8 array of its declared shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4:
+        raise DataError(f"{path}: not an IDX file (too short)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DataError(f"{path}: unsupported IDX header (magic {data[:4].hex()})")
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if payload.size != int(np.prod(dims)):
+        raise DataError(f"{path}: expected {int(np.prod(dims))} values, found {payload.size}")
+    return payload.reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    """``stem.gz`` or ``stem`` (also the dotted ``train-images.idx3-ubyte`` spelling)."""
+    dotted = stem.replace("-idx", ".idx")
+    for name in (f"{stem}.gz", stem, f"{dotted}.gz", dotted):
+        candidate = directory / name
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _split(images: np.ndarray, labels: np.ndarray) -> Split:
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    x = (images.astype(np.float32) / 255.0)[:, None, :, :]
+    return Split(x=x, y=labels.astype(np.int64))
+
+
+def load_mnist(data_dir: str | os.PathLike[str] | None = None) -> Mnist:
+    """Load MNIST from ``<dir>/mnist/*idx*``, ``<dir>/*idx*`` or ``<dir>/mnist.npz`` (in that order)."""
+    root = resolve_data_dir(data_dir)
+    for directory in (root / "mnist", root):
+        stems = [name.removesuffix(".gz") for name in MNIST_FILES]
+        paths = [_find_idx(directory, stem) for stem in stems]
+        if all(p is not None for p in paths):
+            found = [p for p in paths if p is not None]
+            arrays = [read_idx(p) for p in found]
+            return Mnist(
+                train=_split(arrays[0], arrays[1]),
+                test=_split(arrays[2], arrays[3]),
+                checksum=_sha256(found),
+            )
+    npz = root / "mnist.npz"
+    if npz.exists():
+        with np.load(npz) as d:
+            return Mnist(
+                train=_split(d["x_train"], d["y_train"]),
+                test=_split(d["x_test"], d["y_test"]),
+                checksum=_sha256([npz]),
+            )
+    raise DataError(
+        f"no MNIST under {root}: expected the four IDX files or mnist.npz "
+        f"(set {DATA_DIR_ENV} or --data-dir, or run `python -m training.data --download`)"
+    )
+
+
+def md5_of(path: Path) -> str:
+    """MD5 of a file, as the MNIST mirrors publish it."""
+    return hashlib.md5(path.read_bytes()).hexdigest()  # noqa: S324 - matching published checksums
+
+
+def download_mnist(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    mirrors: tuple[str, ...] = MNIST_MIRRORS,
+    files: dict[str, str] | None = None,
+) -> Path:
+    """Fetch the IDX files into ``<dir>/mnist`` from the first mirror that serves each; verify MD5."""
+    target = resolve_data_dir(data_dir) / "mnist"
+    target.mkdir(parents=True, exist_ok=True)
+    for name, md5 in (files or MNIST_FILES).items():
+        path = target / name
+        if path.exists() and md5_of(path) == md5:
+            continue
+        errors: list[str] = []
+        for mirror in mirrors:
+            tmp = path.with_suffix(path.suffix + ".part")
+            try:
+                urllib.request.urlretrieve(mirror + name, tmp)  # noqa: S310 - fixed https mirrors
+            except OSError as exc:
+                errors.append(f"{mirror}: {exc}")
+                continue
+            if md5_of(tmp) != md5:
+                tmp.unlink()
+                errors.append(f"{mirror}: MD5 mismatch")
+                continue
+            tmp.replace(path)
+            break
+        else:
+            raise DataError(f"could not download {name}: " + "; ".join(errors))
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m training.data --download [--data-dir DIR]``: fetch and verify MNIST."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--download", action="store_true")
+    args = parser.parse_args(argv)
+    if args.download:
+        print(download_mnist(args.data_dir))
+    mnist = load_mnist(args.data_dir)
+    print(f"train {len(mnist.train)}  test {len(mnist.test)}  sha256 {mnist.checksum[:16]}")
+
+
+if __name__ == "__main__":
+    main()

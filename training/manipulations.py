@@ -1,0 +1,132 @@
+"""Manipulations do(m) of images, as pure seeded functions on ``(N, 1, H, W)`` float arrays in [0, 1].
+
+Shifts follow the paper (section 4.1): each image moves by a uniform random integer offset in
+``[-r*H, r*H]`` along one axis, with zero fill. The others probe manipulations the model has
+never been told about: noise, photometric change, blur, rotation, outliers, ZCA whitening (app. B).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Manipulation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def max_offset(shift_range: float, size: int) -> int:
+    """The largest offset in pixels for a shift range ``r``: ``floor(r * size)``."""
+    return int(math.floor(shift_range * size + 1e-9))
+
+
+def shift(x: np.ndarray, shift_range: float, axis: str, rng: np.random.Generator) -> np.ndarray:
+    """Move each image by a uniform integer offset in [-r*size, r*size] along ``axis``, zero fill.
+
+    ``axis="vertical"`` moves rows (a positive offset moves the digit down);
+    ``axis="horizontal"`` moves columns (a positive offset moves it right).
+    """
+    if axis not in ("vertical", "horizontal"):
+        raise ValueError(f"axis must be 'vertical' or 'horizontal', not {axis!r}")
+    dim = 2 if axis == "vertical" else 3
+    size = x.shape[dim]
+    limit = max_offset(shift_range, size)
+    offsets = rng.integers(-limit, limit + 1, size=x.shape[0])
+    out = np.zeros_like(x)
+    for i, off in enumerate(offsets):
+        src = [slice(None)] * 3
+        dst = [slice(None)] * 3
+        if off >= 0:
+            src[dim - 1], dst[dim - 1] = slice(0, size - off), slice(off, size)
+        else:
+            src[dim - 1], dst[dim - 1] = slice(-off, size), slice(0, size + off)
+        out[i][tuple(dst)] = x[i][tuple(src)]
+    return out
+
+
+def vertical_shift(x: np.ndarray, shift_range: float, rng: np.random.Generator) -> np.ndarray:
+    """Vertical shift with range ``shift_range`` (fig. 7, bottom row)."""
+    return shift(x, shift_range, "vertical", rng)
+
+
+def horizontal_shift(x: np.ndarray, shift_range: float, rng: np.random.Generator) -> np.ndarray:
+    """Horizontal shift with range ``shift_range`` (fig. 7, top row)."""
+    return shift(x, shift_range, "horizontal", rng)
+
+
+def gaussian_noise(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Add N(0, std^2) to every pixel and clip to [0, 1]."""
+    return np.clip(x + rng.normal(0.0, std, size=x.shape).astype(x.dtype), 0.0, 1.0)
+
+
+def salt_and_pepper(x: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Set a ``fraction`` of pixels to 0 or 1 at random (outliers)."""
+    mask = rng.random(x.shape) < fraction
+    values = (rng.random(x.shape) < 0.5).astype(x.dtype)
+    return np.where(mask, values, x)
+
+
+def contrast(x: np.ndarray, gain: float, offset: float) -> np.ndarray:
+    """Photometric change ``gain * x + offset``, clipped to [0, 1] (deterministic)."""
+    return np.clip(gain * x + offset, 0.0, 1.0).astype(x.dtype)
+
+
+def _affine_resample(x: np.ndarray, matrices: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    theta = torch.from_numpy(matrices.astype(np.float32))
+    grid = F.affine_grid(theta, list(t.shape), align_corners=False)
+    return F.grid_sample(t, grid, padding_mode="zeros", align_corners=False).numpy()
+
+
+def rotation(x: np.ndarray, max_degrees: float, rng: np.random.Generator) -> np.ndarray:
+    """Rotate each image by a uniform random angle in [-max_degrees, max_degrees]."""
+    angles = np.deg2rad(rng.uniform(-max_degrees, max_degrees, size=x.shape[0]))
+    cos, sin, zero = np.cos(angles), np.sin(angles), np.zeros_like(angles)
+    matrices = np.stack([cos, -sin, zero, sin, cos, zero], axis=1).reshape(-1, 2, 3)
+    return _affine_resample(x, matrices)
+
+
+def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Blur every image with an isotropic Gaussian of width ``sigma`` pixels (deterministic)."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    r = np.arange(-radius, radius + 1, dtype=np.float32)
+    k1 = np.exp(-(r**2) / (2 * sigma**2))
+    k1 /= k1.sum()
+    kernel = torch.from_numpy(np.outer(k1, k1)[None, None].astype(np.float32))
+    out = F.conv2d(torch.from_numpy(np.ascontiguousarray(x)), kernel, padding=radius)
+    return out.numpy()
+
+
+def fit_zca(x: np.ndarray, eps: float = 1e-2) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit ZCA whitening on ``x`` (appendix B); the returned function rescales each image to [0, 1]."""
+    flat = x.reshape(x.shape[0], -1).astype(np.float64)
+    mean = flat.mean(0)
+    cov = np.cov(flat - mean, rowvar=False)
+    u, s, _ = np.linalg.svd(cov)
+    w = (u @ np.diag(1.0 / np.sqrt(s + eps)) @ u.T).astype(np.float32)
+
+    def apply(images: np.ndarray) -> np.ndarray:
+        white = (images.reshape(images.shape[0], -1) - mean.astype(np.float32)) @ w
+        lo = white.min(1, keepdims=True)
+        hi = white.max(1, keepdims=True)
+        return ((white - lo) / np.maximum(hi - lo, 1e-8)).reshape(images.shape).astype(np.float32)
+
+    return apply
+
+
+def named(name: str, level: float) -> Manipulation:
+    """A manipulation by name and level: the vocabulary of the evaluation CLIs and the service."""
+    table: dict[str, Manipulation] = {
+        "vshift": lambda x, rng: vertical_shift(x, level, rng),
+        "hshift": lambda x, rng: horizontal_shift(x, level, rng),
+        "noise": lambda x, rng: gaussian_noise(x, level, rng),
+        "saltpepper": lambda x, rng: salt_and_pepper(x, level, rng),
+        "contrast": lambda x, rng: contrast(x, level, (1.0 - level) / 2.0),
+        "rotation": lambda x, rng: rotation(x, level, rng),
+        "blur": lambda x, rng: gaussian_blur(x, level),
+    }
+    if name not in table:
+        raise ValueError(f"unknown manipulation {name!r}; known: {sorted(table)}")
+    return table[name]

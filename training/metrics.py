@@ -1,0 +1,33 @@
+"""The flat metrics file ``docs/results/metrics.json`` (DVC-style: key -> number).
+
+Several commands write into the one file; each rewrites only the keys it measured and keeps the
+rest, so the file always holds the latest measurement of every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+METRICS_PATH = Path("docs/results/metrics.json")
+
+
+def update_metrics(values: dict[str, float], path: Path = METRICS_PATH) -> dict[str, float]:
+    """Merge ``values`` into the metrics file atomically and return the whole file's content."""
+    for key, value in values.items():
+        if not isinstance(value, int | float) or not math.isfinite(float(value)):
+            raise ValueError(f"metric {key} must be a finite number, got {value!r}")
+    current: dict[str, float] = {}
+    if path.exists():
+        current = json.loads(path.read_text())
+    current.update({k: float(v) for k, v in values.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(dict(sorted(current.items())), fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return current
