@@ -52,6 +52,17 @@ class FinetuneReport:
     history: list[StepResult] = field(default_factory=list)
 
 
+def index_cond(cond: Any, idx: Tensor) -> Any:
+    """The rows ``idx`` of ``cond`` (a tensor, a tuple of tensors, or None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond[idx]
+    if isinstance(cond, tuple):
+        return tuple(index_cond(part, idx) for part in cond)
+    raise TypeError(f"unsupported cond type {type(cond).__name__}")
+
+
 def collect_params(model: CamaModel) -> list[nn.Parameter]:
     """The parameters of NN_M^p and NN_M^q."""
     return model.m_parameters()
@@ -94,15 +105,19 @@ def finetune_step(
     alpha: float,
     *,
     bf16: bool = False,
+    clean_cond: Any = None,
+    test_cond: Any = None,
 ) -> StepResult:
     """One gradient step on eq. 8 (clean replay term with weight alpha, ELBO(x) on test data)."""
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
     with autocast:
-        objective, clean_elbo, test_elbo = finetune_objective(model, clean, test_x, alpha)
+        objective, clean_elbo, test_elbo = finetune_objective(
+            model, clean, test_x, alpha, cond_clean=clean_cond, cond_test=test_cond
+        )
     optimizer.zero_grad(set_to_none=True)
     (-objective).backward()
     optimizer.step()
-    return StepResult(float(objective), float(clean_elbo), float(test_elbo))
+    return StepResult(objective.item(), clean_elbo.item(), test_elbo.item())
 
 
 def finetune(
@@ -114,11 +129,16 @@ def finetune(
     *,
     on_progress: Callable[[float, StepResult], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    clean_cond: Any = None,
+    test_cond: Any = None,
 ) -> FinetuneReport:
     """Fine-tune NN_M^p and NN_M^q on unlabelled ``test_x`` with a clean replay sample (eq. 8).
 
     Each step pairs a mini-batch of ``test_x`` with a random mini-batch of the labelled clean data.
-    ``on_progress(fraction, step)`` reports progress; ``should_stop()`` cancels between steps.
+    ``clean_cond`` and ``test_cond`` carry the extra observed variables of each row (a tensor or a
+    tuple of tensors, e.g. ``(a, c)`` for measurement data; ``None`` for images) and are indexed
+    with the same rows. ``on_progress(fraction, step)`` reports progress; ``should_stop()``
+    cancels between steps.
     """
     configure_model(model)
     check_model(model)
@@ -148,6 +168,8 @@ def finetune(
                 test_x[idx],
                 cfg.alpha,
                 bf16=cfg.bf16,
+                clean_cond=index_cond(clean_cond, clean_idx),
+                test_cond=index_cond(test_cond, idx),
             )
             report.steps += 1
             report.history.append(step)

@@ -37,7 +37,7 @@ class ImageCamaConfig:
     transform_layers: tuple[int, ...] = (500, 500, 500, 500)
     cleaner_channels: int = 16
     blur_kernel: int = 5
-    q_m_logvar_init: float = -6.0
+    q_m_logvar_init: float = -4.0
 
     def __post_init__(self) -> None:
         if self.image_size != 28:

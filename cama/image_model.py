@@ -79,6 +79,25 @@ class ImageCama(nn.Module):
             if "clean" in config.transforms:
                 self.cleaner = Cleaner(config.cleaner_channels)
 
+    def reinit_m_inference(self, seed: int = 0) -> None:
+        """Give q(m|x) a randomly initialised output layer (mean) before fine-tuning.
+
+        do(m=0) training never trains q(m|x); its output layer starts at zero so that the clean
+        model is unchanged, but an m that is the same for every x is a saddle point of eq. 8 (the
+        mechanisms cannot learn to use an m that carries no information, and q(m|x) gets no
+        gradient through mechanisms that ignore m). A random projection of x's features breaks
+        the tie; with mechanisms that start at the identity the model's outputs do not change.
+        """
+        last = self.q_m_mlp[-1]
+        assert isinstance(last, nn.Linear)
+        gen = torch.Generator().manual_seed(seed)
+        bound = 1.0 / math.sqrt(last.in_features)
+        with torch.no_grad():
+            w = torch.empty_like(last.weight).uniform_(-bound, bound, generator=gen)
+            last.weight[: self.dim_m] = w[: self.dim_m]
+            last.bias[: self.dim_m] = 0.0
+            last.bias[self.dim_m :] = self.config.q_m_logvar_init
+
     # --- q(m|x) -------------------------------------------------------------------------------
     def infer_m(self, x: Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
         """q(m|x) = N(mu, diag(exp(logvar))), ``(B, dM)`` each."""
@@ -91,10 +110,11 @@ class ImageCama(nn.Module):
         if self.mechanisms is None:
             return ImageContext(m=m, features=self.q_z_x(self.q_z_cnn(x)).unsqueeze(0), params=None)
         k, b = m.shape[0], x.shape[0]
-        params = self.mechanisms(m)  # (K, B, size)
-        flat = {name: value.reshape(k * b, -1) for name, value in params.items()}
-        xs = x.unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-        canonical = canonicalize(xs, flat, self.cleaner)
+        with torch.autocast(x.device.type, enabled=False):  # geometry in float32, also under bf16
+            params = self.mechanisms(m.float())  # (K, B, size)
+            flat = {name: value.reshape(k * b, -1) for name, value in params.items()}
+            xs = x.float().unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
+            canonical = canonicalize(xs, flat, self.cleaner)
         features = self.q_z_x(self.q_z_cnn(canonical)).view(k, b, -1)
         return ImageContext(m=m, features=features, params=params)
 
@@ -132,7 +152,8 @@ class ImageCama(nn.Module):
             name: value.unsqueeze(0).expand(*lead, value.shape[-1]).reshape(-1, value.shape[-1])
             for name, value in ctx.params.items()
         }
-        p = apply_mechanisms(torch.sigmoid(logits).reshape(-1, 1, 28, 28), flat, self.config.blur_kernel)
+        with torch.autocast(logits.device.type, enabled=False):
+            p = apply_mechanisms(torch.sigmoid(logits).reshape(-1, 1, 28, 28), flat, self.config.blur_kernel)
         return p.view_as(logits)
 
     def log_likelihood(self, x: Tensor, ctx: ImageContext, y: Tensor, z: Tensor) -> Tensor:
@@ -166,4 +187,6 @@ def with_m_pathway(model: ImageCama, pathway: str, **overrides: Any) -> ImageCam
     allowed = ("mechanisms.", "cleaner.")
     if unexpected or any(not key.startswith(allowed) for key in missing):
         raise ValueError(f"incompatible state: missing={missing} unexpected={unexpected}")
+    if pathway == "transform" and model.config.m_pathway != "transform":
+        new.reinit_m_inference()
     return new

@@ -56,7 +56,9 @@ def validation_split(train: Split, fraction: float, seed: int) -> tuple[Split, S
     return Split(train.x[tr_idx], train.y[tr_idx]), Split(train.x[val_idx], train.y[val_idx])
 
 
-def batches(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(
+    split: Split, batch_size: int, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Shuffled mini-batches of a split."""
     order = rng.permutation(len(split))
     for start in range(0, len(order), batch_size):
@@ -103,7 +105,12 @@ def train(
         model.train()
         rng = np.random.default_rng(cfg.seed + epoch)
         t0 = time.perf_counter()
-        bar = tqdm(batches(train_split, cfg.batch_size, rng), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=10)
+        bar = tqdm(
+            batches(train_split, cfg.batch_size, rng),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            mininterval=10,
+        )
         for xb, yb in bar:
             x, y = torch.from_numpy(xb), torch.from_numpy(yb)
             with autocast:
@@ -117,12 +124,17 @@ def train(
             loss.backward()
             opt.step()
             sched.step()
-            bar.set_postfix(elbo=f"{objective.item():.1f}")
+            bar.set_postfix(elbo=f"{objective.item():.1f}", refresh=False)
             if cfg.dry_run:
                 break
         epoch_times.append(time.perf_counter() - t0)
-        val_acc = accuracy(model, val_split if not cfg.dry_run else Split(val_split.x[:64], val_split.y[:64]), cfg.val_k)
-        print(f"epoch {epoch + 1}: train {epoch_times[-1]:.1f}s  val acc (K={cfg.val_k}) {val_acc:.4f}", flush=True)
+        val_acc = accuracy(
+            model, val_split if not cfg.dry_run else Split(val_split.x[:64], val_split.y[:64]), cfg.val_k
+        )
+        print(
+            f"epoch {epoch + 1}: train {epoch_times[-1]:.1f}s  val acc (K={cfg.val_k}) {val_acc:.4f}",
+            flush=True,
+        )
         metrics = {
             "val_accuracy": val_acc,
             "epoch": float(epoch + 1),
@@ -130,7 +142,9 @@ def train(
         }
         if val_acc > best:
             best = val_acc
-            save_checkpoint(out, model, provenance={**(provenance or {}), "train_config": cfg.__dict__}, metrics=metrics)
+            save_checkpoint(
+                out, model, provenance={**(provenance or {}), "train_config": cfg.__dict__}, metrics=metrics
+            )
         torch.save(
             {
                 "model": model.state_dict(),
@@ -149,7 +163,9 @@ def train(
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", default=None, help="MNIST directory (default $CAMA_DATA_DIR or ./data)")
     parser.add_argument("--out", type=Path, default=Path("models/mnist_cama.pt"))
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
@@ -160,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--augment", choices=["vshift", "hshift"], default=None)
     parser.add_argument("--aug-range", type=float, default=TrainConfig.aug_range)
     parser.add_argument("--lam", type=float, default=TrainConfig.lam)
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on AVX512-BF16/AMX CPUs)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast (faster on AVX512-BF16/AMX CPUs)"
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests)")
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--threads", type=int, default=None)

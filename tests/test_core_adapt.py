@@ -1,0 +1,123 @@
+"""Selective fine-tuning (eq. 8): only NN_M^p and NN_M^q change; reset; the promotion gate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cama import adapt
+from cama.config import ImageCamaConfig
+from cama.image_model import ImageCama, with_m_pathway
+from cama.mechanisms import MechanismNetwork
+
+
+def make(pathway: str) -> ImageCama:
+    torch.manual_seed(0)
+    model = ImageCama(ImageCamaConfig.tiny())
+    return with_m_pathway(model, pathway) if pathway == "transform" else model
+
+
+def data(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("pathway", ["additive", "transform"])
+def test_only_m_networks_change_and_each_gets_a_gradient(pathway):
+    model = make(pathway)
+    before = adapt.snapshot(model)
+    selected = {id(p) for p in adapt.collect_params(model)}
+    names = {n for n, p in model.named_parameters() if id(p) in selected}
+    assert any(n.startswith("q_m_") for n in names)
+    assert "q_z_in_m.weight" in names
+    assert any(n.startswith("nn_m." if pathway == "additive" else "mechanisms.") for n in names)
+    assert not any(
+        n.startswith(("nn_y.", "nn_z.", "merge.", "q_z_cnn.", "q_z_x.", "q_z_out.")) for n in names
+    )
+
+    adapt.configure_model(model)
+    adapt.check_model(model)
+    opt = torch.optim.Adam(adapt.collect_params(model), lr=1e-2)
+    clean_x, clean_y = data(8, 1)
+    test_x, _ = data(8, 2)
+    for _ in range(3):
+        adapt.finetune_step(model, opt, (clean_x, clean_y), test_x, alpha=0.5)
+    after = model.state_dict()
+    for name, p in model.named_parameters():
+        if id(p) in selected:
+            assert p.grad is not None, name
+        else:
+            assert p.grad is None, name
+            assert torch.equal(after[name], before[name]), f"{name} changed"
+    changed = [n for n in names if not torch.equal(after[n], before[n])]
+    assert changed, "fine-tuning changed nothing"
+
+
+def test_finetune_reports_progress_and_can_be_cancelled():
+    model = make("transform")
+    x, y = data(32)
+    seen: list[float] = []
+    cfg = adapt.FinetuneConfig(epochs=2, batch_size=8, lr=1e-3)
+    report = adapt.finetune(model, x, y, x, cfg, on_progress=lambda f, s: seen.append(f))
+    assert report.steps == 8 and not report.cancelled
+    assert seen[-1] == pytest.approx(1.0) and seen == sorted(seen)
+    assert all(p.requires_grad is False for p in model.parameters())
+
+    model2 = make("transform")
+    calls = iter(range(100))
+    report2 = adapt.finetune(model2, x, y, x, cfg, should_stop=lambda: next(calls) >= 3)
+    assert report2.cancelled and report2.steps == 3
+
+
+def test_reset_restores_the_state_exactly():
+    model = make("transform")
+    state = adapt.snapshot(model)
+    x, y = data(8)
+    adapt.finetune(model, x, y, x, adapt.FinetuneConfig(epochs=1, batch_size=4, lr=1e-2))
+    assert any(not torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    adapt.reset(model, state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_check_model_refuses_a_wrong_trainable_set():
+    model = make("additive")
+    adapt.configure_model(model)
+    model.nn_y[0].weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="nn_y"):
+        adapt.check_model(model)
+
+
+def test_mechanism_parameters_vanish_at_m_zero_even_after_training():
+    net = MechanismNetwork(3, (8,), ("warp", "blur", "photometric", "outlier", "clean"))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_()
+    out = net(torch.zeros(2, 5, 3))
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in out.values())
+    assert out["warp"].shape == (2, 5, 6)
+    assert any(v.abs().sum() > 0 for v in net(torch.ones(1, 1, 3)).values())
+
+
+def test_promotion_gate_decisions():
+    cfg = adapt.GateConfig(max_clean_drop=0.005)
+    base = adapt.GateEvaluation(clean_accuracy=0.98, heldout_elbo=-200.0)
+    good = adapt.GateEvaluation(clean_accuracy=0.977, heldout_elbo=-150.0)
+    assert adapt.promotion_gate(base, good, cfg).accepted
+    worse_clean = adapt.GateEvaluation(clean_accuracy=0.97, heldout_elbo=-150.0)
+    decision = adapt.promotion_gate(base, worse_clean, cfg)
+    assert not decision.accepted and "clean canary accuracy" in decision.reasons[0]
+    no_gain = adapt.GateEvaluation(clean_accuracy=0.98, heldout_elbo=-201.0)
+    decision = adapt.promotion_gate(base, no_gain, cfg)
+    assert not decision.accepted and "ELBO(x)" in decision.reasons[0]
+    assert decision.as_dict()["heldout_elbo_after"] == -201.0
+
+
+def test_gate_evaluation_is_deterministic():
+    model = make("transform").eval()
+    x, y = data(12)
+    cfg = adapt.GateConfig(k=2)
+    a = adapt.gate_evaluation(model, x, y, x, cfg)
+    b = adapt.gate_evaluation(model, x, y, x, cfg)
+    assert a == b
+    assert 0.0 <= a.clean_accuracy <= 1.0

@@ -1,0 +1,344 @@
+"""Reproduce the paper's MNIST figures as numbers, plots and JSON (figs. 1, 7, 8, 9, 10 + noise).
+
+    python -m training.evaluate_mnist                       # everything, resuming from the cache
+    python -m training.evaluate_mnist --sections clean fig7 --ranges 0.3 0.5
+
+Protocol (appendix C): fine-tuning uses the unlabelled "adapt" half of the manipulated test set
+(minus ``--gate-holdout`` images kept for the promotion gate's held-out ELBO(x)); accuracy is
+reported on the other half. Every measured figure is cached in ``docs/results/mnist_eval.json``
+(so an interrupted run resumes), then written as flat keys into ``docs/results/metrics.json``,
+as tables in ``docs/results/mnist.md`` and as plots beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cama.adapt import FinetuneConfig, GateConfig, gate_evaluation, promotion_gate
+from cama.checkpoint import load_checkpoint
+from cama.image_model import ImageCama
+from training.data import Mnist, Split, load_mnist
+from training.experiment import (
+    cama_accuracy,
+    finetuned,
+    halves,
+    manipulated_halves,
+    replay_set,
+    variant,
+)
+from training.metrics import update_metrics
+from training.train_cama import validation_split
+
+RESULTS = Path("docs/results")
+CACHE = RESULTS / "mnist_eval.json"
+RANGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+SHIFTS = {"vshift": "v", "hshift": "h"}
+VARIANTS = {"cama": "transform", "cama_paper": "additive"}
+UNSEEN = (("rotation", 30.0), ("contrast", 0.4), ("blur", 1.0), ("saltpepper", 0.1))
+SECTIONS = ("clean", "fig1", "fig7", "noise", "unseen", "fig8", "fig9", "fig10")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of one evaluation run (stored with every cached figure)."""
+
+    k: int = 10
+    score_limit: int | None = None
+    gate_holdout: int = 500
+    replay: int = 5000
+    ft: FinetuneConfig = FinetuneConfig(lr=1e-3, epochs=1, batch_size=64, alpha=0.5, bf16=True)
+
+
+class Cache:
+    """Figures measured so far, keyed by metric name; written after every new figure."""
+
+    def __init__(self, path: Path, force: bool) -> None:
+        self.path = path
+        self.data: dict[str, dict[str, Any]] = {}
+        if path.exists() and not force:
+            self.data = json.loads(path.read_text())
+
+    def get(self, key: str, compute: Callable[[], float], **info: Any) -> float:
+        if key in self.data:
+            return float(self.data[key]["value"])
+        t0 = time.perf_counter()
+        value = compute()
+        self.data[key] = {"value": value, "seconds": round(time.perf_counter() - t0, 1), **info}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        print(f"{key:48s} {value:.4f}  ({self.data[key]['seconds']}s)", flush=True)
+        return value
+
+
+class Evaluator:
+    """Holds the data, the models and the cache of one evaluation run."""
+
+    def __init__(self, args: argparse.Namespace, cfg: EvalConfig) -> None:
+        self.args = args
+        self.cfg = cfg
+        self.mnist: Mnist = load_mnist(args.data_dir)
+        self.cache = Cache(CACHE, args.force)
+        clean, meta = load_checkpoint(args.checkpoint)
+        if not isinstance(clean, ImageCama):
+            raise SystemExit(f"{args.checkpoint} is not an image CAMA checkpoint")
+        self.clean = clean
+        self.clean_meta = meta
+        self.replay = replay_set(self.mnist, cfg.replay)
+        _, val = validation_split(self.mnist.train, 0.05, 0)
+        self.canary = (torch.from_numpy(val.x[:1000]), torch.from_numpy(val.y[:1000]))
+        _, score_idx = halves(self.mnist.test)
+        self.clean_score = Split(self.mnist.test.x[score_idx], self.mnist.test.y[score_idx])
+        self.baselines: dict[str, Any] = {}
+
+    # --- models -------------------------------------------------------------------------------
+    def baseline(self, name: str) -> Any:
+        """A trained baseline by name (``dnn``, ``dnn_aug_v``, ``dnn_aug_h``, ``bncnn``)."""
+        from training.baselines import load_baseline
+
+        if name not in self.baselines:
+            path = getattr(self.args, name)
+            self.baselines[name] = load_baseline(path)[0].eval()
+        return self.baselines[name]
+
+    def ft_model(self, name: str, pathway: str, adapt_x: np.ndarray) -> tuple[ImageCama, dict[str, Any]]:
+        """Fine-tune (or load the cached fine-tuned weights) and gate one adapted model."""
+        path = Path("models/scratch") / f"ft_{name}.pt"
+        n_gate = self.cfg.gate_holdout
+        train_x, heldout = adapt_x[n_gate:], torch.from_numpy(adapt_x[:n_gate])
+        if path.exists() and not self.args.force:
+            model = variant(self.clean, pathway)
+            saved = torch.load(path, weights_only=False)
+            model.load_state_dict(saved["state_dict"])
+            return model.eval(), saved["info"]
+        model, seconds = finetuned(self.clean, pathway, self.replay, train_x, self.cfg.ft)
+        gate_cfg = GateConfig(k=self.cfg.k)
+        before = gate_evaluation(variant(self.clean, pathway), *self.canary, heldout, gate_cfg)
+        after = gate_evaluation(model, *self.canary, heldout, gate_cfg)
+        decision = promotion_gate(before, after, gate_cfg)
+        info = {"finetune_seconds": seconds, "gate": decision.as_dict(), "ft": asdict(self.cfg.ft)}
+        print(f"  {name}: fine-tuned in {seconds:.0f}s, gate {'accepts' if decision.accepted else 'REJECTS'} "
+              f"{list(decision.reasons)}", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": model.state_dict(), "info": info}, path)
+        return model.eval(), info
+
+    # --- scoring ------------------------------------------------------------------------------
+    def cama(self, model: ImageCama, split: Split) -> float:
+        return cama_accuracy(model, split, self.cfg.k, limit=self.cfg.score_limit)
+
+    def dnn(self, name: str, split: Split) -> float:
+        from training.train_baseline import evaluate_accuracy
+
+        return evaluate_accuracy(self.baseline(name), split.x, split.y)
+
+    def tent(self, adapt: Split, score: Split) -> float:
+        """TENT online over the adapt half then the score half; accuracy on the score half."""
+        from training.train_baseline import tent_accuracy
+
+        x = np.concatenate([adapt.x, score.x])
+        y = np.concatenate([adapt.y, score.y])
+        return tent_accuracy(self.baseline("bncnn"), x, y, score_from=len(adapt))
+
+
+def section_clean(ev: Evaluator) -> None:
+    test = ev.mnist.test
+    c = ev.cache
+    for name, pathway in VARIANTS.items():
+        model = variant(ev.clean, pathway)
+        c.get(f"mnist.clean.{name}", lambda m=model: cama_accuracy(m, test, ev.cfg.k), k=ev.cfg.k, n=len(test))
+    c.get("mnist.clean.cama.k1", lambda: cama_accuracy(variant(ev.clean, "transform"), test, 1), k=1)
+    c.get("mnist.clean.dnn", lambda: ev.dnn("dnn", test), n=len(test))
+    c.get("mnist.clean.tent", lambda: ev.tent(Split(test.x[:0], test.y[:0]), test), n=len(test))
+    t0 = time.perf_counter()
+    cama_accuracy(variant(ev.clean, "transform"), Split(test.x[:500], test.y[:500]), ev.cfg.k)
+    c.data["mnist.predict_seconds_per_1000.cama"] = {"value": (time.perf_counter() - t0) * 2, "k": ev.cfg.k}
+    c.data["mnist.train_epoch_seconds.cama"] = {"value": float(ev.clean_meta.metrics["train_epoch_seconds"])}
+
+
+def section_fig1(ev: Evaluator) -> None:
+    for shift, tag in SHIFTS.items():
+        for r in ev.args.ranges:
+            h = manipulated_halves(ev.mnist.test, shift, r)
+            for name in ("dnn", "dnn_aug_v", "dnn_aug_h"):
+                ev.cache.get(f"mnist.fig1.{shift}.{r}.{name}", lambda n=name, s=h.score: ev.dnn(n, s))
+            del tag
+
+
+def section_fig7(ev: Evaluator) -> None:
+    c = ev.cache
+    for r in ev.args.ranges:
+        sets = {shift: manipulated_halves(ev.mnist.test, shift, r) for shift in SHIFTS}
+        for shift, h in sets.items():
+            c.get(f"mnist.{shift}.{r}.dnn", lambda s=h.score: ev.dnn("dnn", s))
+            c.get(f"mnist.{shift}.{r}.tent", lambda hh=h: ev.tent(hh.adapt, hh.score))
+            for name, pathway in VARIANTS.items():
+                if name not in ev.args.variants:
+                    continue
+                c.get(f"mnist.{shift}.{r}.{name}", lambda p=pathway, s=h.score: ev.cama(variant(ev.clean, p), s))
+        for name, pathway in VARIANTS.items():
+            if name not in ev.args.variants:
+                continue
+            for ft_shift, tag in SHIFTS.items():
+                keys = [f"mnist.{s}.{r}.{name}_ft_{tag}" for s in SHIFTS] + [f"mnist.clean_after_ft_{tag}.{r}.{name}"]
+                if all(k in c.data for k in keys):
+                    continue
+                model, info = ev.ft_model(f"{name}_{ft_shift}_{r}", pathway, sets[ft_shift].adapt.x)
+                for s, h in sets.items():
+                    c.get(f"mnist.{s}.{r}.{name}_ft_{tag}", lambda sc=h.score: ev.cama(model, sc), gate=info["gate"])
+                c.get(f"mnist.clean_after_ft_{tag}.{r}.{name}", lambda: ev.cama(model, ev.clean_score))
+
+
+def section_noise(ev: Evaluator, manipulation: str = "noise", level: float = 0.3) -> None:
+    c = ev.cache
+    h = manipulated_halves(ev.mnist.test, manipulation, level)
+    prefix = f"mnist.{manipulation}.{level:g}"
+    c.get(f"{prefix}.dnn", lambda: ev.dnn("dnn", h.score))
+    c.get(f"{prefix}.tent", lambda: ev.tent(h.adapt, h.score))
+    for name, pathway in VARIANTS.items():
+        if name not in ev.args.variants:
+            continue
+        c.get(f"{prefix}.{name}", lambda p=pathway: ev.cama(variant(ev.clean, p), h.score))
+        keys = [f"{prefix}.{name}_ft", f"mnist.clean_after_ft_{manipulation}_{level:g}.{name}"]
+        if all(k in c.data for k in keys):
+            continue
+        model, info = ev.ft_model(f"{name}_{manipulation}_{level:g}", pathway, h.adapt.x)
+        c.get(keys[0], lambda: ev.cama(model, h.score), gate=info["gate"])
+        c.get(keys[1], lambda: ev.cama(model, ev.clean_score))
+        c.data[f"{prefix}.{name}_gate_accepted"] = {"value": float(info["gate"]["accepted"])}
+
+
+def section_unseen(ev: Evaluator) -> None:
+    for manipulation, level in UNSEEN:
+        section_noise(ev, manipulation, level)
+
+
+def section_fig8(ev: Evaluator, shift: str = "vshift", level: float = 0.3) -> None:
+    """Fig. 8: accuracy after fine-tuning on 1%, 5%, 10%, 50% of the test set (same step budget)."""
+    h = manipulated_halves(ev.mnist.test, shift, level)
+    budget = max(1, (len(h.adapt) - ev.cfg.gate_holdout) // ev.cfg.ft.batch_size) * ev.cfg.ft.epochs
+    for fraction in (0.01, 0.05, 0.1):
+        n = int(fraction * len(ev.mnist.test))
+        key = f"mnist.fig8.{shift}.{level:g}.frac.{fraction:g}.cama"
+        if key in ev.cache.data:
+            continue
+        adapt_x = np.concatenate([h.adapt.x[: ev.cfg.gate_holdout], h.adapt.x[ev.cfg.gate_holdout :][:n]])
+        epochs = int(np.ceil(budget * ev.cfg.ft.batch_size / n))
+        cfg = ev.cfg.ft.__class__(**{**asdict(ev.cfg.ft), "epochs": epochs, "max_steps": budget})
+        saved, ev.cfg = ev.cfg, EvalConfig(**{**ev.cfg.__dict__, "ft": cfg})
+        try:
+            model, info = ev.ft_model(f"fig8_{shift}_{level:g}_{fraction:g}", "transform", adapt_x)
+        finally:
+            ev.cfg = saved
+        ev.cache.get(key, lambda m=model: ev.cama(m, h.score), gate=info["gate"], n_adapt=n)
+    full = f"mnist.{shift}.{level}.cama_ft_{SHIFTS[shift]}"
+    if full in ev.cache.data:
+        ev.cache.data[f"mnist.fig8.{shift}.{level:g}.frac.0.5.cama"] = dict(ev.cache.data[full])
+
+
+@torch.no_grad()
+def section_fig9(ev: Evaluator, shift: str = "vshift", level: float = 0.3, n: int = 10) -> None:
+    """Fig. 9: shifted digits, their reconstructions, and do(m=0) reconstructions (same y, z)."""
+    from cama.image_model import ImageContext
+    from cama.protocol import given_labels
+    from training.plots import image_grid
+
+    h = manipulated_halves(ev.mnist.test, shift, level)
+    model, _ = ev.ft_model(f"cama_{shift}_{level}", "transform", h.adapt.x)
+    x = torch.from_numpy(h.score.x[:n])
+    labels = torch.from_numpy(h.score.y[:n])
+    mu_m, _ = model.infer_m(x)
+    ctx = model.prepare(x, mu_m.unsqueeze(0))
+    y = given_labels(labels, model.num_classes)
+    mu_z, _ = model.infer_z(ctx, y)
+    with_m = model.mean_image(ctx, y, mu_z)[0, 0, :, 0].numpy()
+    do_zero = ImageContext(m=torch.zeros_like(ctx.m), features=ctx.features, params=None)
+    canonical = model.mean_image(do_zero, y, mu_z)[0, 0, :, 0].numpy()
+    image_grid(
+        [h.score.x[:n, 0], with_m, canonical],
+        [f"{shift} {level} test digits", "reconstruction p(x|y,z,m)", "do(m=0): p(x|y,z,m=0)"],
+        RESULTS / "fig9.png",
+    )
+
+
+def write_outputs(ev: Evaluator) -> None:
+    """Flat metrics, headline aliases, a markdown table and plots, from the cache."""
+    data = {k: float(v["value"]) for k, v in ev.cache.data.items()}
+    metrics = dict(data)
+    for tag in SHIFTS.values():
+        for name in VARIANTS:
+            per_range = [v for k, v in data.items() if k.startswith(f"mnist.clean_after_ft_{tag}.") and k.endswith(f".{name}")]
+            if per_range:
+                metrics[f"mnist.clean_after_ft_{tag}.{name}"] = min(per_range)
+    for name in VARIANTS:
+        for key_from, key_to in (
+            (f"mnist.clean_after_ft_noise_0.3.{name}", f"mnist.clean_after_ft_noise.{name}"),
+        ):
+            if key_from in data:
+                metrics[key_to] = data[key_from]
+    update_metrics(metrics)
+    from training.plots import plot_mnist
+
+    plot_mnist(data, RESULTS)
+    lines = [
+        "# MNIST results",
+        "",
+        f"Produced by `{' '.join(['python -m training.evaluate_mnist', *sys.argv[1:]])}` "
+        f"(K={ev.cfg.k}, fine-tuning {asdict(ev.cfg.ft)}).",
+        "",
+        "| key | value | seconds |",
+        "| --- | ---: | ---: |",
+    ]
+    for key in sorted(ev.cache.data):
+        entry = ev.cache.data[key]
+        lines.append(f"| `{key}` | {entry['value']:.4f} | {entry.get('seconds', '')} |")
+    (RESULTS / "mnist.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--checkpoint", default="models/mnist_cama_clean.pt")
+    parser.add_argument("--dnn", default="models/mnist_dnn.pt")
+    parser.add_argument("--dnn-aug-v", dest="dnn_aug_v", default="models/mnist_dnn_aug_vshift.pt")
+    parser.add_argument("--dnn-aug-h", dest="dnn_aug_h", default="models/mnist_dnn_aug_hshift.pt")
+    parser.add_argument("--bncnn", default="models/mnist_bncnn.pt")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--ranges", nargs="+", type=float, default=list(RANGES))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--k", type=int, default=EvalConfig.k)
+    parser.add_argument("--score-limit", type=int, default=None, help="score on the first N of each half")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--force", action="store_true", help="ignore the cache and cached fine-tuned models")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = EvalConfig(k=args.k, score_limit=args.score_limit)
+    ev = Evaluator(args, cfg)
+    sections: dict[str, Callable[[Evaluator], None]] = {
+        "clean": section_clean,
+        "fig1": section_fig1,
+        "fig7": section_fig7,
+        "noise": section_noise,
+        "unseen": section_unseen,
+        "fig8": section_fig8,
+        "fig9": section_fig9,
+    }
+    for name in args.sections:
+        if name in sections:
+            sections[name](ev)
+    write_outputs(ev)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Building blocks of the MNIST robustness experiments: splits, manipulated sets, CAMA runs.
+
+The protocol follows appendix C: fine-tuning uses 50% of the manipulated test set (unlabelled)
+and accuracy is reported on the other 50%. The split is a seeded permutation of the test set.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cama.adapt import FinetuneConfig, finetune
+from cama.config import ImageCamaConfig
+from cama.image_model import ImageCama, with_m_pathway
+from cama.objectives import bayes_predict
+from training.data import Mnist, Split
+from training.manipulations import named
+
+SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class TestHalves:
+    """The manipulated test set split into the half used to adapt and the half used to score."""
+
+    adapt: Split
+    score: Split
+
+
+def halves(test: Split, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the adaptation half and the scoring half of the test set."""
+    order = np.random.default_rng(seed).permutation(len(test))
+    mid = len(test) // 2
+    return order[:mid], order[mid:]
+
+
+def manipulated_halves(test: Split, manipulation: str, level: float, seed: int = 1) -> TestHalves:
+    """Apply ``manipulation`` at ``level`` to the whole test set (seeded) and split it in two."""
+    rng = np.random.default_rng([seed, zlib.crc32(manipulation.encode()), int(round(level * 1000))])
+    x = named(manipulation, level)(test.x, rng) if level > 0 else test.x
+    adapt_idx, score_idx = halves(test)
+    return TestHalves(
+        adapt=Split(x[adapt_idx], test.y[adapt_idx]),
+        score=Split(x[score_idx], test.y[score_idx]),
+    )
+
+
+def cama_accuracy(
+    model: ImageCama, split: Split, k: int, *, seed: int = 0, limit: int | None = None
+) -> float:
+    """Bayes-rule (eq. 6) accuracy with K importance samples per class, fixed noise seed."""
+    model.eval()
+    x, y = split.x[:limit], split.y[:limit]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = bayes_predict(model, torch.from_numpy(x), k=k, chunk=50, generator=gen)
+    return float((pred.labels.numpy() == y).mean())
+
+
+def variant(clean: ImageCama, pathway: str) -> ImageCama:
+    """The clean-trained model with the ``additive`` (appendix C) or ``transform`` m pathway."""
+    if pathway == clean.config.m_pathway:
+        return copy.deepcopy(clean)
+    return with_m_pathway(clean, pathway, q_m_logvar_init=ImageCamaConfig.q_m_logvar_init)
+
+
+def replay_set(mnist: Mnist, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A labelled sample of clean training data: eq. 8's clean term."""
+    idx = np.random.default_rng(seed).choice(len(mnist.train), size=size, replace=False)
+    return torch.from_numpy(mnist.train.x[idx]), torch.from_numpy(mnist.train.y[idx])
+
+
+def finetuned(
+    clean: ImageCama,
+    pathway: str,
+    replay: tuple[torch.Tensor, torch.Tensor],
+    adapt_x: np.ndarray,
+    cfg: FinetuneConfig,
+    *,
+    log_every: int = 50,
+) -> tuple[ImageCama, float]:
+    """A fine-tuned copy (eq. 8, NN_M^p and NN_M^q only) and the seconds it took."""
+    model = variant(clean, pathway)
+    t0 = time.perf_counter()
+
+    steps = [0]
+
+    def progress(fraction: float, step: object) -> None:
+        steps[0] += 1
+        if log_every and steps[0] % log_every == 0:
+            print(f"  ft {fraction:6.1%} {step}", flush=True)
+
+    finetune(model, replay[0], replay[1], torch.from_numpy(adapt_x), cfg, on_progress=progress)
+    return model, time.perf_counter() - t0
