@@ -115,7 +115,7 @@ def finetune_step(
             model, clean, test_x, alpha, cond_clean=clean_cond, cond_test=test_cond
         )
     optimizer.zero_grad(set_to_none=True)
-    (-objective).backward()
+    (-objective).backward()  # type: ignore[no-untyped-call]
     optimizer.step()
     return StepResult(objective.item(), clean_elbo.item(), test_elbo.item())
 
@@ -252,7 +252,8 @@ def promotion_gate(before: GateEvaluation, after: GateEvaluation, cfg: GateConfi
     if drop > cfg.max_clean_drop:
         reasons.append(
             f"clean canary accuracy fell by {drop * 100:.2f} points "
-            f"(limit {cfg.max_clean_drop * 100:.2f}): {before.clean_accuracy:.4f} -> {after.clean_accuracy:.4f}"
+            f"(limit {cfg.max_clean_drop * 100:.2f}): "
+            f"{before.clean_accuracy:.4f} -> {after.clean_accuracy:.4f}"
         )
     gain = after.heldout_elbo - before.heldout_elbo
     if not gain > cfg.min_elbo_gain:

@@ -139,7 +139,7 @@ class ImageCama(nn.Module):
         m_in = m if self.mechanisms is None else m.new_zeros(m.shape[-1])
         h = self.nn_y(y) + self.nn_z(z) + self.nn_m(m_in).unsqueeze(0)  # (C, K, B, H)
         lead = h.shape[:-1]
-        logits = self.merge(h.reshape(-1, h.shape[-1])).view(*lead, 1, 28, 28)
+        logits: Tensor = self.merge(h.reshape(-1, h.shape[-1])).view(*lead, 1, 28, 28)
         return logits.float()  # the likelihood is summed in float32, also under bf16 autocast
 
     def mean_image(self, ctx: ImageContext, y: Tensor, z: Tensor) -> Tensor:

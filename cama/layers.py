@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 from torch import Tensor, nn
 
 
 def mlp(sizes: tuple[int, ...] | list[int], *, final_activation: bool) -> nn.Sequential:
     """Dense layers ``sizes[0] -> ... -> sizes[-1]`` with ReLU between (and after, if asked)."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2 or final_activation:
             layers.append(nn.ReLU())
@@ -38,7 +40,8 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, 1, 28, 28) -> (N, channels * 16)``."""
-        return self.net(x).flatten(1)
+        features: Tensor = self.net(x)
+        return features.flatten(1)
 
 
 class DeconvDecoder(nn.Module):

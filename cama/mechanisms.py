@@ -67,9 +67,9 @@ def _invert_affine(a: Tensor) -> Tensor:
     m10, m11, t1 = a[:, 1, 0], a[:, 1, 1], a[:, 1, 2]
     det = m00 * m11 - m01 * m10
     i00, i01, i10, i11 = m11 / det, -m01 / det, -m10 / det, m00 / det
-    return torch.stack(
-        [i00, i01, -(i00 * t0 + i01 * t1), i10, i11, -(i10 * t0 + i11 * t1)], dim=1
-    ).view(-1, 2, 3)
+    return torch.stack([i00, i01, -(i00 * t0 + i01 * t1), i10, i11, -(i10 * t0 + i11 * t1)], dim=1).view(
+        -1, 2, 3
+    )
 
 
 def _resample(img: Tensor, affine: Tensor) -> Tensor:
@@ -98,9 +98,7 @@ def _blur(img: Tensor, theta: Tensor, size: int) -> Tensor:
     return out
 
 
-def apply_mechanisms(
-    p: Tensor, params: dict[Transform, Tensor], blur_kernel: int
-) -> Tensor:
+def apply_mechanisms(p: Tensor, params: dict[Transform, Tensor], blur_kernel: int) -> Tensor:
     """Manipulate the canonical Bernoulli mean ``p (N, 1, 28, 28)`` with ``params`` ``(N, size)``."""
     if "warp" in params:
         p = _resample(p, _affine(params["warp"]))
@@ -132,9 +130,7 @@ class Cleaner(nn.Module):
         return out
 
 
-def canonicalize(
-    x: Tensor, params: dict[Transform, Tensor], cleaner: Cleaner | None
-) -> Tensor:
+def canonicalize(x: Tensor, params: dict[Transform, Tensor], cleaner: Cleaner | None) -> Tensor:
     """Map observed images ``(N, 1, 28, 28)`` back through the invertible mechanisms."""
     if "photometric" in params:
         gain = torch.exp(params["photometric"][:, 0]).view(-1, 1, 1, 1)

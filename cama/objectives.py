@@ -223,9 +223,7 @@ def bayes_predict(
     logits = []
     for start in range(0, x.shape[0], chunk):
         sub_cond = slice_cond(cond, start, start + chunk)
-        logits.append(
-            bayes_log_weights(model, x[start : start + chunk], sub_cond, k=k, generator=generator)
-        )
+        logits.append(bayes_log_weights(model, x[start : start + chunk], sub_cond, k=k, generator=generator))
     log_w = torch.cat(logits)
     probs = torch.softmax(log_w, dim=1)
     return Prediction(log_weights=log_w, probs=probs, labels=probs.argmax(1))

@@ -59,14 +59,17 @@ def test_finetune_reports_progress_and_can_be_cancelled():
     seen: list[float] = []
     cfg = adapt.FinetuneConfig(epochs=2, batch_size=8, lr=1e-3)
     report = adapt.finetune(model, x, y, x, cfg, on_progress=lambda f, s: seen.append(f))
-    assert report.steps == 8 and not report.cancelled
-    assert seen[-1] == pytest.approx(1.0) and seen == sorted(seen)
+    assert report.steps == 8
+    assert not report.cancelled
+    assert seen[-1] == pytest.approx(1.0)
+    assert seen == sorted(seen)
     assert all(p.requires_grad is False for p in model.parameters())
 
     model2 = make("transform")
     calls = iter(range(100))
     report2 = adapt.finetune(model2, x, y, x, cfg, should_stop=lambda: next(calls) >= 3)
-    assert report2.cancelled and report2.steps == 3
+    assert report2.cancelled
+    assert report2.steps == 3
 
 
 def test_reset_restores_the_state_exactly():
@@ -106,10 +109,12 @@ def test_promotion_gate_decisions():
     assert adapt.promotion_gate(base, good, cfg).accepted
     worse_clean = adapt.GateEvaluation(clean_accuracy=0.97, heldout_elbo=-150.0)
     decision = adapt.promotion_gate(base, worse_clean, cfg)
-    assert not decision.accepted and "clean canary accuracy" in decision.reasons[0]
+    assert not decision.accepted
+    assert "clean canary accuracy" in decision.reasons[0]
     no_gain = adapt.GateEvaluation(clean_accuracy=0.98, heldout_elbo=-201.0)
     decision = adapt.promotion_gate(base, no_gain, cfg)
-    assert not decision.accepted and "ELBO(x)" in decision.reasons[0]
+    assert not decision.accepted
+    assert "ELBO(x)" in decision.reasons[0]
     assert decision.as_dict()["heldout_elbo_after"] == -201.0
 
 

@@ -17,7 +17,8 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ class EvalConfig:
     score_limit: int | None = None
     gate_holdout: int = 500
     replay: int = 5000
-    ft: FinetuneConfig = FinetuneConfig(lr=1e-3, epochs=1, batch_size=64, alpha=0.5, bf16=True)
+    ft: FinetuneConfig = field(
+        default_factory=lambda: FinetuneConfig(lr=1e-3, epochs=2, batch_size=32, alpha=0.5, bf16=True)
+    )
 
 
 class Cache:
@@ -126,8 +129,11 @@ class Evaluator:
         after = gate_evaluation(model, *self.canary, heldout, gate_cfg)
         decision = promotion_gate(before, after, gate_cfg)
         info = {"finetune_seconds": seconds, "gate": decision.as_dict(), "ft": asdict(self.cfg.ft)}
-        print(f"  {name}: fine-tuned in {seconds:.0f}s, gate {'accepts' if decision.accepted else 'REJECTS'} "
-              f"{list(decision.reasons)}", flush=True)
+        print(
+            f"  {name}: fine-tuned in {seconds:.0f}s, gate {'accepts' if decision.accepted else 'REJECTS'} "
+            f"{list(decision.reasons)}",
+            flush=True,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": model.state_dict(), "info": info}, path)
         return model.eval(), info
@@ -141,13 +147,12 @@ class Evaluator:
 
         return evaluate_accuracy(self.baseline(name), split.x, split.y)
 
-    def tent(self, adapt: Split, score: Split) -> float:
-        """TENT online over the adapt half then the score half; accuracy on the score half."""
+    def tent(self, adapt: Split | None, score: Split) -> float:
+        """TENT online over the adapt half (if any), then the score half; accuracy on the score half."""
         from training.train_baseline import tent_accuracy
 
-        x = np.concatenate([adapt.x, score.x])
-        y = np.concatenate([adapt.y, score.y])
-        return tent_accuracy(self.baseline("bncnn"), x, y, score_from=len(adapt))
+        adapt_x = None if adapt is None else adapt.x
+        return tent_accuracy(self.baseline("bncnn"), score.x, score.y, adapt_x=adapt_x)
 
 
 def section_clean(ev: Evaluator) -> None:
@@ -155,10 +160,10 @@ def section_clean(ev: Evaluator) -> None:
     c = ev.cache
     for name, pathway in VARIANTS.items():
         model = variant(ev.clean, pathway)
-        c.get(f"mnist.clean.{name}", lambda m=model: cama_accuracy(m, test, ev.cfg.k), k=ev.cfg.k, n=len(test))
-    c.get("mnist.clean.cama.k1", lambda: cama_accuracy(variant(ev.clean, "transform"), test, 1), k=1)
-    c.get("mnist.clean.dnn", lambda: ev.dnn("dnn", test), n=len(test))
-    c.get("mnist.clean.tent", lambda: ev.tent(Split(test.x[:0], test.y[:0]), test), n=len(test))
+        c.get(f"mnist.clean.{name}", partial(cama_accuracy, model, test, ev.cfg.k), k=ev.cfg.k, n=len(test))
+    c.get("mnist.clean.cama.k1", partial(cama_accuracy, variant(ev.clean, "transform"), test, 1), k=1)
+    c.get("mnist.clean.dnn", partial(ev.dnn, "dnn", test), n=len(test))
+    c.get("mnist.clean.tent", partial(ev.tent, None, test), n=len(test))
     t0 = time.perf_counter()
     cama_accuracy(variant(ev.clean, "transform"), Split(test.x[:500], test.y[:500]), ev.cfg.k)
     c.data["mnist.predict_seconds_per_1000.cama"] = {"value": (time.perf_counter() - t0) * 2, "k": ev.cfg.k}
@@ -170,7 +175,7 @@ def section_fig1(ev: Evaluator) -> None:
         for r in ev.args.ranges:
             h = manipulated_halves(ev.mnist.test, shift, r)
             for name in ("dnn", "dnn_aug_v", "dnn_aug_h"):
-                ev.cache.get(f"mnist.fig1.{shift}.{r}.{name}", lambda n=name, s=h.score: ev.dnn(n, s))
+                ev.cache.get(f"mnist.fig1.{shift}.{r}.{name}", partial(ev.dnn, name, h.score))
             del tag
 
 
@@ -179,41 +184,47 @@ def section_fig7(ev: Evaluator) -> None:
     for r in ev.args.ranges:
         sets = {shift: manipulated_halves(ev.mnist.test, shift, r) for shift in SHIFTS}
         for shift, h in sets.items():
-            c.get(f"mnist.{shift}.{r}.dnn", lambda s=h.score: ev.dnn("dnn", s))
-            c.get(f"mnist.{shift}.{r}.tent", lambda hh=h: ev.tent(hh.adapt, hh.score))
+            c.get(f"mnist.{shift}.{r}.dnn", partial(ev.dnn, "dnn", h.score))
+            c.get(f"mnist.{shift}.{r}.tent", partial(ev.tent, h.adapt, h.score))
             for name, pathway in VARIANTS.items():
                 if name not in ev.args.variants:
                     continue
-                c.get(f"mnist.{shift}.{r}.{name}", lambda p=pathway, s=h.score: ev.cama(variant(ev.clean, p), s))
+                c.get(f"mnist.{shift}.{r}.{name}", partial(ev.cama, variant(ev.clean, pathway), h.score))
         for name, pathway in VARIANTS.items():
             if name not in ev.args.variants:
                 continue
             for ft_shift, tag in SHIFTS.items():
-                keys = [f"mnist.{s}.{r}.{name}_ft_{tag}" for s in SHIFTS] + [f"mnist.clean_after_ft_{tag}.{r}.{name}"]
+                keys = [f"mnist.{s}.{r}.{name}_ft_{tag}" for s in SHIFTS] + [
+                    f"mnist.clean_after_ft_{tag}.{r}.{name}"
+                ]
                 if all(k in c.data for k in keys):
                     continue
                 model, info = ev.ft_model(f"{name}_{ft_shift}_{r}", pathway, sets[ft_shift].adapt.x)
                 for s, h in sets.items():
-                    c.get(f"mnist.{s}.{r}.{name}_ft_{tag}", lambda sc=h.score: ev.cama(model, sc), gate=info["gate"])
-                c.get(f"mnist.clean_after_ft_{tag}.{r}.{name}", lambda: ev.cama(model, ev.clean_score))
+                    c.get(
+                        f"mnist.{s}.{r}.{name}_ft_{tag}",
+                        partial(ev.cama, model, h.score),
+                        gate=info["gate"],
+                    )
+                c.get(f"mnist.clean_after_ft_{tag}.{r}.{name}", partial(ev.cama, model, ev.clean_score))
 
 
 def section_noise(ev: Evaluator, manipulation: str = "noise", level: float = 0.3) -> None:
     c = ev.cache
     h = manipulated_halves(ev.mnist.test, manipulation, level)
     prefix = f"mnist.{manipulation}.{level:g}"
-    c.get(f"{prefix}.dnn", lambda: ev.dnn("dnn", h.score))
-    c.get(f"{prefix}.tent", lambda: ev.tent(h.adapt, h.score))
+    c.get(f"{prefix}.dnn", partial(ev.dnn, "dnn", h.score))
+    c.get(f"{prefix}.tent", partial(ev.tent, h.adapt, h.score))
     for name, pathway in VARIANTS.items():
         if name not in ev.args.variants:
             continue
-        c.get(f"{prefix}.{name}", lambda p=pathway: ev.cama(variant(ev.clean, p), h.score))
+        c.get(f"{prefix}.{name}", partial(ev.cama, variant(ev.clean, pathway), h.score))
         keys = [f"{prefix}.{name}_ft", f"mnist.clean_after_ft_{manipulation}_{level:g}.{name}"]
         if all(k in c.data for k in keys):
             continue
         model, info = ev.ft_model(f"{name}_{manipulation}_{level:g}", pathway, h.adapt.x)
-        c.get(keys[0], lambda: ev.cama(model, h.score), gate=info["gate"])
-        c.get(keys[1], lambda: ev.cama(model, ev.clean_score))
+        c.get(keys[0], partial(ev.cama, model, h.score), gate=info["gate"])
+        c.get(keys[1], partial(ev.cama, model, ev.clean_score))
         c.data[f"{prefix}.{name}_gate_accepted"] = {"value": float(info["gate"]["accepted"])}
 
 
@@ -239,7 +250,7 @@ def section_fig8(ev: Evaluator, shift: str = "vshift", level: float = 0.3) -> No
             model, info = ev.ft_model(f"fig8_{shift}_{level:g}_{fraction:g}", "transform", adapt_x)
         finally:
             ev.cfg = saved
-        ev.cache.get(key, lambda m=model: ev.cama(m, h.score), gate=info["gate"], n_adapt=n)
+        ev.cache.get(key, partial(ev.cama, model, h.score), gate=info["gate"], n_adapt=n)
     full = f"mnist.{shift}.{level}.cama_ft_{SHIFTS[shift]}"
     if full in ev.cache.data:
         ev.cache.data[f"mnist.fig8.{shift}.{level:g}.frac.0.5.cama"] = dict(ev.cache.data[full])
@@ -276,7 +287,11 @@ def write_outputs(ev: Evaluator) -> None:
     metrics = dict(data)
     for tag in SHIFTS.values():
         for name in VARIANTS:
-            per_range = [v for k, v in data.items() if k.startswith(f"mnist.clean_after_ft_{tag}.") and k.endswith(f".{name}")]
+            per_range = [
+                v
+                for k, v in data.items()
+                if k.startswith(f"mnist.clean_after_ft_{tag}.") and k.endswith(f".{name}")
+            ]
             if per_range:
                 metrics[f"mnist.clean_after_ft_{tag}.{name}"] = min(per_range)
     for name in VARIANTS:
@@ -306,7 +321,9 @@ def write_outputs(ev: Evaluator) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--checkpoint", default="models/mnist_cama_clean.pt")
     parser.add_argument("--dnn", default="models/mnist_dnn.pt")

@@ -41,7 +41,7 @@ def halves(test: Split, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]
 
 def manipulated_halves(test: Split, manipulation: str, level: float, seed: int = 1) -> TestHalves:
     """Apply ``manipulation`` at ``level`` to the whole test set (seeded) and split it in two."""
-    rng = np.random.default_rng([seed, zlib.crc32(manipulation.encode()), int(round(level * 1000))])
+    rng = np.random.default_rng([seed, zlib.crc32(manipulation.encode()), round(level * 1000)])
     x = named(manipulation, level)(test.x, rng) if level > 0 else test.x
     adapt_idx, score_idx = halves(test)
     return TestHalves(
@@ -86,6 +86,8 @@ def finetuned(
 ) -> tuple[ImageCama, float]:
     """A fine-tuned copy (eq. 8, NN_M^p and NN_M^q only) and the seconds it took."""
     model = variant(clean, pathway)
+    if pathway == "additive":
+        model.reinit_m_inference()  # the same fair start as the transform pathway gets
     t0 = time.perf_counter()
 
     steps = [0]

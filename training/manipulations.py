@@ -19,7 +19,7 @@ Manipulation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 def max_offset(shift_range: float, size: int) -> int:
     """The largest offset in pixels for a shift range ``r``: ``floor(r * size)``."""
-    return int(math.floor(shift_range * size + 1e-9))
+    return math.floor(shift_range * size + 1e-9)
 
 
 def shift(x: np.ndarray, shift_range: float, axis: str, rng: np.random.Generator) -> np.ndarray:
@@ -33,9 +33,10 @@ def shift(x: np.ndarray, shift_range: float, axis: str, rng: np.random.Generator
     dim = 2 if axis == "vertical" else 3
     size = x.shape[dim]
     limit = max_offset(shift_range, size)
-    offsets = rng.integers(-limit, limit + 1, size=x.shape[0])
+    offsets: np.ndarray = np.asarray(rng.integers(-limit, limit + 1, size=x.shape[0]))
     out = np.zeros_like(x)
-    for i, off in enumerate(offsets):
+    offset_list: list[int] = [int(o) for o in offsets]
+    for i, off in enumerate(offset_list):
         src = [slice(None)] * 3
         dst = [slice(None)] * 3
         if off >= 0:
@@ -58,7 +59,8 @@ def horizontal_shift(x: np.ndarray, shift_range: float, rng: np.random.Generator
 
 def gaussian_noise(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
     """Add N(0, std^2) to every pixel and clip to [0, 1]."""
-    return np.clip(x + rng.normal(0.0, std, size=x.shape).astype(x.dtype), 0.0, 1.0)
+    noisy: np.ndarray = np.clip(x + rng.normal(0.0, std, size=x.shape).astype(x.dtype), 0.0, 1.0)
+    return noisy
 
 
 def salt_and_pepper(x: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
@@ -90,7 +92,7 @@ def rotation(x: np.ndarray, max_degrees: float, rng: np.random.Generator) -> np.
 
 def gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
     """Blur every image with an isotropic Gaussian of width ``sigma`` pixels (deterministic)."""
-    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = max(1, math.ceil(3 * sigma))
     r = np.arange(-radius, radius + 1, dtype=np.float32)
     k1 = np.exp(-(r**2) / (2 * sigma**2))
     k1 /= k1.sum()
@@ -111,7 +113,8 @@ def fit_zca(x: np.ndarray, eps: float = 1e-2) -> Callable[[np.ndarray], np.ndarr
         white = (images.reshape(images.shape[0], -1) - mean.astype(np.float32)) @ w
         lo = white.min(1, keepdims=True)
         hi = white.max(1, keepdims=True)
-        return ((white - lo) / np.maximum(hi - lo, 1e-8)).reshape(images.shape).astype(np.float32)
+        out: np.ndarray = ((white - lo) / np.maximum(hi - lo, 1e-8)).reshape(images.shape)
+        return out.astype(np.float32)
 
     return apply
 

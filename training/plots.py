@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 SHIFT_TITLES = {"vshift": "vertical shift", "hshift": "horizontal shift"}
 
@@ -24,7 +25,7 @@ def _series(data: dict[str, float], pattern: str) -> tuple[list[float], list[flo
     return xs, ys
 
 
-def _panel(ax: plt.Axes, data: dict[str, float], lines: dict[str, str], title: str) -> bool:
+def _panel(ax: Any, data: dict[str, float], lines: dict[str, str], title: str) -> bool:
     drawn = False
     for label, pattern in lines.items():
         xs, ys = _series(data, pattern)

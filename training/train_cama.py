@@ -51,7 +51,7 @@ class TrainConfig:
 def validation_split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Hold out ``fraction`` of the training set (seeded) for model selection."""
     order = np.random.default_rng(seed).permutation(len(train))
-    n_val = int(round(fraction * len(train)))
+    n_val = round(fraction * len(train))
     val_idx, tr_idx = order[:n_val], order[n_val:]
     return Split(train.x[tr_idx], train.y[tr_idx]), Split(train.x[val_idx], train.y[val_idx])
 
@@ -121,7 +121,7 @@ def train(
                     objective = augmented_objective(model, (x, y), (xm, y), cfg.lam)
             loss = -objective
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
             bar.set_postfix(elbo=f"{objective.item():.1f}", refresh=False)

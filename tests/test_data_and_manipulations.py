@@ -1,0 +1,162 @@
+"""MNIST loading (IDX, gz, npz, checksummed download) and the manipulations."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import data as D
+from training import manipulations as M
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(path, "wb") as fh:
+            fh.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def small_mnist(directory: Path, gz: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (20, 28, 28)),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, (20,)),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (7, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, (7,)),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    for stem, arr in arrays.items():
+        write_idx(directory / (stem + (".gz" if gz else "")), arr, gz)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_load_idx_files(tmp_path, gz):
+    arrays = small_mnist(tmp_path / "mnist", gz=gz)
+    mnist = D.load_mnist(tmp_path)
+    assert mnist.train.x.shape == (20, 1, 28, 28)
+    assert mnist.train.x.dtype == np.float32
+    np.testing.assert_array_equal(mnist.train.x[:, 0] * 255, arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(mnist.test.y, arrays["t10k-labels-idx1-ubyte"])
+    assert mnist.train.x.min() >= 0.0
+    assert mnist.train.x.max() <= 1.0
+    assert len(mnist.checksum) == 64
+
+
+def test_load_npz_and_env_dir(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+        y_train=np.arange(5, dtype=np.uint8),
+        x_test=rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        y_test=np.arange(3, dtype=np.uint8),
+    )
+    monkeypatch.setenv(D.DATA_DIR_ENV, str(tmp_path))
+    mnist = D.load_mnist()
+    assert len(mnist.train) == 5
+    assert len(mnist.test) == 3
+    np.testing.assert_array_equal(mnist.train.y, np.arange(5))
+
+
+def test_missing_and_truncated_files_raise(tmp_path):
+    with pytest.raises(D.DataError, match="no MNIST"):
+        D.load_mnist(tmp_path)
+    small_mnist(tmp_path / "mnist", gz=False)
+    path = tmp_path / "mnist" / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(D.DataError, match="expected"):
+        D.load_mnist(tmp_path)
+
+
+def test_download_verifies_md5_offline(tmp_path):
+    mirror = tmp_path / "mirror"
+    small_mnist(mirror, gz=True)
+    files = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in mirror.iterdir()}
+    target = D.download_mnist(tmp_path / "data", mirrors=(mirror.as_uri() + "/",), files=files)
+    assert sorted(p.name for p in target.iterdir()) == sorted(files)
+    assert len(D.load_mnist(tmp_path / "data").train) == 20
+    bad = dict(files)
+    bad["t10k-labels-idx1-ubyte.gz"] = "0" * 32
+    with pytest.raises(D.DataError, match="MD5 mismatch"):
+        D.download_mnist(tmp_path / "other", mirrors=(mirror.as_uri() + "/",), files=bad)
+    assert not list((tmp_path / "other" / "mnist").glob("*.part"))
+
+
+def test_real_shared_mnist_is_the_published_data():
+    """CI points CAMA_DATA_DIR at the shared copy: 60000/10000 images with the known label counts."""
+    mnist = D.load_mnist()
+    assert len(mnist.train) == 60000
+    assert len(mnist.test) == 10000
+    assert np.bincount(mnist.test.y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert mnist.test.y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+
+
+def one_pixel_images(n: int) -> np.ndarray:
+    x = np.zeros((n, 1, 28, 28), dtype=np.float32)
+    x[:, 0, 14, 14] = 1.0
+    return x
+
+
+@pytest.mark.parametrize(("axis", "dim"), [("vertical", 0), ("horizontal", 1)])
+def test_shift_moves_pixels_by_an_integer_offset_within_the_range(axis, dim):
+    x = one_pixel_images(2000)
+    out = M.shift(x, 0.3, axis, np.random.default_rng(0))
+    limit = M.max_offset(0.3, 28)
+    assert limit == 8
+    offsets = []
+    for img in out[:, 0]:
+        pos = np.argwhere(img == 1.0)
+        assert pos.shape == (1, 2)
+        assert img.sum() == 1.0
+        other = 1 - dim
+        assert pos[0, other] == 14  # the other axis is untouched
+        offsets.append(pos[0, dim] - 14)
+    offsets_arr = np.array(offsets)
+    assert offsets_arr.min() == -limit
+    assert offsets_arr.max() == limit
+    assert set(np.unique(offsets_arr)) == set(range(-limit, limit + 1))
+
+
+def test_shift_fills_with_zeros_and_is_seeded():
+    x = np.ones((50, 1, 28, 28), dtype=np.float32)
+    a = M.vertical_shift(x, 0.5, np.random.default_rng(3))
+    b = M.vertical_shift(x, 0.5, np.random.default_rng(3))
+    np.testing.assert_array_equal(a, b)
+    rows_zero = (a[:, 0].sum(axis=2) == 0).sum(axis=1)  # empty rows = |offset|
+    assert rows_zero.max() <= 14
+    assert rows_zero.max() > 0
+    np.testing.assert_array_equal(M.horizontal_shift(x, 0.0, np.random.default_rng(0)), x)
+
+
+def test_other_manipulations_stay_in_range_and_do_what_they_say():
+    rng = np.random.default_rng(0)
+    x = np.random.default_rng(1).random((10, 1, 28, 28)).astype(np.float32)
+    noisy = M.gaussian_noise(x, 0.3, rng)
+    assert noisy.min() >= 0
+    assert noisy.max() <= 1
+    assert np.abs(noisy - x).mean() > 0.1
+    sp = M.salt_and_pepper(x, 0.1, rng)
+    changed = (sp != x).mean()
+    assert 0.05 < changed < 0.15
+    assert set(np.unique(sp[sp != x])) <= {0.0, 1.0}
+    np.testing.assert_allclose(M.contrast(x, 0.5, 0.25), 0.5 * x + 0.25, rtol=1e-6)
+    blurred = M.gaussian_blur(x, 1.0)
+    assert blurred.std() < x.std()
+    rotated = M.rotation(one_pixel_images(4), 0.0, rng)
+    np.testing.assert_allclose(rotated, one_pixel_images(4), atol=1e-5)
+    zca = M.fit_zca(x.reshape(10, 1, 28, 28))
+    white = zca(x)
+    assert white.shape == x.shape
+    assert white.min() >= 0
+    assert white.max() <= 1
+    with pytest.raises(ValueError, match="unknown manipulation"):
+        M.named("teleport", 1.0)
