@@ -41,7 +41,6 @@ from training.metrics import update_metrics
 from training.train_cama import validation_split
 
 RESULTS = Path("docs/results")
-CACHE = RESULTS / "mnist_eval.json"
 RANGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 SHIFTS = {"vshift": "v", "hshift": "h"}
 VARIANTS = {"cama": "transform", "cama_paper": "additive"}
@@ -57,6 +56,7 @@ class EvalConfig:
     score_limit: int | None = None
     gate_holdout: int = 500
     replay: int = 5000
+    canary: int = 1000
     ft: FinetuneConfig = field(
         default_factory=lambda: FinetuneConfig(lr=1e-3, epochs=2, batch_size=32, alpha=0.5, bf16=True)
     )
@@ -90,7 +90,8 @@ class Evaluator:
         self.args = args
         self.cfg = cfg
         self.mnist: Mnist = load_mnist(args.data_dir)
-        self.cache = Cache(CACHE, args.force)
+        self.out = Path(args.out_dir)
+        self.cache = Cache(self.out / "mnist_eval.json", args.force)
         clean, meta = load_checkpoint(args.checkpoint)
         if not isinstance(clean, ImageCama):
             raise SystemExit(f"{args.checkpoint} is not an image CAMA checkpoint")
@@ -98,7 +99,8 @@ class Evaluator:
         self.clean_meta = meta
         self.replay = replay_set(self.mnist, cfg.replay)
         _, val = validation_split(self.mnist.train, 0.05, 0)
-        self.canary = (torch.from_numpy(val.x[:1000]), torch.from_numpy(val.y[:1000]))
+        n_canary = cfg.canary
+        self.canary = (torch.from_numpy(val.x[:n_canary]), torch.from_numpy(val.y[:n_canary]))
         _, score_idx = halves(self.mnist.test)
         self.clean_score = Split(self.mnist.test.x[score_idx], self.mnist.test.y[score_idx])
         self.baselines: dict[str, Any] = {}
@@ -115,7 +117,7 @@ class Evaluator:
 
     def ft_model(self, name: str, pathway: str, adapt_x: np.ndarray) -> tuple[ImageCama, dict[str, Any]]:
         """Fine-tune (or load the cached fine-tuned weights) and gate one adapted model."""
-        path = Path("models/scratch") / f"ft_{name}.pt"
+        path = Path(self.args.ft_cache) / f"ft_{name}.pt"
         n_gate = self.cfg.gate_holdout
         train_x, heldout = adapt_x[n_gate:], torch.from_numpy(adapt_x[:n_gate])
         if path.exists() and not self.args.force:
@@ -139,28 +141,37 @@ class Evaluator:
         return model.eval(), info
 
     # --- scoring ------------------------------------------------------------------------------
+    def limit(self, split: Split) -> Split:
+        """The first ``--score-limit`` items of a split (every method scores the same items)."""
+        n = self.cfg.score_limit
+        return split if n is None else Split(split.x[:n], split.y[:n])
+
     def cama(self, model: ImageCama, split: Split) -> float:
         return cama_accuracy(model, split, self.cfg.k, limit=self.cfg.score_limit)
 
     def dnn(self, name: str, split: Split) -> float:
         from training.train_baseline import evaluate_accuracy
 
-        return evaluate_accuracy(self.baseline(name), split.x, split.y)
+        scored = self.limit(split)
+        return evaluate_accuracy(self.baseline(name), scored.x, scored.y)
 
     def tent(self, adapt: Split | None, score: Split) -> float:
         """TENT online over the adapt half (if any), then the score half; accuracy on the score half."""
         from training.train_baseline import tent_accuracy
 
-        adapt_x = None if adapt is None else adapt.x
-        return tent_accuracy(self.baseline("bncnn"), score.x, score.y, adapt_x=adapt_x)
+        adapt_x = None if adapt is None else self.limit(adapt).x
+        scored = self.limit(score)
+        return tent_accuracy(self.baseline("bncnn"), scored.x, scored.y, adapt_x=adapt_x)
 
 
 def section_clean(ev: Evaluator) -> None:
-    test = ev.mnist.test
+    test = Split(ev.mnist.test.x[: ev.cfg.score_limit], ev.mnist.test.y[: ev.cfg.score_limit])
     c = ev.cache
     for name, pathway in VARIANTS.items():
         model = variant(ev.clean, pathway)
         c.get(f"mnist.clean.{name}", partial(cama_accuracy, model, test, ev.cfg.k), k=ev.cfg.k, n=len(test))
+    for name, pathway in VARIANTS.items():
+        c.get(f"mnist.clean_score_half.{name}", partial(ev.cama, variant(ev.clean, pathway), ev.clean_score))
     c.get("mnist.clean.cama.k1", partial(cama_accuracy, variant(ev.clean, "transform"), test, 1), k=1)
     c.get("mnist.clean.dnn", partial(ev.dnn, "dnn", test), n=len(test))
     c.get("mnist.clean.tent", partial(ev.tent, None, test), n=len(test))
@@ -277,7 +288,7 @@ def section_fig9(ev: Evaluator, shift: str = "vshift", level: float = 0.3, n: in
     image_grid(
         [h.score.x[:n, 0], with_m, canonical],
         [f"{shift} {level} test digits", "reconstruction p(x|y,z,m)", "do(m=0): p(x|y,z,m=0)"],
-        RESULTS / "fig9.png",
+        ev.out / "fig9.png",
     )
 
 
@@ -300,10 +311,10 @@ def write_outputs(ev: Evaluator) -> None:
         ):
             if key_from in data:
                 metrics[key_to] = data[key_from]
-    update_metrics(metrics)
+    update_metrics(metrics, ev.out / "metrics.json")
     from training.plots import plot_mnist
 
-    plot_mnist(data, RESULTS)
+    plot_mnist(data, ev.out)
     lines = [
         "# MNIST results",
         "",
@@ -316,7 +327,7 @@ def write_outputs(ev: Evaluator) -> None:
     for key in sorted(ev.cache.data):
         entry = ev.cache.data[key]
         lines.append(f"| `{key}` | {entry['value']:.4f} | {entry.get('seconds', '')} |")
-    (RESULTS / "mnist.md").write_text("\n".join(lines) + "\n")
+    (ev.out / "mnist.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,11 +347,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=EvalConfig.k)
     parser.add_argument("--score-limit", type=int, default=None, help="score on the first N of each half")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out-dir", default=str(RESULTS), help="where metrics, tables and plots go")
+    parser.add_argument("--ft-cache", default="models/scratch", help="where fine-tuned weights are kept")
+    parser.add_argument("--ft-steps", type=int, default=None, help="cap fine-tuning steps (smoke runs)")
+    parser.add_argument("--canary", type=int, default=1000, help="labelled clean images for the gate")
+    parser.add_argument("--gate-holdout", type=int, default=500, help="adapt images kept for the gate")
     parser.add_argument("--force", action="store_true", help="ignore the cache and cached fine-tuned models")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = EvalConfig(k=args.k, score_limit=args.score_limit)
+    ft = EvalConfig().ft
+    if args.ft_steps is not None:
+        ft = FinetuneConfig(**{**asdict(ft), "max_steps": args.ft_steps})
+    cfg = EvalConfig(
+        k=args.k, score_limit=args.score_limit, ft=ft, gate_holdout=args.gate_holdout, canary=args.canary
+    )
     ev = Evaluator(args, cfg)
     sections: dict[str, Callable[[Evaluator], None]] = {
         "clean": section_clean,

@@ -1,0 +1,148 @@
+"""Smoke runs of the MNIST command-line entry points with the cheapest settings (real data)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cama.checkpoint import load_checkpoint
+from cama.image_model import ImageCama
+
+ENTRY_POINTS = {
+    "training.train_cama",
+    "training.train_baseline",
+    "training.evaluate_mnist",
+    "training.data",
+}
+
+
+def run(module: str, *args: str, timeout: int = 300) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert out.returncode == 0, f"{module} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+def test_every_mnist_entry_point_is_smoke_tested():
+    """A new ``training/*.py`` with a ``main`` must be listed here (or in another smoke test)."""
+    root = Path(__file__).resolve().parent.parent / "training"
+    with_main = {
+        f"training.{p.stem}" for p in root.glob("*.py") if 'if __name__ == "__main__"' in p.read_text()
+    }
+    other_suites = {"training.train_measurement", "training.evaluate_measurement", "training.export_model"}
+    assert with_main - other_suites <= ENTRY_POINTS, with_main - other_suites - ENTRY_POINTS
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_end_to_end(tmp_path):
+    cama_ckpt = tmp_path / "cama.pt"
+    run("training.train_cama", "--tiny", "--dry-run", "--train-limit", "400", "--out", str(cama_ckpt))
+    model, meta = load_checkpoint(cama_ckpt)
+    assert isinstance(model, ImageCama)
+    assert meta.provenance["dataset"] == "mnist"
+    assert len(meta.provenance["data_sha256"]) == 64
+    assert "val_accuracy" in meta.metrics
+    # resuming a finished run does not train again and keeps the checkpoint loadable
+    run(
+        "training.train_cama",
+        "--tiny",
+        "--dry-run",
+        "--train-limit",
+        "400",
+        "--resume",
+        "--out",
+        str(cama_ckpt),
+    )
+
+    dnn = tmp_path / "dnn.pt"
+    bncnn = tmp_path / "bncnn.pt"
+    run("training.train_baseline", "--model", "dnn", "--dry-run", "--train-limit", "400", "--out", str(dnn))
+    run(
+        "training.train_baseline",
+        "--model",
+        "bncnn",
+        "--dry-run",
+        "--train-limit",
+        "400",
+        "--out",
+        str(bncnn),
+    )
+
+    out_dir = tmp_path / "results"
+    stdout = run(
+        "training.evaluate_mnist",
+        *(
+            "--checkpoint",
+            str(cama_ckpt),
+            "--dnn",
+            str(dnn),
+            "--dnn-aug-v",
+            str(dnn),
+            "--dnn-aug-h",
+            str(dnn),
+        ),
+        *("--bncnn", str(bncnn), "--sections", "clean", "fig1", "fig7", "noise", "fig9"),
+        *(
+            "--ranges",
+            "0.3",
+            "--k",
+            "1",
+            "--score-limit",
+            "16",
+            "--ft-steps",
+            "2",
+            "--gate-holdout",
+            "8",
+            "--canary",
+            "32",
+        ),
+        *("--out-dir", str(out_dir), "--ft-cache", str(tmp_path / "ft")),
+    )
+    assert "mnist.vshift.0.3.cama_ft_v" in stdout
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    for key in (
+        "mnist.clean.cama",
+        "mnist.clean.cama_paper",
+        "mnist.clean.dnn",
+        "mnist.clean.tent",
+        "mnist.vshift.0.3.cama_ft_h",
+        "mnist.hshift.0.3.cama_paper_ft_v",
+        "mnist.noise.0.3.cama_ft",
+        "mnist.clean_after_ft_v.cama",
+        "mnist.clean_after_ft_noise.cama",
+        "mnist.train_epoch_seconds.cama",
+    ):
+        assert key in metrics, key
+        assert 0.0 <= metrics[key] <= 1.0 or key.endswith("seconds.cama")
+    assert (out_dir / "fig7.png").stat().st_size > 1000
+    assert (out_dir / "fig9.png").stat().st_size > 1000
+    assert "python -m training.evaluate_mnist" in (out_dir / "mnist.md").read_text()
+    # the fine-tuned weights were cached and a second run reuses every figure
+    assert list((tmp_path / "ft").glob("ft_*.pt"))
+    again = run(
+        "training.evaluate_mnist",
+        *(
+            "--checkpoint",
+            str(cama_ckpt),
+            "--dnn",
+            str(dnn),
+            "--dnn-aug-v",
+            str(dnn),
+            "--dnn-aug-h",
+            str(dnn),
+        ),
+        *("--bncnn", str(bncnn), "--sections", "clean", "fig7", "--ranges", "0.3", "--k", "1"),
+        *("--score-limit", "16", "--out-dir", str(out_dir), "--ft-cache", str(tmp_path / "ft")),
+    )
+    assert "mnist.vshift.0.3.cama_ft_v" not in again  # nothing recomputed
+    assert torch.load(next((tmp_path / "ft").glob("ft_*.pt")), weights_only=False)["info"]["gate"]
