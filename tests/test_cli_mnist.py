@@ -64,6 +64,12 @@ def test_train_then_evaluate_end_to_end(tmp_path):
         str(cama_ckpt),
     )
 
+    served = tmp_path / "served.pt"
+    run("training.train_cama", "--convert", str(cama_ckpt), "--m-pathway", "transform", "--out", str(served))
+    served_model, served_meta = load_checkpoint(served)
+    assert isinstance(served_model, ImageCama) and served_model.config.m_pathway == "transform"
+    assert served_meta.provenance["converted_from"] == str(cama_ckpt)
+
     dnn = tmp_path / "dnn.pt"
     bncnn = tmp_path / "bncnn.pt"
     run("training.train_baseline", "--model", "dnn", "--dry-run", "--train-limit", "400", "--out", str(dnn))
@@ -142,7 +148,16 @@ def test_train_then_evaluate_end_to_end(tmp_path):
             str(dnn),
         ),
         *("--bncnn", str(bncnn), "--sections", "clean", "fig7", "--ranges", "0.3", "--k", "1"),
-        *("--score-limit", "16", "--out-dir", str(out_dir), "--ft-cache", str(tmp_path / "ft")),
+        *(
+            "--score-limit",
+            "16",
+            "--clean-limit",
+            "16",
+            "--out-dir",
+            str(out_dir),
+            "--ft-cache",
+            str(tmp_path / "ft"),
+        ),
     )
     assert "mnist.vshift.0.3.cama_ft_v" not in again  # nothing recomputed
     assert torch.load(next((tmp_path / "ft").glob("ft_*.pt")), weights_only=False)["info"]["gate"]

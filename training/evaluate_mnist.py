@@ -149,23 +149,24 @@ class Evaluator:
     def cama(self, model: ImageCama, split: Split) -> float:
         return cama_accuracy(model, split, self.cfg.k, limit=self.cfg.score_limit)
 
-    def dnn(self, name: str, split: Split) -> float:
+    def dnn(self, name: str, split: Split, *, limit: bool = True) -> float:
         from training.train_baseline import evaluate_accuracy
 
-        scored = self.limit(split)
+        scored = self.limit(split) if limit else split
         return evaluate_accuracy(self.baseline(name), scored.x, scored.y)
 
-    def tent(self, adapt: Split | None, score: Split) -> float:
+    def tent(self, adapt: Split | None, score: Split, *, limit: bool = True) -> float:
         """TENT online over the adapt half (if any), then the score half; accuracy on the score half."""
         from training.train_baseline import tent_accuracy
 
         adapt_x = None if adapt is None else self.limit(adapt).x
-        scored = self.limit(score)
+        scored = self.limit(score) if limit else score
         return tent_accuracy(self.baseline("bncnn"), scored.x, scored.y, adapt_x=adapt_x)
 
 
 def section_clean(ev: Evaluator) -> None:
-    test = Split(ev.mnist.test.x[: ev.cfg.score_limit], ev.mnist.test.y[: ev.cfg.score_limit])
+    n = ev.args.clean_limit
+    test = Split(ev.mnist.test.x[:n], ev.mnist.test.y[:n])
     c = ev.cache
     for name, pathway in VARIANTS.items():
         model = variant(ev.clean, pathway)
@@ -173,8 +174,8 @@ def section_clean(ev: Evaluator) -> None:
     for name, pathway in VARIANTS.items():
         c.get(f"mnist.clean_score_half.{name}", partial(ev.cama, variant(ev.clean, pathway), ev.clean_score))
     c.get("mnist.clean.cama.k1", partial(cama_accuracy, variant(ev.clean, "transform"), test, 1), k=1)
-    c.get("mnist.clean.dnn", partial(ev.dnn, "dnn", test), n=len(test))
-    c.get("mnist.clean.tent", partial(ev.tent, None, test), n=len(test))
+    c.get("mnist.clean.dnn", partial(ev.dnn, "dnn", test, limit=False), n=len(test))
+    c.get("mnist.clean.tent", partial(ev.tent, None, test, limit=False), n=len(test))
     t0 = time.perf_counter()
     cama_accuracy(variant(ev.clean, "transform"), Split(test.x[:500], test.y[:500]), ev.cfg.k)
     c.data["mnist.predict_seconds_per_1000.cama"] = {"value": (time.perf_counter() - t0) * 2, "k": ev.cfg.k}
@@ -350,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", default=str(RESULTS), help="where metrics, tables and plots go")
     parser.add_argument("--ft-cache", default="models/scratch", help="where fine-tuned weights are kept")
     parser.add_argument("--ft-steps", type=int, default=None, help="cap fine-tuning steps (smoke runs)")
+    parser.add_argument(
+        "--clean-limit", type=int, default=None, help="clean accuracy on the first N test images"
+    )
     parser.add_argument("--canary", type=int, default=1000, help="labelled clean images for the gate")
     parser.add_argument("--gate-holdout", type=int, default=500, help="adapt images kept for the gate")
     parser.add_argument("--force", action="store_true", help="ignore the cache and cached fine-tuned models")

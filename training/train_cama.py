@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cama.checkpoint import save_checkpoint
+from cama.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from cama.config import ImageCamaConfig
-from cama.image_model import ImageCama
+from cama.image_model import ImageCama, with_m_pathway
 from cama.objectives import augmented_objective, bayes_predict, intervention_elbo
 from training.data import Split, load_mnist
 from training.manipulations import named
@@ -161,6 +161,17 @@ def train(
     return {**metrics, "best_val_accuracy": best}
 
 
+def convert(source: Path, pathway: str, out: Path) -> None:
+    """Write ``source`` with another m pathway (mechanisms start at the identity) to ``out``."""
+    clean, meta = load_checkpoint(source)
+    if not isinstance(clean, ImageCama):
+        raise SystemExit(f"{source} is not an image CAMA checkpoint")
+    model = with_m_pathway(clean, pathway, q_m_logvar_init=ImageCamaConfig.q_m_logvar_init)
+    provenance = {**meta.provenance, "converted_from": str(source), "source_sha256": sha256_file(source)}
+    digest = save_checkpoint(out, model, provenance=provenance, metrics=meta.metrics)
+    print(f"{out}: m_pathway={pathway} sha256={digest}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
@@ -184,7 +195,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dry-run", action="store_true", help="one batch, one epoch")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--convert",
+        type=Path,
+        default=None,
+        help="no training: write this clean checkpoint with --m-pathway to --out (the served model)",
+    )
+    parser.add_argument("--m-pathway", choices=["additive", "transform"], default="transform")
     args = parser.parse_args(argv)
+    if args.convert is not None:
+        convert(args.convert, args.m_pathway, args.out)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     mnist = load_mnist(args.data_dir)
