@@ -37,3 +37,43 @@ evaluate-mnist: install
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+.PHONY: train-baselines
+train-baselines: install
+	$(BIN)/python -m training.train_baseline --model dnn --epochs 40 --out models/mnist_dnn.pt
+	$(BIN)/python -m training.train_baseline --model dnn --epochs 40 --augment vshift --aug-range 0.5 --out models/mnist_dnn_aug_vshift.pt
+	$(BIN)/python -m training.train_baseline --model dnn --epochs 40 --augment hshift --aug-range 0.5 --out models/mnist_dnn_aug_hshift.pt
+	$(BIN)/python -m training.train_baseline --model bncnn --epochs 6 --lr 3e-3 --out models/mnist_bncnn.pt
+
+# Measurement data (paper section 4.2): the service's embedded default model (generator seed 0,
+# with models/measurement_cama.replay.npz) and the fig. 14/15 evaluation over 5 generator seeds.
+.PHONY: train-measurement evaluate-measurement
+train-measurement: install
+	$(BIN)/python -m training.train_measurement --synthetic --seed 0 --threads 1 --out models/measurement_cama.pt
+
+evaluate-measurement: install
+	$(BIN)/python -m training.evaluate_measurement --threads 1
+
+# The service (docs/service.md). `make run` serves in the embedded mode (no Redis); these run the
+# other roles and the service's measurements.
+.PHONY: worker serving-data export-mnist bench-microbatch bench-onnx e2e-mnist compose-config
+worker: install
+	$(BIN)/celery -A worker.celery_app worker --pool=prefork --concurrency=1 --loglevel=INFO
+
+serving-data: install
+	$(BIN)/python -m training.export_model --make-serving-data mnist --out models/mnist_serving_data.npz
+
+export-mnist: install
+	$(BIN)/python -m training.export_model --checkpoint models/mnist_cama.pt --name mnist --store model_store
+
+bench-microbatch: install
+	$(BIN)/python -m benchmarks.microbatch
+
+bench-onnx: install
+	$(BIN)/python -m benchmarks.onnx_vs_torch
+
+e2e-mnist: install
+	$(BIN)/python -m benchmarks.e2e_mnist $(E2E_ARGS)
+
+compose-config:
+	CAMA_TOKEN=$${CAMA_TOKEN:-dummy-token-for-config-check} REDIS_PASSWORD=$${REDIS_PASSWORD:-dummy} docker-compose config

@@ -67,7 +67,8 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     served = tmp_path / "served.pt"
     run("training.train_cama", "--convert", str(cama_ckpt), "--m-pathway", "transform", "--out", str(served))
     served_model, served_meta = load_checkpoint(served)
-    assert isinstance(served_model, ImageCama) and served_model.config.m_pathway == "transform"
+    assert isinstance(served_model, ImageCama)
+    assert served_model.config.m_pathway == "transform"
     assert served_meta.provenance["converted_from"] == str(cama_ckpt)
 
     dnn = tmp_path / "dnn.pt"
@@ -97,7 +98,18 @@ def test_train_then_evaluate_end_to_end(tmp_path):
             "--dnn-aug-h",
             str(dnn),
         ),
-        *("--bncnn", str(bncnn), "--sections", "clean", "fig1", "fig7", "noise", "fig9"),
+        *(
+            "--bncnn",
+            str(bncnn),
+            "--bncnn-gap",
+            str(bncnn),
+            "--sections",
+            "clean",
+            "fig1",
+            "fig7",
+            "noise",
+            "fig9",
+        ),
         *(
             "--ranges",
             "0.3",
@@ -147,7 +159,8 @@ def test_train_then_evaluate_end_to_end(tmp_path):
             "--dnn-aug-h",
             str(dnn),
         ),
-        *("--bncnn", str(bncnn), "--sections", "clean", "fig7", "--ranges", "0.3", "--k", "1"),
+        *("--bncnn", str(bncnn), "--bncnn-gap", str(bncnn), "--sections", "clean", "fig7", "--ranges", "0.3"),
+        *("--k", "1"),
         *(
             "--score-limit",
             "16",

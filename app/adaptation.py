@@ -1,0 +1,269 @@
+"""The adaptation job: the one function that both the Celery task and the embedded worker run.
+
+1. load the active version (checkpoint + replay/canary data) and the job's unlabelled batch;
+2. hold out part of the batch; evaluate the gate's evidence before (canary accuracy, ELBO(x));
+3. fine-tune NN_M^p and NN_M^q on the rest with the clean replay term (eq. 8, ``cama.adapt``);
+4. evaluate again; the promotion gate decides; a refusal ends the job ``rejected``;
+5. export the new version, publish it and flip ACTIVE (compare-and-swap under the model lock),
+   then tell the API processes.
+
+Idempotent by job id: a finished job is left alone, and a version already published by this job
+(a crash before the record was updated) is adopted rather than made twice. A cancelled job, or
+one that fails or is rejected, never changes what is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.artifacts import build_artifacts
+from app.core.config import Settings
+from app.data import Inputs, ServingData
+from app.inputs import check_shapes
+from app.jobs import JobStore, batch_path
+from app.registry import ActiveChangedError, ModelRegistry
+from app.schemas import TERMINAL_STATES, JobPublic
+from cama.adapt import FinetuneConfig, GateConfig, finetune, gate_evaluation, promotion_gate
+from cama.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+# progress milestones of one job (0..1)
+P_GATE_BEFORE, P_FINETUNED, P_GATE_AFTER, P_EXPORTED = 0.05, 0.85, 0.9, 0.97
+
+
+class JobCancelledError(Exception):
+    """The job was cancelled between two steps."""
+
+
+class JobTimeoutError(Exception):
+    """The job ran past ``job_timeout_s``."""
+
+
+@dataclass
+class JobContext:
+    """What a job needs from its process: the registry, the job store, settings and a notifier."""
+
+    registry: ModelRegistry
+    jobs: JobStore
+    settings: Settings
+    notify: Callable[[str, int], None] = lambda model, version: None
+
+
+def resolve_device(setting: str) -> torch.device:
+    """Resolved at run time, inside the worker process (never before a fork)."""
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def finetune_config(settings: Settings, job: JobPublic) -> FinetuneConfig:
+    """The default recipe from settings with the job's overrides."""
+    return FinetuneConfig(**{**settings.finetune.model_dump(), **job.finetune})
+
+
+def run_job(job_id: str, ctx: JobContext) -> JobPublic | None:
+    """Run one adaptation job to a terminal state (see the module docstring)."""
+    job = ctx.jobs.get(job_id)
+    if job is None:
+        log.error("job %s: no such job record (expired?)", job_id)
+        return None
+    settled = _settled(job, ctx)
+    if settled is not None:
+        return settled
+    ctx.jobs.update(job_id, state="running", started=time.time(), progress=0.0)
+    try:
+        return _adapt(job, ctx)
+    except JobCancelledError:
+        return _finish(ctx, job_id, "cancelled")
+    except JobTimeoutError:
+        return _finish(ctx, job_id, "failed", error=f"timed out after {ctx.settings.job_timeout_s} s")
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        return _finish(ctx, job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _settled(job: JobPublic, ctx: JobContext) -> JobPublic | None:
+    """The job's final record if nothing (more) must run: finished, cancelled, or already published."""
+    if job.state in TERMINAL_STATES:
+        log.info("job %s already %s: nothing to do", job.id, job.state)
+        return job
+    if ctx.jobs.cancel_requested(job.id):
+        return _finish(ctx, job.id, "cancelled")
+    produced = ctx.registry.find_by_job(job.model, job.id)
+    if produced is not None:
+        log.info("job %s: adopting v%d it published before a restart", job.id, produced.version)
+        return _finish(ctx, job.id, "succeeded", version=produced.version, metrics=produced.metrics)
+    return None
+
+
+def _finish(ctx: JobContext, job_id: str, state: str, **fields: Any) -> JobPublic:
+    job = ctx.jobs.update(job_id, state=state, finished=time.time(), **fields)
+    if job.state in TERMINAL_STATES:
+        batch_path(ctx.registry.root, job_id).unlink(missing_ok=True)
+    log.info("job %s %s %s", job_id, job.state, job.reasons or job.error or "")
+    return job
+
+
+class _Progress:
+    """Throttled progress reporting and cancellation checks."""
+
+    def __init__(self, ctx: JobContext, job_id: str) -> None:
+        self.ctx, self.job_id = ctx, job_id
+        self.start = time.monotonic()
+        self._last_report = 0.0
+        self._last_check = 0.0
+        self._cancelled = False
+
+    def report(self, fraction: float, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_report >= 0.25:
+            self._last_report = now
+            self.ctx.jobs.update(self.job_id, progress=round(min(max(fraction, 0.0), 1.0), 4))
+
+    def should_stop(self) -> bool:
+        if time.monotonic() - self.start > self.ctx.settings.job_timeout_s:
+            raise JobTimeoutError
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_check >= 0.2:
+            self._last_check = now
+            self._cancelled = self.ctx.jobs.cancel_requested(self.job_id)
+        return self._cancelled
+
+    def check(self) -> None:
+        self._last_check = 0.0
+        if self.should_stop():
+            raise JobCancelledError
+
+
+def _tensors(inputs: Inputs, device: torch.device) -> tuple[torch.Tensor, Any]:
+    x = torch.from_numpy(inputs.x).to(device)
+    cond = tuple(torch.from_numpy(c).to(device) for c in inputs.cond) if inputs.cond else None
+    return x, cond
+
+
+def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
+    settings, registry = ctx.settings, ctx.registry
+    progress = _Progress(ctx, job.id)
+    device = resolve_device(settings.device)
+    base = registry.active(job.model)
+    if base is None:
+        raise RuntimeError(f"model {job.model} has no active version")
+    manifest = registry.verify(job.model, base)
+    base_dir = registry.version_dir(job.model, base)
+    model, _ = load_checkpoint(base_dir / "checkpoint.pt", map_location=device)
+    data = ServingData.load(base_dir / "replay.npz")
+    batch = Inputs.load(batch_path(registry.root, job.id))
+    check_shapes(batch, manifest.kind, manifest.inputs)
+    cfg = finetune_config(settings, job)
+    ctx.jobs.update(job.id, base_version=base, finetune={**job.finetune, **cfg.__dict__})
+
+    order = np.random.default_rng(cfg.seed).permutation(len(batch))
+    n_hold = max(1, round(settings.holdout_fraction * len(batch)))
+    heldout, train = batch.take(order[:n_hold]), batch.take(order[n_hold:])
+    heldout_x, heldout_cond = _tensors(heldout, device)
+    train_x, train_cond = _tensors(train, device)
+    canary_x, canary_cond = _tensors(data.canary, device)
+    canary_y = torch.from_numpy(data.canary_y).to(device)
+    replay_x, replay_cond = _tensors(data.replay, device)
+    replay_y = torch.from_numpy(data.replay_y).to(device)
+    gate_cfg = GateConfig(
+        max_clean_drop=settings.gate_margin, min_elbo_gain=settings.gate_min_elbo_gain, k=settings.gate_k
+    )
+
+    def evaluate() -> Any:
+        return gate_evaluation(model, canary_x, canary_y, heldout_x, gate_cfg, canary_cond, heldout_cond)  # type: ignore[arg-type]
+
+    t0 = time.monotonic()
+    before = evaluate()
+    progress.report(P_GATE_BEFORE, force=True)
+    progress.check()
+    report = finetune(
+        model,  # type: ignore[arg-type]
+        replay_x,
+        replay_y,
+        train_x,
+        cfg,
+        on_progress=lambda f, _: progress.report(P_GATE_BEFORE + (P_FINETUNED - P_GATE_BEFORE) * f),
+        should_stop=progress.should_stop,
+        clean_cond=replay_cond,
+        test_cond=train_cond,
+    )
+    if report.cancelled:
+        raise JobCancelledError
+    t_ft = time.monotonic() - t0
+    after = evaluate()
+    decision = promotion_gate(before, after, gate_cfg)
+    progress.report(P_GATE_AFTER, force=True)
+    metrics = {
+        "steps": float(report.steps),
+        "finetune_seconds": round(t_ft, 3),
+        "train_inputs": float(len(train)),
+        "heldout_inputs": float(len(heldout)),
+        "canary_accuracy_before": before.clean_accuracy,
+        "canary_accuracy_after": after.clean_accuracy,
+        "heldout_elbo_before": before.heldout_elbo,
+        "heldout_elbo_after": after.heldout_elbo,
+    }
+    if report.history:
+        metrics["final_objective"] = report.history[-1].objective
+    if not decision.accepted:
+        return _finish(
+            ctx, job.id, "rejected", reasons=list(decision.reasons), gate=decision.as_dict(), metrics=metrics
+        )
+    progress.check()
+    with tempfile.TemporaryDirectory(dir=registry.root, prefix=".job-") as tmp:
+        files, _ = build_artifacts(
+            model,
+            base_dir / "replay.npz",
+            Path(tmp),
+            provenance={"job_id": job.id, "parent_version": base, "data_hash": job.data_hash},
+            metrics=metrics,
+        )
+        progress.report(P_EXPORTED, force=True)
+        with registry.lock(job.model):
+            progress.check()  # a cancel that arrived during the export still wins: nothing published
+            published = registry.publish(
+                job.model,
+                files,
+                kind=manifest.kind,
+                inputs=manifest.inputs,
+                num_classes=manifest.num_classes,
+                parent=base,
+                data_hash=job.data_hash,
+                job_id=job.id,
+                metrics=metrics,
+                gate=decision.as_dict(),
+                provenance={"finetune": cfg.__dict__},
+            )
+            try:
+                registry.activate(job.model, published.version, expect=base)
+            except ActiveChangedError as exc:
+                return _finish(
+                    ctx,
+                    job.id,
+                    "rejected",
+                    version=published.version,
+                    reasons=[f"{exc} while the job ran: v{published.version} published but not activated"],
+                    gate=decision.as_dict(),
+                    metrics=metrics,
+                )
+    ctx.notify(job.model, published.version)
+    return _finish(
+        ctx,
+        job.id,
+        "succeeded",
+        version=published.version,
+        progress=1.0,
+        gate=decision.as_dict(),
+        metrics=metrics,
+    )

@@ -1,0 +1,51 @@
+"""OpenAPI for routes that read their body themselves (JSON or multipart on one path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+_BODY_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def request_body(model: type[BaseModel], multipart_fields: dict[str, str]) -> dict[str, Any]:
+    """``openapi_extra`` documenting a JSON body of ``model`` or a multipart upload of image files."""
+    _BODY_MODELS[model.__name__] = model
+    properties: dict[str, Any] = {
+        "model": {"type": "string"},
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        **{name: {"type": kind} for name, kind in multipart_fields.items()},
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["model", "images"], "properties": properties}
+                },
+            },
+        }
+    }
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Add the JSON body schemas referenced by :func:`request_body` to the generated components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, model in _BODY_MODELS.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for def_name, definition in body.pop("$defs", {}).items():
+                components.setdefault(def_name, definition)
+            components[name] = body
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,107 @@
+"""The service's one settings class: every knob, typed, read from ``CAMA_*`` environment variables.
+
+Unsafe defaults are refused outside development: a production deployment must set a token.
+In development with no token, a random one is generated at start-up and written next to the
+model store (as TorchServe does with its key file), so management endpoints are never open.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+WEAK_TOKENS = frozenset({"changeme", "change-me", "secret", "token", "password", "test", "admin"})
+
+
+class FinetuneSettings(BaseModel):
+    """The default recipe of an adaptation job (fields of ``cama.adapt.FinetuneConfig``)."""
+
+    lr: float = Field(default=1e-3, gt=0, le=1.0)
+    epochs: int = Field(default=3, ge=1, le=100)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    seed: int = 0
+    max_steps: int | None = Field(default=None, ge=1)
+    bf16: bool = False
+
+
+class Settings(BaseSettings):
+    """Service settings; ``CAMA_<FIELD>`` in the environment overrides each default."""
+
+    model_config = SettingsConfigDict(env_prefix="CAMA_", extra="ignore", env_nested_delimiter="__")
+
+    environment: Literal["development", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: str = "info"
+
+    # models and their registry
+    model_store: Path = Path("model_store")
+    seed_dir: Path = Path("models")  # <seed_dir>/<name>_cama.pt + <name>_serving_data.npz seed an empty store
+    models: list[str] = Field(default_factory=lambda: ["mnist", "measurement"])
+    poll_interval_s: float = Field(default=1.0, gt=0)
+
+    # jobs: Redis + Celery, or the embedded in-process worker when redis_url is unset
+    redis_url: str | None = None
+    redis_prefix: str = "cama:"
+    queue: str = "cama"
+    task_name: str = "cama.adapt"
+    job_timeout_s: int = Field(default=3600, ge=10)
+    token: SecretStr | None = None
+    token_file: Path | None = None  # default <model_store>/.token
+
+    # inference
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["onnx", "torch"] = "onnx"
+    k: int = Field(default=10, ge=1)
+    max_k: int = Field(default=100, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1)
+    batching: bool = True
+    batch_max_inputs: int = Field(default=64, ge=1)
+    batch_max_wait_ms: float = Field(default=5.0, ge=0)
+
+    # input limits
+    max_inputs: int = Field(default=256, ge=1)
+    max_body_bytes: int = Field(default=8 << 20, ge=1024)
+    max_adapt_inputs: int = Field(default=20000, ge=1)
+    max_adapt_body_bytes: int = Field(default=96 << 20, ge=1024)
+    max_image_bytes: int = Field(default=1 << 20, ge=64)
+
+    # adaptation and its promotion gate
+    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    gate_margin: float = Field(default=0.005, description="largest allowed clean-accuracy drop (fraction)")
+    gate_min_elbo_gain: float = 0.0
+    gate_k: int = Field(default=10, ge=1)
+    holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    min_adapt_inputs: int = Field(default=10, ge=2)
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Self:
+        if self.max_k < self.k:
+            raise ValueError(f"k={self.k} exceeds max_k={self.max_k}")
+        if self.environment != "development":
+            token = self.token.get_secret_value() if self.token is not None else ""
+            if not token:
+                raise ValueError("CAMA_TOKEN must be set outside development (no default token)")
+            if len(token) < 16 or token.lower() in WEAK_TOKENS:
+                raise ValueError("CAMA_TOKEN is too weak: use at least 16 random characters")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """Jobs run in a background thread of the API process (no Redis configured)."""
+        return not self.redis_url
+
+    @property
+    def resolved_token_file(self) -> Path:
+        return self.token_file or self.model_store / ".token"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

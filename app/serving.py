@@ -1,0 +1,147 @@
+"""One loaded model version: an ONNX Runtime session (served) and the torch model (reference).
+
+Both compute eq. 6's per-class log-weights from the same explicit noise, which is drawn from the
+request's seed, so a prediction can be replayed and the two paths compared.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from app.data import INPUT_NAMES, Inputs
+from app.registry import CorruptVersionError, Manifest, ModelRegistry
+from cama.checkpoint import CheckpointError, load_checkpoint
+from cama.objectives import Noise, bayes_log_weights
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["onnx", "torch"]
+
+
+@dataclass(frozen=True)
+class NoiseArrays:
+    """Eq. 6's noise as arrays: ``m (K, B, dM)``, ``z (C, K, B, dZ)``."""
+
+    m: np.ndarray
+    z: np.ndarray
+
+    @staticmethod
+    def concat(parts: list[NoiseArrays]) -> NoiseArrays:
+        if len(parts) == 1:
+            return parts[0]
+        return NoiseArrays(np.concatenate([p.m for p in parts], 1), np.concatenate([p.z for p in parts], 2))
+
+
+def providers_for(device: str) -> list[str]:
+    """CUDA first when asked for (or ``auto``) and available in this ONNX Runtime build, else CPU."""
+    available = ort.get_available_providers()
+    if device != "cpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        log.warning("device=cuda asked for but ONNX Runtime has no CUDA provider; using the CPU")
+    return ["CPUExecutionProvider"]
+
+
+class LoadedVersion:
+    """A verified version, ready to answer: immutable once built."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        session: ort.InferenceSession,
+        model: nn.Module,
+    ) -> None:
+        self.manifest = manifest
+        self.name = manifest.name
+        self.version = manifest.version
+        self.kind = manifest.kind
+        self.session = session
+        self.model = model
+        self.num_classes = int(getattr(model, "num_classes"))  # noqa: B009 - protocol attribute
+        self.dim_m = int(getattr(model, "dim_m"))  # noqa: B009
+        self.dim_z = int(getattr(model, "dim_z"))  # noqa: B009
+
+    def noise(self, n: int, k: int, seed: int) -> NoiseArrays:
+        """Standard-normal noise for ``n`` inputs and ``k`` samples, from ``seed`` (replayable)."""
+        rng = np.random.default_rng(seed)
+        m = rng.standard_normal((k, n, self.dim_m), dtype=np.float32)
+        z = rng.standard_normal((self.num_classes, k, n, self.dim_z), dtype=np.float32)
+        return NoiseArrays(m, z)
+
+    def log_weights(self, inputs: Inputs, noise: NoiseArrays, backend: Backend = "onnx") -> np.ndarray:
+        """Eq. 6 per-class log-weights ``(B, C)`` with the given noise."""
+        if backend == "torch":
+            return self.log_weights_torch(inputs, noise)
+        feed = {**inputs.named(), "noise_m": noise.m, "noise_z": noise.z}
+        out = self.session.run(["log_weights"], feed)[0]
+        return np.asarray(out, dtype=np.float32)
+
+    @torch.no_grad()
+    def log_weights_torch(self, inputs: Inputs, noise: NoiseArrays) -> np.ndarray:
+        """The torch reference path (``cama.objectives.bayes_log_weights``)."""
+        cond = tuple(torch.from_numpy(c) for c in inputs.cond) if inputs.cond else None
+        out = bayes_log_weights(
+            self.model,  # type: ignore[arg-type]
+            torch.from_numpy(inputs.x),
+            cond,
+            noise=Noise(torch.from_numpy(noise.m), torch.from_numpy(noise.z)),
+        )
+        return out.numpy().astype(np.float32)
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+def load_version(
+    registry: ModelRegistry,
+    name: str,
+    version: int,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> LoadedVersion:
+    """Verify checksums, rebuild the torch model, open the ONNX session and run one smoke prediction.
+
+    Raises :class:`CorruptVersionError` for anything wrong with the artifact.
+    """
+    manifest = registry.verify(name, version)
+    directory = registry.version_dir(name, version)
+    try:
+        model, _ = load_checkpoint(directory / "checkpoint.pt")
+    except CheckpointError as exc:
+        raise CorruptVersionError(f"{name} v{version}: {exc}") from exc
+    try:
+        session = ort.InferenceSession(
+            str(directory / "model.onnx"), session_options(threads), providers=providers_for(device)
+        )
+    except Exception as exc:
+        raise CorruptVersionError(f"{name} v{version}: cannot open model.onnx: {exc}") from exc
+    expected = [*INPUT_NAMES.get(manifest.kind, ()), "noise_m", "noise_z"]
+    names = [i.name for i in session.get_inputs()]
+    if names != expected:
+        raise CorruptVersionError(f"{name} v{version}: ONNX inputs {names}, expected {expected}")
+    loaded = LoadedVersion(manifest, session, model)
+    smoke = Inputs(
+        np.zeros((1, *manifest.inputs["x"]), np.float32),
+        tuple(np.zeros((1, *manifest.inputs[c]), np.float32) for c in INPUT_NAMES[manifest.kind][1:]),
+    )
+    try:
+        out = loaded.log_weights(smoke, loaded.noise(1, 1, 0))
+    except Exception as exc:
+        raise CorruptVersionError(f"{name} v{version}: smoke prediction failed: {exc}") from exc
+    if out.shape != (1, loaded.num_classes) or not np.isfinite(out).all():
+        raise CorruptVersionError(f"{name} v{version}: smoke prediction gave {out.shape} / non-finite values")
+    return loaded

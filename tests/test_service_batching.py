@@ -1,0 +1,136 @@
+"""Micro-batching: bounded batches, one version per batch, answers independent of batching."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from app.batching import MicroBatcher
+from app.data import Inputs
+from app.serving import NoiseArrays
+
+
+class FakeVersion:
+    """Log-weights that depend on each input, its own noise, and the version number."""
+
+    num_classes, dim_m, dim_z = 3, 2, 2
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        self.batches: list[int] = []
+
+    def noise(self, n: int, k: int, seed: int) -> NoiseArrays:
+        rng = np.random.default_rng(seed)
+        return NoiseArrays(
+            rng.standard_normal((k, n, self.dim_m), dtype=np.float32),
+            rng.standard_normal((self.num_classes, k, n, self.dim_z), dtype=np.float32),
+        )
+
+    def log_weights(self, inputs: Inputs, noise: NoiseArrays, backend: str = "onnx") -> np.ndarray:
+        self.batches.append(len(inputs))
+        per_row = (
+            inputs.x.reshape(len(inputs), -1).sum(1) + noise.m.sum(axis=(0, 2)) + noise.z.sum(axis=(0, 1, 3))
+        )
+        return per_row[:, None] + np.arange(self.num_classes)[None, :] + 1000.0 * self.version
+
+
+def inputs(n: int, value: float) -> Inputs:
+    return Inputs(np.full((n, 1, 2, 2), value, np.float32))
+
+
+async def run_requests(batcher: MicroBatcher, requests: list[tuple[int, int, int]]):
+    batcher.start()
+    try:
+        return await asyncio.gather(
+            *(batcher.submit(inputs(n, i), k, seed) for i, (n, k, seed) in enumerate(requests))
+        )
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.parametrize(("max_inputs", "max_wait"), [(8, 0.05), (1, 0.0), (64, 0.0)])
+def test_batched_answers_equal_one_at_a_time_answers(max_inputs, max_wait):
+    version = FakeVersion(1)
+    requests = [(1 + i % 3, 2, 100 + i) for i in range(20)]
+    batcher = MicroBatcher(lambda: version, max_inputs=max_inputs, max_wait_s=max_wait)  # type: ignore[arg-type,return-value]
+    results = asyncio.run(run_requests(batcher, requests))
+    for i, ((n, k, seed), (log_w, used)) in enumerate(zip(requests, results, strict=True)):
+        alone = version.log_weights(inputs(n, i), version.noise(n, k, seed))
+        np.testing.assert_allclose(log_w, alone, rtol=1e-6)
+        assert used is version
+    assert max(version.batches[: -len(requests)] or [0]) <= max(max_inputs, 3)
+
+
+def test_a_large_request_runs_in_bounded_chunks_with_the_same_answer():
+    version = FakeVersion(1)
+    batcher = MicroBatcher(lambda: version, max_inputs=4, max_wait_s=0.0, chunk_inputs=4)  # type: ignore[arg-type,return-value]
+    ((log_w, _),) = asyncio.run(run_requests(batcher, [(10, 3, 9)]))
+    assert version.batches == [4, 4, 2]
+    np.testing.assert_allclose(log_w, version.log_weights(inputs(10, 0), version.noise(10, 3, 9)), rtol=1e-6)
+
+
+def test_concurrent_requests_share_forward_passes():
+    version = FakeVersion(1)
+    batcher = MicroBatcher(lambda: version, max_inputs=16, max_wait_s=0.05)  # type: ignore[arg-type,return-value]
+    asyncio.run(run_requests(batcher, [(1, 2, i) for i in range(32)]))
+    assert sum(version.batches) == 32
+    assert len(version.batches) <= 4
+    assert max(version.batches) == 16
+
+
+def test_requests_with_different_k_are_not_mixed():
+    version = FakeVersion(1)
+    batcher = MicroBatcher(lambda: version, max_inputs=64, max_wait_s=0.05)  # type: ignore[arg-type,return-value]
+    results = asyncio.run(run_requests(batcher, [(1, 1 + i % 2, i) for i in range(10)]))
+    assert len(results) == 10
+    assert len(version.batches) >= 2
+
+
+def test_each_batch_is_answered_by_the_version_captured_when_it_starts():
+    started, release = threading.Event(), threading.Event()
+
+    class Gated(FakeVersion):
+        def log_weights(self, inputs, noise, backend="onnx"):
+            started.set()
+            release.wait(5)
+            return super().log_weights(inputs, noise, backend)
+
+    versions = [Gated(1), Gated(2)]
+    state = {"current": versions[0]}
+
+    async def scenario():
+        batcher = MicroBatcher(lambda: state["current"], max_inputs=4, max_wait_s=0.01)  # type: ignore[arg-type,return-value]
+        batcher.start()
+        try:
+            futures = [asyncio.ensure_future(batcher.submit(inputs(1, i), 1, i)) for i in range(12)]
+            await asyncio.to_thread(started.wait, 5)  # the first batch is running on version 1
+            state["current"] = versions[1]  # the hot-swap
+            release.set()
+            return await asyncio.gather(*futures)
+        finally:
+            await batcher.stop()
+
+    results = asyncio.run(scenario())
+    for log_w, used in results:
+        assert round(float(log_w[0, 0]) / 1000) == used.version  # the rows came from the version named
+    assert [used.version for _, used in results] == [1] * 4 + [2] * 8
+
+
+def test_a_failed_forward_pass_fails_only_its_requests():
+    class Broken(FakeVersion):
+        def log_weights(self, inputs, noise, backend="onnx"):
+            raise RuntimeError("boom")
+
+    async def scenario():
+        batcher = MicroBatcher(lambda: Broken(1), max_inputs=4, max_wait_s=0.0)  # type: ignore[arg-type,return-value]
+        batcher.start()
+        try:
+            with pytest.raises(RuntimeError, match="boom"):
+                await batcher.submit(inputs(1, 0), 1, 0)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())

@@ -1,0 +1,82 @@
+"""The measurement model through the service: records in, predictions out, adaptation with cond = (a, c)."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from app.testing import ServiceProcess, build_store, make_measurement_seed_dir, wait_job
+
+TOKEN = "m" * 24
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("measurement")
+    seed_dir = make_measurement_seed_dir(root / "seed")
+    store = build_store(root / "store", seed_dir, ["meas"]).root
+    svc = ServiceProcess(
+        root / "api.log",
+        model_store=str(store),
+        seed_dir=str(seed_dir),
+        models=["meas"],
+        token=TOKEN,
+        gate_margin=1.0,
+        gate_min_elbo_gain=-1e9,  # the tiny model: accept deterministically (the gate is tested elsewhere)
+        finetune={"epochs": 1, "batch_size": 16},
+    )
+    try:
+        svc.wait_ready()
+        yield svc
+    finally:
+        svc.stop()
+
+
+def records(n: int, seed: int = 0, shift: float = 0.0) -> list[dict[str, list[float]]]:
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "a": rng.standard_normal(5).tolist(),
+            "c": rng.standard_normal(5).tolist(),
+            "x": (rng.standard_normal(10) + shift).tolist(),
+        }
+        for _ in range(n)
+    ]
+
+
+def test_records_are_classified(service):
+    r = httpx.post(f"{service.url}/predict", json={"model": "meas", "records": records(3), "seed": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == 1
+    assert [len(p["probabilities"]) for p in body["predictions"]] == [5, 5, 5]
+    detail = httpx.get(f"{service.url}/models/meas").json()
+    assert detail["kind"] == "measurement"
+    assert detail["inputs"] == {"x": [10], "a": [5], "c": [5]}
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        ({"records": [{"a": [0.0] * 4, "c": [0.0] * 5, "x": [0.0] * 10}]}, "bad_shape"),
+        ({"records": [{"a": [0.0] * 5, "c": [0.0] * 5, "x": [0.0] * 9}]}, "bad_shape"),
+        ({"records": [{"a": [0.0] * 5, "c": [0.0] * 5}]}, "invalid_request"),
+        ({"images": [[[0.0] * 28] * 28]}, "wrong_input_kind"),
+    ],
+)
+def test_bad_records(service, payload, why):
+    r = httpx.post(f"{service.url}/predict", json={"model": "meas", **payload})
+    assert r.status_code == 422
+    assert r.json()["detail"]["reason"] == why
+
+
+def test_adaptation_with_parents_and_coparents(service):
+    with httpx.Client(base_url=service.url, timeout=30, headers=AUTH) as client:
+        r = client.post("/adapt", json={"model": "meas", "records": records(60, seed=3, shift=1.5)})
+        assert r.status_code == 202, r.text
+        job = wait_job(client, r.json()["job_id"], timeout=600)
+        assert job["state"] == "succeeded", job
+        assert job["version"] == 2
+        assert client.post("/predict", json={"model": "meas", "records": records(1)}).json()["version"] == 2

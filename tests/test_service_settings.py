@@ -1,0 +1,49 @@
+"""Settings: one class, typed, from CAMA_* variables; unsafe defaults refused outside development."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.core.config import Settings
+
+
+def test_development_defaults_are_the_embedded_mode(monkeypatch):
+    for key in ("CAMA_REDIS_URL", "CAMA_TOKEN", "CAMA_ENVIRONMENT"):
+        monkeypatch.delenv(key, raising=False)
+    s = Settings()
+    assert s.embedded
+    assert s.token is None
+    assert s.models == ["mnist", "measurement"]
+    assert s.gate_margin == 0.005
+    assert s.k == 10
+    assert s.batching
+
+
+def test_production_requires_a_strong_token():
+    with pytest.raises(ValidationError, match="CAMA_TOKEN must be set"):
+        Settings(environment="production")
+    with pytest.raises(ValidationError, match="too weak"):
+        Settings(environment="production", token="changeme")
+    assert Settings(environment="production", token="k" * 32).token is not None
+
+
+def test_environment_variables_including_nested_recipe(monkeypatch):
+    monkeypatch.setenv("CAMA_MODELS", '["mnist"]')
+    monkeypatch.setenv("CAMA_REDIS_URL", "redis://localhost:6379/0")
+    monkeypatch.setenv("CAMA_FINETUNE", '{"lr": 0.003, "epochs": 5}')
+    monkeypatch.setenv("CAMA_GATE_MARGIN", "0.01")
+    s = Settings()
+    assert s.models == ["mnist"]
+    assert not s.embedded
+    assert s.finetune.lr == 0.003
+    assert s.finetune.epochs == 5
+    assert s.finetune.alpha == 0.5
+    assert s.gate_margin == 0.01
+
+
+def test_invalid_values_are_refused():
+    with pytest.raises(ValidationError):
+        Settings(k=20, max_k=10)
+    with pytest.raises(ValidationError):
+        Settings(batch_max_inputs=0)

@@ -1,0 +1,285 @@
+"""Discriminative baselines for MNIST (paper appendix B and C) and their self-describing checkpoints.
+
+- ``DNN``: the appendix-C MLP, hidden widths [512, 256, 126, 512], ReLU, dropout
+  [0.25, 0.25, 0.25, 0.5], 10 logits.
+- ``SmallCNN``: the 4-convolution keras ``cifar10_cnn`` network of appendix B, on 1x28x28.
+- ``BNCNN``: a small CNN with BatchNorm after every convolution, the model TENT adapts.
+
+A checkpoint holds the model kind, its config, the weights, provenance and metrics, so that
+:func:`load_baseline` rebuilds the model with no training code. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from cama.checkpoint import git_commit, sha256_file
+
+SCHEMA_VERSION = 1
+BaselineKind = Literal["dnn", "cnn", "bncnn"]
+
+
+class BaselineCheckpointError(RuntimeError):
+    """A baseline checkpoint is unreadable, of an unknown schema or kind, or does not fit its config."""
+
+
+# --- configs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DNNConfig:
+    """The appendix-C discriminative DNN: an MLP on the flattened image."""
+
+    kind: Literal["dnn"] = "dnn"
+    input_dim: int = 28 * 28
+    hidden: tuple[int, ...] = (512, 256, 126, 512)
+    dropout: tuple[float, ...] = (0.25, 0.25, 0.25, 0.5)
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        if len(self.hidden) != len(self.dropout):
+            raise ValueError(f"{len(self.hidden)} hidden layers but {len(self.dropout)} dropout rates")
+
+
+@dataclass(frozen=True)
+class SmallCNNConfig:
+    """keras ``cifar10_cnn``: conv32-conv32-pool-drop-conv64-conv64-pool-drop-dense512-drop-10."""
+
+    kind: Literal["cnn"] = "cnn"
+    in_channels: int = 1
+    image_size: int = 28
+    channels: tuple[int, int] = (32, 64)
+    dense: int = 512
+    dropout: tuple[float, float, float] = (0.25, 0.25, 0.5)
+    num_classes: int = 10
+
+
+@dataclass(frozen=True)
+class BNCNNConfig:
+    """Three conv-BN-ReLU blocks (the first two max-pooled), global average pool, linear head."""
+
+    kind: Literal["bncnn"] = "bncnn"
+    in_channels: int = 1
+    channels: tuple[int, ...] = (32, 64, 64)
+    pooled_blocks: int = 2
+    num_classes: int = 10
+    # "gap": global average pooling (nearly shift-invariant by construction); "flatten": a dense
+    # head on the flattened 7x7 feature map, like the keras CNN of appendix B, with BatchNorm
+    head: Literal["gap", "flatten"] = "gap"
+    dense: int = 256
+
+
+BaselineConfig = DNNConfig | SmallCNNConfig | BNCNNConfig
+
+
+# --- networks ---------------------------------------------------------------------------------
+
+
+class DNN(nn.Module):
+    """Linear-ReLU-Dropout blocks on the flattened image, then a linear layer to the logits."""
+
+    def __init__(self, config: DNNConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or DNNConfig()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = self.config.input_dim
+        for hidden, rate in zip(self.config.hidden, self.config.dropout, strict=True):
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(rate)]
+            width = hidden
+        layers.append(nn.Linear(width, self.config.num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, C)`` of images ``(B, 1, 28, 28)``."""
+        logits: Tensor = self.net(x)
+        return logits
+
+
+class SmallCNN(nn.Module):
+    """The keras cifar10_cnn architecture: 'same' then 'valid' 3x3 convolutions in two stages."""
+
+    def __init__(self, config: SmallCNNConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or SmallCNNConfig()
+        c1, c2 = cfg.channels
+        d1, d2, d3 = cfg.dropout
+        self.features = nn.Sequential(
+            nn.Conv2d(cfg.in_channels, c1, 3, padding=1),  # (B, c1, 28, 28)
+            nn.ReLU(),
+            nn.Conv2d(c1, c1, 3),  # (B, c1, 26, 26)
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, c1, 13, 13)
+            nn.Dropout(d1),
+            nn.Conv2d(c1, c2, 3, padding=1),  # (B, c2, 13, 13)
+            nn.ReLU(),
+            nn.Conv2d(c2, c2, 3),  # (B, c2, 11, 11)
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # (B, c2, 5, 5)
+            nn.Dropout(d2),
+        )
+        side = ((cfg.image_size - 2) // 2 - 2) // 2
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c2 * side * side, cfg.dense),
+            nn.ReLU(),
+            nn.Dropout(d3),
+            nn.Linear(cfg.dense, cfg.num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, C)`` of images ``(B, 1, 28, 28)``."""
+        logits: Tensor = self.head(self.features(x))
+        return logits
+
+
+class BNCNN(nn.Module):
+    """conv3x3-BN-ReLU(-maxpool) blocks, global average pooling and a linear head; no dropout.
+
+    Without dropout, ``model.train()`` (which TENT needs for batch statistics) changes nothing
+    but the BatchNorm layers.
+    """
+
+    def __init__(self, config: BNCNNConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or BNCNNConfig()
+        blocks: list[nn.Module] = []
+        width = cfg.in_channels
+        for i, channels in enumerate(cfg.channels):
+            blocks += [
+                nn.Conv2d(width, channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(),
+            ]
+            if i < cfg.pooled_blocks:
+                blocks.append(nn.MaxPool2d(2))  # 28 -> 14 -> 7
+            width = channels
+        self.features = nn.Sequential(*blocks)
+        if cfg.head == "gap":
+            self.head = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, cfg.num_classes)
+            )
+        else:
+            side = 28 // 2**cfg.pooled_blocks
+            self.head = nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(width * side * side, cfg.dense, bias=False),
+                nn.BatchNorm1d(cfg.dense),
+                nn.ReLU(),
+                nn.Linear(cfg.dense, cfg.num_classes),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, C)`` of images ``(B, 1, 28, 28)``."""
+        logits: Tensor = self.head(self.features(x))
+        return logits
+
+
+BASELINES: dict[str, tuple[type[Any], type[nn.Module]]] = {
+    "dnn": (DNNConfig, DNN),
+    "cnn": (SmallCNNConfig, SmallCNN),
+    "bncnn": (BNCNNConfig, BNCNN),
+}
+
+
+def build_baseline(kind: str, config: dict[str, Any] | None = None) -> nn.Module:
+    """Instantiate a baseline by kind from a config dict (lists become tuples); defaults if none."""
+    if kind not in BASELINES:
+        raise BaselineCheckpointError(f"unknown baseline kind {kind!r}; known: {sorted(BASELINES)}")
+    cfg_type, model_type = BASELINES[kind]
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in (config or {"kind": kind}).items()}
+    known = {f.name for f in dataclasses.fields(cfg_type)}
+    unknown = set(values) - known
+    if unknown:
+        raise BaselineCheckpointError(f"config has unknown fields {sorted(unknown)}")
+    if values.get("kind", kind) != kind:
+        raise BaselineCheckpointError(f"config kind {values['kind']!r} does not match {kind!r}")
+    model: nn.Module = model_type(cfg_type(**values))
+    return model
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+
+@dataclass
+class BaselineCheckpoint:
+    """What a baseline checkpoint holds besides the weights."""
+
+    kind: str
+    config: dict[str, Any]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+
+def save_baseline(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    provenance: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> str:
+    """Write kind + config + weights + provenance (git commit added) + metrics atomically; return SHA-256."""
+    config = getattr(model, "config", None)
+    if config is None or not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise BaselineCheckpointError("model has no config dataclass to describe it")
+    config_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": config_dict["kind"],
+        "config": config_dict,
+        "provenance": {"git_commit": git_commit(), **(provenance or {})},
+        "metrics": dict(metrics or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return sha256_file(target)
+
+
+def load_baseline(
+    path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, BaselineCheckpoint]:
+    """Rebuild the baseline a checkpoint describes, load its weights strictly, return it in eval mode."""
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise BaselineCheckpointError(f"cannot read baseline checkpoint {path}: {exc}") from exc
+    if not isinstance(payload, dict) or "state_dict" not in payload or "kind" not in payload:
+        raise BaselineCheckpointError(f"{path} is not a baseline checkpoint")
+    version = payload.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BaselineCheckpointError(f"{path}: schema version {version}, expected {SCHEMA_VERSION}")
+    model = build_baseline(payload["kind"], payload["config"])
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise BaselineCheckpointError(f"{path}: weights do not match the config: {exc}") from exc
+    model.eval()
+    meta = BaselineCheckpoint(
+        kind=payload["kind"],
+        config=payload["config"],
+        provenance=payload.get("provenance", {}),
+        metrics=payload.get("metrics", {}),
+        schema_version=version,
+    )
+    return model, meta

@@ -1,0 +1,314 @@
+"""Train a discriminative MNIST baseline (DNN, CNN or BN-CNN), clean or with shift augmentation.
+
+    python -m training.train_baseline --model dnn --epochs 40 --out models/mnist_dnn.pt
+    python -m training.train_baseline --model dnn --augment vshift --aug-range 0.5 \\
+        --out models/mnist_dnn_aug_vshift.pt
+    python -m training.train_baseline --model bncnn --epochs 6 --out models/mnist_bncnn.pt
+    python -m training.train_baseline --model bncnn --out models/mnist_bncnn.pt --eval-only
+
+Follows ``training.train_cama``: 5% of the training set is held out (seeded) for validation and
+the checkpoint with the best clean validation accuracy is kept; Adam with cosine decay per step.
+Augmented training (paper fig. 1) concatenates each batch with a manipulated copy of itself.
+``--dry-run`` runs one batch; ``--resume`` continues from ``<out>.state``. After training the
+best checkpoint's clean test accuracy is added to its metrics; for BatchNorm models the TENT
+accuracies on the held-out half of the manipulated test set are printed as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from copy import deepcopy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from training.baselines import build_baseline, load_baseline, save_baseline
+from training.data import Mnist, Split, load_mnist
+from training.manipulations import named
+from training.tent import BATCHNORM_TYPES, setup_tent
+from training.train_cama import batches, validation_split
+
+ArrayLike = np.ndarray | Tensor
+
+# The TENT evaluation protocol: manipulated test set, adapt on one half, report the other.
+TENT_PROBES: tuple[tuple[str, float], ...] = (("vshift", 0.3), ("noise", 0.3))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one baseline training run."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    val_fraction: float = 0.05
+    augment: str | None = None  # "vshift" / "hshift": each batch plus a manipulated copy
+    aug_range: float = 0.5
+    dry_run: bool = False
+
+
+def _tensor(x: ArrayLike) -> Tensor:
+    return x if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: ArrayLike, batch_size: int = 1000) -> np.ndarray:
+    """Predicted labels ``(N,)`` of the model in eval mode (its mode is restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    xt = _tensor(x)
+    labels = [model(xt[i : i + batch_size]).argmax(1) for i in range(0, xt.shape[0], batch_size)]
+    model.train(was_training)
+    return torch.cat(labels).numpy()
+
+
+def evaluate_accuracy(model: nn.Module, x: ArrayLike, y: ArrayLike, batch_size: int = 1000) -> float:
+    """Accuracy of the model (eval mode: dropout off, BatchNorm on running statistics)."""
+    labels = _tensor(y).numpy()
+    return float((predict(model, x, batch_size) == labels).mean())
+
+
+def tent_accuracy(
+    model: nn.Module,
+    x: ArrayLike,
+    y: ArrayLike,
+    batch_size: int = 128,
+    seed: int = 0,
+    *,
+    lr: float = 1e-3,
+    adapt_x: ArrayLike | None = None,
+) -> float:
+    """Accuracy of online TENT on ``(x, y)``, starting from a copy of the clean ``model``.
+
+    Batches are visited in a seeded random order; each batch is predicted by the model adapted on
+    the batches before it (plus its own forward pass), then one entropy step is taken on it. With
+    ``adapt_x`` (unlabelled), TENT first runs one online pass over ``adapt_x`` and then goes on
+    over ``x``. ``model`` itself is not modified.
+    """
+    tent = setup_tent(deepcopy(model), lr=lr)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    if adapt_x is not None:
+        xa = _tensor(adapt_x)
+        order = torch.from_numpy(rng.permutation(xa.shape[0]))
+        for start in range(0, xa.shape[0], batch_size):
+            tent(xa[order[start : start + batch_size]])
+    xt, labels = _tensor(x), _tensor(y).numpy()
+    order = torch.from_numpy(rng.permutation(xt.shape[0]))
+    correct = 0
+    for start in range(0, xt.shape[0], batch_size):
+        idx = order[start : start + batch_size]
+        pred = tent(xt[idx]).argmax(1).numpy()
+        correct += int((pred == labels[idx.numpy()]).sum())
+    return correct / max(1, xt.shape[0])
+
+
+def augmented_batch(
+    xb: np.ndarray, yb: np.ndarray, cfg: TrainConfig, rng: np.random.Generator
+) -> tuple[Tensor, Tensor]:
+    """The batch itself, or (with ``cfg.augment``) the batch concatenated with a manipulated copy."""
+    if cfg.augment is None:
+        return torch.from_numpy(xb), torch.from_numpy(yb)
+    xm = named(cfg.augment, cfg.aug_range)(xb, rng)
+    return torch.from_numpy(np.concatenate([xb, xm])), torch.from_numpy(np.concatenate([yb, yb]))
+
+
+def train(
+    model: nn.Module,
+    train_split: Split,
+    val_split: Split,
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    provenance: dict[str, object] | None = None,
+) -> dict[str, float]:
+    """Minimise cross-entropy with Adam and per-step cosine decay; keep the best-validation model."""
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+    state_path = out.with_suffix(out.suffix + ".state")
+    start_epoch, best, epoch_times = 0, -1.0, []
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best, epoch_times = state["epoch"], state["best"], state["epoch_times"]
+        print(f"resumed at epoch {start_epoch} (best val acc {best:.4f})")
+    if cfg.dry_run:
+        val_split = Split(val_split.x[:64], val_split.y[:64])
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        rng = np.random.default_rng(cfg.seed + epoch)
+        t0 = time.perf_counter()
+        total_loss, seen = 0.0, 0
+        bar = tqdm(
+            batches(train_split, cfg.batch_size, rng),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            mininterval=10,
+        )
+        for xb, yb in bar:
+            x, y = augmented_batch(xb, yb, cfg, rng)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            opt.step()
+            sched.step()
+            total_loss += loss.item() * len(yb)
+            seen += len(yb)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if cfg.dry_run:
+                break
+        epoch_times.append(time.perf_counter() - t0)
+        val_acc = evaluate_accuracy(model, val_split.x, val_split.y)
+        print(
+            f"epoch {epoch + 1}: train {epoch_times[-1]:.1f}s  loss {total_loss / max(1, seen):.4f}  "
+            f"val acc {val_acc:.4f}",
+            flush=True,
+        )
+        metrics = {
+            "val_accuracy": val_acc,
+            "epoch": float(epoch + 1),
+            "train_epoch_seconds": float(np.median(epoch_times)),
+        }
+        if val_acc > best:
+            best = val_acc
+            save_baseline(
+                out, model, provenance={**(provenance or {}), "train_config": asdict(cfg)}, metrics=metrics
+            )
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "best": best,
+                "epoch_times": epoch_times,
+            },
+            state_path,
+        )
+        if cfg.dry_run:
+            break
+    return {**metrics, "best_val_accuracy": best}
+
+
+def tent_halves(n: int = 10000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The ("adapt", "eval") halves of the test indices: a seeded permutation, split in two."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order[: n // 2], order[n // 2 :]
+
+
+def tent_report(model: nn.Module, test: Split, seed: int = 0) -> dict[str, float]:
+    """Source and TENT accuracy on the "eval" half of each manipulated test set in ``TENT_PROBES``.
+
+    The whole test set is manipulated with ``default_rng(seed)``; TENT adapts online over the
+    "adapt" half, then goes on over the "eval" half, whose online predictions are scored.
+    """
+    adapt_idx, eval_idx = tent_halves(len(test), seed)
+    report: dict[str, float] = {}
+    for name, level in TENT_PROBES:
+        xm = named(name, level)(test.x, np.random.default_rng(seed))
+        key = f"{name}_{level:g}"
+        report[f"source_{key}"] = evaluate_accuracy(model, xm[eval_idx], test.y[eval_idx])
+        report[f"tent_{key}"] = tent_accuracy(
+            model, xm[eval_idx], test.y[eval_idx], seed=seed, adapt_x=xm[adapt_idx]
+        )
+    report["source_clean_eval_half"] = evaluate_accuracy(model, test.x[eval_idx], test.y[eval_idx])
+    report["tent_clean_eval_half"] = tent_accuracy(
+        model, test.x[eval_idx], test.y[eval_idx], seed=seed, adapt_x=test.x[adapt_idx]
+    )
+    return report
+
+
+def evaluate_checkpoint(path: Path, mnist: Mnist, *, record: bool) -> dict[str, float]:
+    """Clean test accuracy of a saved baseline (kept in its metrics if ``record``); TENT for BN models."""
+    model, meta = load_baseline(path)
+    result = {"test_accuracy": evaluate_accuracy(model, mnist.test.x, mnist.test.y)}
+    if record:
+        save_baseline(path, model, provenance=meta.provenance, metrics={**meta.metrics, **result})
+    if any(isinstance(m, BATCHNORM_TYPES) for m in model.modules()):
+        result.update(tent_report(model, mnist.test))
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of :func:`main`."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=["dnn", "cnn", "bncnn"], default="dnn")
+    parser.add_argument(
+        "--bncnn-head", choices=["gap", "flatten"], default="gap", help="BN-CNN head (global pool or dense)"
+    )
+    parser.add_argument("--data-dir", default=None, help="MNIST directory (default $CAMA_DATA_DIR or ./data)")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint (default models/mnist_<model>.pt)")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--augment", choices=["vshift", "hshift"], default=None)
+    parser.add_argument("--aug-range", type=float, default=TrainConfig.aug_range)
+    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dry-run", action="store_true", help="one batch, one epoch")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate --out without training")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out: Path = args.out or Path(f"models/mnist_{args.model}.pt")
+    mnist = load_mnist(args.data_dir)
+    if args.eval_only:
+        print(json.dumps(evaluate_checkpoint(out, mnist, record=False)))
+        return
+    train_split = mnist.train
+    if args.train_limit:
+        train_split = Split(train_split.x[: args.train_limit], train_split.y[: args.train_limit])
+    tr, val = validation_split(train_split, TrainConfig.val_fraction, args.seed)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        augment=args.augment,
+        aug_range=args.aug_range,
+        dry_run=args.dry_run,
+    )
+    torch.manual_seed(args.seed)
+    model = build_baseline(
+        args.model, {"kind": "bncnn", "head": args.bncnn_head} if args.model == "bncnn" else None
+    )
+    provenance: dict[str, object] = {"data_sha256": mnist.checksum, "dataset": "mnist", "train_size": len(tr)}
+    result = train(model, tr, val, cfg, out, resume=args.resume, provenance=provenance)
+    if args.dry_run:
+        result["test_accuracy"] = evaluate_accuracy(model, mnist.test.x[:256], mnist.test.y[:256])
+    else:
+        result.update(evaluate_checkpoint(out, mnist, record=True))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
