@@ -106,11 +106,11 @@ def test_config_rejects_mismatched_dropout() -> None:
 def test_a_few_steps_reduce_the_loss(kind: str, mnist_small: Mnist) -> None:
     torch.manual_seed(0)
     model = build_baseline(kind, None if kind == "dnn" else {"channels": [8, 16, 16]})
-    x, y = torch.from_numpy(mnist_small.train.x[:128]), torch.from_numpy(mnist_small.train.y[:128])
+    x, y = torch.from_numpy(mnist_small.train.x[:256]), torch.from_numpy(mnist_small.train.y[:256])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3 if kind == "dnn" else 1e-2)
     model.train()
     first = F.cross_entropy(model(x), y).item()
-    for _ in range(10):
+    for _ in range(15):
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         torch.autograd.backward(loss)

@@ -1,7 +1,7 @@
 """Issue 4's end-to-end figure: shifted MNIST over HTTP, before and after ``/adapt``, both modes.
 
-With ``models/mnist_cama.pt`` and ``CAMA_E2E_REAL=1`` this runs ``benchmarks/e2e_mnist.py`` on the real model (a 2000-image
-slice, K=5; the full 10000-image run that writes ``docs/results/metrics.json`` is
+With ``models/mnist_cama.pt`` and ``CAMA_E2E_REAL=1`` this runs ``benchmarks/e2e_mnist.py`` on the
+real model (a 2000-image slice, K=5; the full 10000-image run that writes ``docs/results/metrics.json`` is
 ``make e2e-mnist``) and requires a gain of at least 30 points, zero failed requests during the
 swap and the poisoned batch rejected.
 
