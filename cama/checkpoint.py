@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import importlib
 import os
+import pickle
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ def save_checkpoint(
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a checkpoint is read by other users
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -133,7 +135,7 @@ def load_checkpoint(
     """Rebuild the model a checkpoint describes and load its weights (strictly)."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(payload, dict) or "state_dict" not in payload:
         raise CheckpointError(f"{path} is not a CAMA checkpoint")

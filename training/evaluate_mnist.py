@@ -194,12 +194,12 @@ def section_clean(ev: Evaluator) -> None:
 
 
 def section_fig1(ev: Evaluator) -> None:
-    for shift, tag in SHIFTS.items():
+    """Fig. 1: the DNN trained on clean data and on shift-augmented data, tested on both shifts."""
+    for shift in SHIFTS:
         for r in ev.args.ranges:
             h = manipulated_halves(ev.mnist.test, shift, r)
             for name in ("dnn", "dnn_aug_v", "dnn_aug_h"):
                 ev.cache.get(f"mnist.fig1.{shift}.{r}.{name}", partial(ev.dnn, name, h.score))
-            del tag
 
 
 def section_fig7(ev: Evaluator) -> None:
