@@ -21,7 +21,7 @@ ENTRY_POINTS = {
 }
 
 
-def run(module: str, *args: str, timeout: int = 300) -> str:
+def run(module: str, *args: str, timeout: int = 900) -> str:
     out = subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,
