@@ -177,7 +177,11 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
     replay_x, replay_cond = _tensors(data.replay, device)
     replay_y = torch.from_numpy(data.replay_y).to(device)
     gate_cfg = GateConfig(
-        max_clean_drop=settings.gate_margin, min_elbo_gain=settings.gate_min_elbo_gain, k=settings.gate_k
+        max_clean_drop=settings.gate_margin,
+        min_elbo_gain=settings.gate_min_elbo_gain,
+        max_label_kl_rise=settings.gate_max_label_kl_rise,
+        max_confidence_drop=settings.gate_max_confidence_drop,
+        k=settings.gate_k,
     )
 
     def evaluate() -> Any:
@@ -213,6 +217,10 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
         "canary_accuracy_after": after.clean_accuracy,
         "heldout_elbo_before": before.heldout_elbo,
         "heldout_elbo_after": after.heldout_elbo,
+        "heldout_label_kl_before": before.heldout_label_kl,
+        "heldout_label_kl_after": after.heldout_label_kl,
+        "heldout_confidence_before": before.heldout_confidence,
+        "heldout_confidence_after": after.heldout_confidence,
     }
     if report.history:
         metrics["final_objective"] = report.history[-1].objective

@@ -281,6 +281,7 @@ class ContinuousClient:
             "requests": len(self.versions) + len(self.failures),
             "failed_requests": len(self.failures),
             "versions": sorted(set(self.versions)),
+            "responses_by_version": {v: self.versions.count(v) for v in sorted(set(self.versions))},
             "version_regressions": backwards,
             "failures": self.failures[:5],
         }

@@ -26,8 +26,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from app.data import ServingData
+from app.data import Inputs, ServingData
 from app.registry import ModelRegistry
+from app.serving import load_version
 from app.testing import ServiceProcess, build_store, make_seed_dir, png_base64
 from training.metrics import update_metrics
 
@@ -103,6 +104,27 @@ def batch_sizes(url: str, model: str) -> float:
     return round(values.get("sum", 0.0) / max(values.get("count", 1.0), 1.0), 2)
 
 
+def forward_scaling(store: Path, name: str, images: np.ndarray, k: int, threads: int) -> dict[str, float]:
+    """Milliseconds per image of one ONNX Runtime forward pass, by batch size, in this process.
+
+    Micro-batching can only raise throughput where a pass over B inputs costs less than B passes
+    over one (fixed per-pass overhead, parallel hardware); this measures that for the served graph.
+    """
+    registry = ModelRegistry(store)
+    version = load_version(registry, name, registry.active(name) or 1, threads=threads)
+    out: dict[str, float] = {}
+    for batch in (1, 4, 16, 64):
+        inputs = Inputs(images[:batch, None].astype(np.float32))
+        noise = version.noise(batch, k, seed=batch)
+        version.log_weights(inputs, noise)  # warm-up
+        repeats = max(2, 64 // batch)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            version.log_weights(inputs, noise)
+        out[str(batch)] = round(1000 * (time.perf_counter() - t0) / (repeats * batch), 2)
+    return out
+
+
 def run_mode(
     store: Path, seed_dir: Path, name: str, images: list[str], args: argparse.Namespace, batching: bool
 ) -> dict[str, Any]:
@@ -159,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             mode: run_mode(store, seed_dir, name, images, args, mode == "batched")
             for mode in ("batched", "one_at_a_time")
         }
+        scaling = forward_scaling(store, name, pool, args.k, args.threads)
     ratio = results["batched"]["throughput_rps"] / results["one_at_a_time"]["throughput_rps"]
     print(f"\n{'mode':<15}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'inputs/pass':>13}{'failed':>8}")
     for mode, r in results.items():
@@ -166,12 +189,15 @@ def main(argv: list[str] | None = None) -> None:
             f"{mode:<15}{r['throughput_rps']:>9}{r['latency_p50_ms']:>9}{r['latency_p95_ms']:>9}{r['mean_batch_inputs']:>13}{r['failed']:>8}"
         )
     print(f"throughput ratio (batched / one at a time): {ratio:.2f}")
+    per_image = ", ".join(f"{b}: {v}" for b, v in scaling.items())
+    print(f"one forward pass, ms per image by batch size: {per_image}")
     report = {
         "model": "tiny" if args.tiny else str(args.store or args.checkpoint),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "results": results,
         "throughput_ratio": round(ratio, 3),
+        "forward_ms_per_image_by_batch": scaling,
     }
     (args.results_dir / "microbatch.json").write_text(json.dumps(report, indent=2) + "\n")
     if any(r["failed"] for r in results.values()):

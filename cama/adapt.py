@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from cama.objectives import bayes_predict, finetune_objective, marginal_elbo, slice_cond
-from cama.protocol import CamaModel
+from cama.protocol import CamaModel, all_classes
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def finetune_step(
     test_cond: Any = None,
 ) -> StepResult:
     """One gradient step on eq. 8 (clean replay term with weight alpha, ELBO(x) on test data)."""
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = torch.autocast(test_x.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with autocast:
         objective, clean_elbo, test_elbo = finetune_objective(
             model, clean, test_x, alpha, cond_clean=clean_cond, cond_test=test_cond
@@ -187,10 +187,17 @@ def finetune(
 @dataclass(frozen=True)
 class GateConfig:
     """A new version is promoted only if clean accuracy drops by at most ``max_clean_drop``
-    (a fraction: 0.005 is half a point) and held-out ELBO(x) rises by more than ``min_elbo_gain``."""
+    (a fraction: 0.005 is half a point), held-out ELBO(x) rises by more than ``min_elbo_gain``
+    the held-out predictions' label histogram moves away from p(y) by at most ``max_label_kl_rise``
+    nats (:func:`label_marginal_kl`; a batch whose true labels are far from p(y), e.g. all one
+    class, needs it relaxed or off) and their mean confidence max_c p(y_c|x) falls by at most
+    ``max_confidence_drop``: an adaptation that explains the batch without the label (random
+    noise images, say) leaves the posterior flat."""
 
     max_clean_drop: float = 0.005
     min_elbo_gain: float = 0.0
+    max_label_kl_rise: float | None = 0.1  # nats; None switches the label-collapse check off
+    max_confidence_drop: float | None = 0.2  # None switches the lost-label-information check off
     k: int = 10
     seed: int = 0
 
@@ -201,6 +208,8 @@ class GateEvaluation:
 
     clean_accuracy: float
     heldout_elbo: float
+    heldout_label_kl: float = 0.0  # KL(predicted-label histogram || p(y)) on the held-out inputs
+    heldout_confidence: float = 1.0  # mean max_c p(y_c|x) on the held-out inputs (eq. 6)
 
 
 @dataclass(frozen=True)
@@ -220,6 +229,10 @@ class GateDecision:
             "clean_accuracy_after": self.after.clean_accuracy,
             "heldout_elbo_before": self.before.heldout_elbo,
             "heldout_elbo_after": self.after.heldout_elbo,
+            "heldout_label_kl_before": self.before.heldout_label_kl,
+            "heldout_label_kl_after": self.after.heldout_label_kl,
+            "heldout_confidence_before": self.before.heldout_confidence,
+            "heldout_confidence_after": self.after.heldout_confidence,
         }
 
 
@@ -233,7 +246,9 @@ def gate_evaluation(
     cond_canary: Any = None,
     cond_heldout: Any = None,
 ) -> GateEvaluation:
-    """Clean canary accuracy (eq. 6) and mean held-out ELBO(x) (eq. 7), with fixed noise."""
+    """Clean canary accuracy (eq. 6), mean held-out ELBO(x) (eq. 7), how far the held-out
+    predictions' label histogram is from the prior (:func:`label_marginal_kl`) and their mean
+    posterior confidence max_c p(y_c|x) (eq. 6), with fixed noise."""
     gen = torch.Generator(device=canary_x.device).manual_seed(cfg.seed)
     pred = bayes_predict(model, canary_x, cond_canary, k=cfg.k, generator=gen)
     acc = float((pred.labels == canary_y).float().mean())
@@ -242,7 +257,32 @@ def gate_evaluation(
         marginal_elbo(model, heldout_x[i : i + 100], slice_cond(cond_heldout, i, i + 100), generator=gen)
         for i in range(0, heldout_x.shape[0], 100)
     ]
-    return GateEvaluation(clean_accuracy=acc, heldout_elbo=float(torch.cat(elbos).mean()))
+    gen = torch.Generator(device=heldout_x.device).manual_seed(cfg.seed)
+    heldout_pred = bayes_predict(model, heldout_x, cond_heldout, k=cfg.k, generator=gen)
+    return GateEvaluation(
+        clean_accuracy=acc,
+        heldout_elbo=float(torch.cat(elbos).mean()),
+        heldout_label_kl=label_marginal_kl(model, heldout_pred.labels, cond_heldout),
+        heldout_confidence=float(heldout_pred.probs.max(dim=1).values.float().mean()),
+    )
+
+
+def label_marginal_kl(model: CamaModel, labels: Tensor, cond: Any = None) -> float:
+    """KL(histogram of predicted labels || p(y)) in nats, p(y) averaged over the rows' ``cond``.
+
+    In CAMA's causal graph m has no arrow into y, so a manipulation leaves the label marginal
+    where the prior puts it. An adaptation that explains the data through m alone collapses the
+    predictions onto a few classes (observed: the appendix-C pathway fine-tuned on noise labels
+    everything with one class); this statistic exposes that without labels. The histogram is
+    smoothed with half a count per class.
+    """
+    c = model.num_classes
+    log_prior = model.log_prior_y(all_classes(c, labels.device), cond).reshape(c, -1)  # (C, 1 or B)
+    prior = log_prior.float().exp().mean(dim=1)
+    prior = prior / prior.sum()
+    counts = torch.bincount(labels.long(), minlength=c).float() + 0.5
+    hist = counts / counts.sum()
+    return float((hist * (hist.log() - prior.log())).sum())
 
 
 def promotion_gate(before: GateEvaluation, after: GateEvaluation, cfg: GateConfig) -> GateDecision:
@@ -255,6 +295,22 @@ def promotion_gate(before: GateEvaluation, after: GateEvaluation, cfg: GateConfi
             f"(limit {cfg.max_clean_drop * 100:.2f}): "
             f"{before.clean_accuracy:.4f} -> {after.clean_accuracy:.4f}"
         )
+    if cfg.max_label_kl_rise is not None:
+        rise = after.heldout_label_kl - before.heldout_label_kl
+        if rise > cfg.max_label_kl_rise:
+            reasons.append(
+                f"predicted labels on the held-out batch moved away from p(y) by {rise:.3f} nats "
+                f"(limit {cfg.max_label_kl_rise:.3f}; KL {before.heldout_label_kl:.3f} -> "
+                f"{after.heldout_label_kl:.3f}): the adaptation collapses the classes"
+            )
+    if cfg.max_confidence_drop is not None:
+        fall = before.heldout_confidence - after.heldout_confidence
+        if fall > cfg.max_confidence_drop:
+            reasons.append(
+                f"mean confidence on the held-out batch fell by {fall:.3f} (limit "
+                f"{cfg.max_confidence_drop:.3f}; {before.heldout_confidence:.3f} -> "
+                f"{after.heldout_confidence:.3f}): the adapted model explains the batch without the label"
+            )
     gain = after.heldout_elbo - before.heldout_elbo
     if not gain > cfg.min_elbo_gain:
         reasons.append(

@@ -22,6 +22,7 @@ from cama.mechanisms import (
     Cleaner,
     MechanismNetwork,
     apply_mechanisms,
+    bernoulli_mean,
     canonicalize,
 )
 
@@ -93,8 +94,8 @@ class ImageCama(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(last.in_features)
         with torch.no_grad():
-            w = torch.empty_like(last.weight).uniform_(-bound, bound, generator=gen)
-            last.weight[: self.dim_m] = w[: self.dim_m]
+            w = torch.empty(last.weight.shape).uniform_(-bound, bound, generator=gen)  # same on any device
+            last.weight[: self.dim_m] = w[: self.dim_m].to(last.weight)
             last.bias[: self.dim_m] = 0.0
             last.bias[self.dim_m :] = self.config.q_m_logvar_init
 
@@ -146,14 +147,14 @@ class ImageCama(nn.Module):
         """Bernoulli mean of p(x|y,z,m), ``(C, K, B, 1, 28, 28)``."""
         logits = self.canonical_logits(y, z, ctx.m)
         if ctx.params is None:
-            return torch.sigmoid(logits).clamp(PROB_EPS, 1.0 - PROB_EPS)
+            return bernoulli_mean(logits).clamp(PROB_EPS, 1.0 - PROB_EPS)
         lead = logits.shape[:3]
         flat = {
             name: value.unsqueeze(0).expand(*lead, value.shape[-1]).reshape(-1, value.shape[-1])
             for name, value in ctx.params.items()
         }
         with torch.autocast(logits.device.type, enabled=False):
-            p = apply_mechanisms(torch.sigmoid(logits).reshape(-1, 1, 28, 28), flat, self.config.blur_kernel)
+            p = apply_mechanisms(bernoulli_mean(logits).reshape(-1, 1, 28, 28), flat, self.config.blur_kernel)
         return p.view_as(logits)
 
     def log_likelihood(self, x: Tensor, ctx: ImageContext, y: Tensor, z: Tensor) -> Tensor:

@@ -31,6 +31,20 @@ PARAM_SIZES: dict[Transform, int] = {"warp": 6, "blur": 2, "photometric": 2, "ou
 PROB_EPS = 1e-6
 
 
+def bernoulli_mean(logits: Tensor) -> Tensor:
+    """``sigmoid(logits)`` written as ``exp(-|l|)`` ratios, accurate relative to tiny probabilities.
+
+    The same value as ``torch.sigmoid`` (which computes ``1 / (1 + exp(-l))``, the ``l >= 0``
+    branch here); written out so that an exported graph does not use ONNX Runtime's ``Sigmoid``,
+    whose error is about 1e-7 absolute: 2% of a probability of 1e-6, which the log-likelihood of a
+    bright pixel that a class hypothesis says is dark turned into 0.01-0.02 nats per pixel.
+    ``exp`` is accurate relative to its value on both; ``e <= 1``, so neither branch overflows
+    (nor its gradient). ``-|l|`` is taken with ``where``, not ``abs``, whose gradient at 0 is 0.
+    """
+    e = torch.exp(torch.where(logits >= 0, -logits, logits))
+    return torch.where(logits >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
 class MechanismNetwork(nn.Module):
     """NN_M^p of the transform pathway: m -> theta(m), zero at m = 0 and at initialisation."""
 
@@ -72,9 +86,36 @@ def _invert_affine(a: Tensor) -> Tensor:
     )
 
 
+def _pixel_centres(n: int, like: Tensor) -> Tensor:
+    """Normalised coordinates of the ``n`` pixel centres, ``(2 i + 1) / n - 1`` (align_corners=False).
+
+    Computed in double precision and rounded once, so the value is the same constant wherever the
+    graph runs (torch eager, an exported ONNX graph), unlike a traced ``linspace``.
+    """
+    return torch.tensor([(2 * i + 1) / n - 1 for i in range(n)], dtype=like.dtype, device=like.device)
+
+
+def _affine_grid(affine: Tensor, h: int, w: int) -> Tensor:
+    """``F.affine_grid(affine, (N, C, h, w), align_corners=False)`` written out, ``(N, h, w, 2)``.
+
+    The sampling position of pixel ``(i, j)`` is ``affine @ (x_j, y_i, 1)``, computed as plain
+    multiply-adds on the pixel-centre constants: the same arithmetic in torch and in ONNX Runtime,
+    and at ``affine`` = identity exactly the constants. The exported decomposition of
+    ``affine_grid`` rebuilds the base grid with a ``linspace`` that rounds differently from eager
+    torch, moving samples by ~1e-7 pixels; through pixels whose probability is near 0 or 1 that
+    was ~0.01 nats of eq. 6's log-weights on the real model (and a 1.5x slower graph).
+    """
+    xs = _pixel_centres(w, affine).view(1, 1, w)
+    ys = _pixel_centres(h, affine).view(1, h, 1)
+    a = affine.reshape(-1, 6, 1, 1)
+    gx = a[:, 0] * xs + a[:, 1] * ys + a[:, 2]  # (N, h, w)
+    gy = a[:, 3] * xs + a[:, 4] * ys + a[:, 5]
+    return torch.stack([gx, gy], dim=-1)
+
+
 def _resample(img: Tensor, affine: Tensor) -> Tensor:
     """Sample ``img (N, 1, H, W)`` at ``affine @ grid``, zeros outside."""
-    grid = F.affine_grid(affine, list(img.shape), align_corners=False)
+    grid = _affine_grid(affine, img.shape[2], img.shape[3])
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -110,7 +151,7 @@ def apply_mechanisms(p: Tensor, params: dict[Transform, Tensor], blur_kernel: in
         p = gain * p + offset
     if "outlier" in params:
         eps = torch.tanh(params["outlier"][:, 0]).view(-1, 1, 1, 1)
-        level = torch.sigmoid(params["outlier"][:, 1]).view(-1, 1, 1, 1)
+        level = bernoulli_mean(params["outlier"][:, 1]).view(-1, 1, 1, 1)
         p = p + eps * (level - p)
     return p.clamp(PROB_EPS, 1.0 - PROB_EPS)
 

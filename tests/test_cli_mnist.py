@@ -71,6 +71,17 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert served_model.config.m_pathway == "transform"
     assert served_meta.provenance["converted_from"] == str(cama_ckpt)
 
+    # eq. 5 training on shift-augmented data (fig. 10), the served pathway
+    aug = tmp_path / "aug.pt"
+    run(
+        "training.train_cama",
+        *("--tiny", "--dry-run", "--train-limit", "400", "--augment", "vshift", "--m-pathway", "transform"),
+        *("--out", str(aug)),
+    )
+    aug_model, _ = load_checkpoint(aug)
+    assert isinstance(aug_model, ImageCama)
+    assert aug_model.config.m_pathway == "transform"
+
     dnn = tmp_path / "dnn.pt"
     bncnn = tmp_path / "bncnn.pt"
     run("training.train_baseline", "--model", "dnn", "--dry-run", "--train-limit", "400", "--out", str(dnn))
@@ -109,7 +120,9 @@ def test_train_then_evaluate_end_to_end(tmp_path):
             "fig7",
             "noise",
             "fig9",
+            "fig10",
         ),
+        *("--cama-aug-v", str(aug), "--cama-aug-h", str(aug)),
         *(
             "--ranges",
             "0.3",
@@ -139,14 +152,17 @@ def test_train_then_evaluate_end_to_end(tmp_path):
         "mnist.clean_after_ft_v.cama",
         "mnist.clean_after_ft_noise.cama",
         "mnist.train_epoch_seconds.cama",
+        "mnist.fig10.vshift.0.3.cama_aug_v",
+        "mnist.fig10.hshift.0.3.cama_aug_h_ft",
     ):
         assert key in metrics, key
         assert 0.0 <= metrics[key] <= 1.0 or key.endswith("seconds.cama")
     assert (out_dir / "fig7.png").stat().st_size > 1000
     assert (out_dir / "fig9.png").stat().st_size > 1000
+    assert (out_dir / "fig10.png").stat().st_size > 1000
     assert "python -m training.evaluate_mnist" in (out_dir / "mnist.md").read_text()
     # the fine-tuned weights were cached and a second run reuses every figure
-    assert list((tmp_path / "ft").glob("ft_*.pt"))
+    assert list((tmp_path / "ft").rglob("ft_*.pt"))
     again = run(
         "training.evaluate_mnist",
         *(
@@ -173,4 +189,4 @@ def test_train_then_evaluate_end_to_end(tmp_path):
         ),
     )
     assert "mnist.vshift.0.3.cama_ft_v" not in again  # nothing recomputed
-    assert torch.load(next((tmp_path / "ft").glob("ft_*.pt")), weights_only=False)["info"]["gate"]
+    assert torch.load(next((tmp_path / "ft").rglob("ft_*.pt")), weights_only=False)["info"]["gate"]

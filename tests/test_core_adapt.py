@@ -116,6 +116,34 @@ def test_promotion_gate_decisions():
     assert not decision.accepted
     assert "ELBO(x)" in decision.reasons[0]
     assert decision.as_dict()["heldout_elbo_after"] == -201.0
+    collapsed = adapt.GateEvaluation(clean_accuracy=0.98, heldout_elbo=-150.0, heldout_label_kl=2.0)
+    decision = adapt.promotion_gate(base, collapsed, cfg)
+    assert not decision.accepted
+    assert "collapses the classes" in decision.reasons[0]
+    off = adapt.GateConfig(max_clean_drop=0.005, max_label_kl_rise=None)
+    assert adapt.promotion_gate(base, collapsed, off).accepted
+    flat = adapt.GateEvaluation(clean_accuracy=0.98, heldout_elbo=-150.0, heldout_confidence=0.6)
+    decision = adapt.promotion_gate(base, flat, cfg)
+    assert not decision.accepted
+    assert "without the label" in decision.reasons[0]
+    assert decision.as_dict()["heldout_confidence_after"] == 0.6
+    assert adapt.promotion_gate(base, flat, adapt.GateConfig(max_confidence_drop=None)).accepted
+
+
+def test_label_marginal_kl_measures_collapse_against_the_prior():
+    model = make("transform").eval()
+    c = model.num_classes
+    balanced = torch.arange(c).repeat(20)
+    collapsed = torch.zeros(20 * c, dtype=torch.long)
+    kl_balanced = adapt.label_marginal_kl(model, balanced)
+    kl_collapsed = adapt.label_marginal_kl(model, collapsed)
+    assert abs(kl_balanced) < 1e-6  # a balanced histogram is the uniform prior
+    # all rows in one class: KL = sum_c h_c log(C h_c), h smoothed by half a count per class
+    h = torch.full((c,), 0.5)
+    h[0] += 20 * c
+    h = h / h.sum()
+    assert kl_collapsed == pytest.approx(float((h * (h * c).log()).sum()), rel=1e-5)
+    assert kl_collapsed > 1.0
 
 
 def test_gate_evaluation_is_deterministic():

@@ -70,6 +70,8 @@ def stack(tmp_path_factory, redis_ns):
         "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.01},
         "gate_margin": 1.0,
         "gate_min_elbo_gain": -1e9,
+        "gate_max_label_kl_rise": 1e9,
+        "gate_max_confidence_drop": 1.0,
         "poll_interval_s": 30.0,
         **redis_ns,
     }

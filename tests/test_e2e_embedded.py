@@ -50,7 +50,14 @@ def start(tmp_path_factory, name: str, **settings: object) -> tuple[ServiceProce
 
 @pytest.fixture(scope="module")
 def accepting(tmp_path_factory):
-    svc, registry = start(tmp_path_factory, "accepting", gate_margin=1.0, gate_min_elbo_gain=-1e9)
+    svc, registry = start(
+        tmp_path_factory,
+        "accepting",
+        gate_margin=1.0,
+        gate_min_elbo_gain=-1e9,
+        gate_max_label_kl_rise=1e9,
+        gate_max_confidence_drop=1.0,
+    )
     try:
         yield svc, registry
     finally:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -14,6 +18,7 @@ from app.serving import LoadedVersion, load_version
 from app.testing import digit_like_images, template_store
 from cama.export import OPSET, export_onnx
 from cama.measurement_model import MeasurementCama, MeasurementCamaConfig
+from cama.mechanisms import PROB_EPS, _affine, _affine_grid, apply_mechanisms, bernoulli_mean
 
 TOLERANCE_NATS = 0.05
 
@@ -78,3 +83,61 @@ def test_measurement_model_parity(tmp_path):
             ),
         )
         assert_parity(version, inputs, k, seed=k)
+
+
+def _ort_run(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path) -> list[np.ndarray]:
+    """Export ``module`` (fixed shapes) and run it in ONNX Runtime on the same inputs."""
+    names = [f"in{i}" for i in range(len(inputs))]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporter's own deprecation warnings (as export_onnx does)
+        torch.onnx.export(
+            module.eval(), inputs, str(path), input_names=names, opset_version=OPSET, dynamo=True
+        )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return list(session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)}))
+
+
+class _LogBernoulli(torch.nn.Module):
+    def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = bernoulli_mean(logits)
+        return torch.log(p), torch.log1p(-p)
+
+
+class _Warp(torch.nn.Module):
+    def forward(self, img: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return apply_mechanisms(img, {"warp": theta}, blur_kernel=5)
+
+
+def test_bernoulli_mean_is_sigmoid_and_exact_in_onnx_runtime(tmp_path):
+    """The likelihood's probabilities: no ``Sigmoid`` op (ONNX Runtime's is ~1e-7 absolute, 2% of 1e-6)."""
+    logits = torch.linspace(-30.0, 30.0, 6001)
+    exact = torch.sigmoid(logits.double())
+    p = bernoulli_mean(logits)
+    assert torch.allclose(p.double(), exact, rtol=3e-7, atol=0.0)
+    grad_at = torch.tensor([-1000.0, -50.0, -1.0, 0.0, 1.0, 50.0, 1000.0], requires_grad=True)
+    bernoulli_mean(grad_at).sum().backward()
+    expected = torch.sigmoid(grad_at.detach()) * torch.sigmoid(-grad_at.detach())
+    assert grad_at.grad is not None
+    torch.testing.assert_close(grad_at.grad, expected, rtol=1e-6, atol=0.0)
+    log_p, log_q = _ort_run(_LogBernoulli(), (logits,), tmp_path / "p.onnx")
+    graph = onnx.load(str(tmp_path / "p.onnx"))
+    assert "Sigmoid" not in {node.op_type for node in graph.graph.node}
+    ref_p, ref_q = (t.numpy() for t in _LogBernoulli()(logits))
+    np.testing.assert_allclose(log_p, ref_p, rtol=0, atol=1e-5)  # where p is tiny, log p to 1e-5 nats
+    np.testing.assert_allclose(log_q, ref_q, rtol=0, atol=1e-5)
+
+
+def test_warp_grid_is_affine_grid_and_the_same_in_onnx_runtime(tmp_path):
+    """The warp's grid: ``F.affine_grid``'s values, the identity exact, torch and ONNX Runtime alike."""
+    gen = torch.Generator().manual_seed(0)
+    theta = 0.2 * torch.randn(8, 6, generator=gen)
+    theta[0] = 0.0  # the identity (every mechanism starts there)
+    affine = _affine(theta)
+    reference = torch.nn.functional.affine_grid(affine, [8, 1, 28, 28], align_corners=False)
+    torch.testing.assert_close(_affine_grid(affine, 28, 28), reference, rtol=0, atol=1e-6)
+    img = torch.rand(8, 1, 28, 28, generator=gen)
+    warped = _Warp()(img, theta)
+    # grid_sample's unnormalisation rounds, so the identity is a no-op to ~1e-6, not exactly
+    torch.testing.assert_close(warped[0], img[0].clamp(PROB_EPS, 1 - PROB_EPS), rtol=0, atol=2e-6)
+    (onnx_warped,) = _ort_run(_Warp(), (img, theta), tmp_path / "warp.onnx")
+    np.testing.assert_allclose(onnx_warped, warped.numpy(), rtol=0, atol=1e-6)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from cama.adapt import FinetuneConfig, GateConfig, gate_evaluation, promotion_gate
-from cama.checkpoint import load_checkpoint
+from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
 from training.data import Mnist, Split, load_mnist
 from training.experiment import (
@@ -35,6 +35,7 @@ from training.experiment import (
     halves,
     manipulated_halves,
     replay_set,
+    resolve_device,
     variant,
 )
 from training.metrics import update_metrics
@@ -71,6 +72,7 @@ class Cache:
 
     def __init__(self, path: Path, force: bool) -> None:
         self.path = path
+        self.context: dict[str, Any] = {}  # stored with every new entry (device, scoring limit)
         self.data: dict[str, dict[str, Any]] = {}
         if path.exists() and not force:
             self.data = json.loads(path.read_text())
@@ -84,7 +86,8 @@ class Cache:
         except MissingModelError as exc:
             print(f"{key:48s} skipped: {exc}", flush=True)
             return float("nan")
-        self.data[key] = {"value": value, "seconds": round(time.perf_counter() - t0, 1), **info}
+        seconds = round(time.perf_counter() - t0, 1)
+        self.data[key] = {"value": value, "seconds": seconds, **self.context, **info}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
         print(f"{key:48s} {value:.4f}  ({self.data[key]['seconds']}s)", flush=True)
@@ -100,15 +103,24 @@ class Evaluator:
         self.mnist: Mnist = load_mnist(args.data_dir)
         self.out = Path(args.out_dir)
         self.cache = Cache(self.out / "mnist_eval.json", args.force)
+        self.cache.context = {"device": args.device}
+        if cfg.score_limit is not None:
+            self.cache.context["n_score"] = cfg.score_limit
+        self.device = resolve_device(args.device)
         clean, meta = load_checkpoint(args.checkpoint)
         if not isinstance(clean, ImageCama):
             raise SystemExit(f"{args.checkpoint} is not an image CAMA checkpoint")
-        self.clean = clean
+        self.clean = clean.to(self.device)
         self.clean_meta = meta
+        # fine-tuned weights are cached per clean checkpoint: a retrained model never reuses them
+        self.ft_dir = Path(args.ft_cache) / sha256_file(args.checkpoint)[:12]
         self.replay = replay_set(self.mnist, cfg.replay)
         _, val = validation_split(self.mnist.train, 0.05, 0)
         n_canary = cfg.canary
-        self.canary = (torch.from_numpy(val.x[:n_canary]), torch.from_numpy(val.y[:n_canary]))
+        self.canary = (
+            torch.from_numpy(val.x[:n_canary]).to(self.device),
+            torch.from_numpy(val.y[:n_canary]).to(self.device),
+        )
         _, score_idx = halves(self.mnist.test)
         self.clean_score = Split(self.mnist.test.x[score_idx], self.mnist.test.y[score_idx])
         self.baselines: dict[str, Any] = {}
@@ -122,22 +134,28 @@ class Evaluator:
             path = getattr(self.args, name)
             if not Path(path).exists():
                 raise MissingModelError(f"no baseline checkpoint {path}")
-            self.baselines[name] = load_baseline(path)[0].eval()
+            self.baselines[name] = load_baseline(path)[0].to(self.device).eval()
         return self.baselines[name]
 
-    def ft_model(self, name: str, pathway: str, adapt_x: np.ndarray) -> tuple[ImageCama, dict[str, Any]]:
-        """Fine-tune (or load the cached fine-tuned weights) and gate one adapted model."""
-        path = Path(self.args.ft_cache) / f"ft_{name}.pt"
+    def ft_model(
+        self, name: str, pathway: str, adapt_x: np.ndarray, *, base: ImageCama | None = None
+    ) -> tuple[ImageCama, dict[str, Any]]:
+        """Fine-tune ``base`` (default: the clean model), or load its cached fine-tuned weights,
+        and gate the adapted model."""
+        base = self.clean if base is None else base
+        path = self.ft_dir / f"ft_{name}.pt"
         n_gate = self.cfg.gate_holdout
-        train_x, heldout = adapt_x[n_gate:], torch.from_numpy(adapt_x[:n_gate])
+        train_x, heldout = adapt_x[n_gate:], torch.from_numpy(adapt_x[:n_gate]).to(self.device)
         if path.exists() and not self.args.force:
-            model = variant(self.clean, pathway)
-            saved = torch.load(path, weights_only=False)
+            model = variant(base, pathway)
+            saved = torch.load(path, weights_only=False, map_location=self.device)
             model.load_state_dict(saved["state_dict"])
             return model.eval(), saved["info"]
-        model, seconds = finetuned(self.clean, pathway, self.replay, train_x, self.cfg.ft)
+        model, seconds = finetuned(
+            base, pathway, self.replay, train_x, self.cfg.ft, reinit_q_m=base is self.clean
+        )
         gate_cfg = GateConfig(k=self.cfg.k)
-        before = gate_evaluation(variant(self.clean, pathway), *self.canary, heldout, gate_cfg)
+        before = gate_evaluation(variant(base, pathway), *self.canary, heldout, gate_cfg)
         after = gate_evaluation(model, *self.canary, heldout, gate_cfg)
         decision = promotion_gate(before, after, gate_cfg)
         info = {"finetune_seconds": seconds, "gate": decision.as_dict(), "ft": asdict(self.cfg.ft)}
@@ -187,10 +205,21 @@ def section_clean(ev: Evaluator) -> None:
     c.get("mnist.clean.dnn", partial(ev.dnn, "dnn", test, limit=False), n=len(test))
     c.get("mnist.clean.tent", partial(ev.tent, None, test, limit=False), n=len(test))
     c.get("mnist.clean.tent_gap", partial(ev.tent, None, test, limit=False, arch="bncnn_gap"), n=len(test))
+    # timings carry the device in their key when it is not this machine's CPU
+    suffix = "" if ev.device.type == "cpu" else f".{ev.device.type}"
+    timed = variant(ev.clean, "transform")
+    cama_accuracy(timed, Split(test.x[:100], test.y[:100]), ev.cfg.k)  # warm-up
+    if ev.device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    cama_accuracy(variant(ev.clean, "transform"), Split(test.x[:500], test.y[:500]), ev.cfg.k)
-    c.data["mnist.predict_seconds_per_1000.cama"] = {"value": (time.perf_counter() - t0) * 2, "k": ev.cfg.k}
-    c.data["mnist.train_epoch_seconds.cama"] = {"value": float(ev.clean_meta.metrics["train_epoch_seconds"])}
+    cama_accuracy(timed, Split(test.x[:1000], test.y[:1000]), ev.cfg.k)
+    if ev.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    c.data[f"mnist.predict_seconds_per_1000.cama{suffix}"] = {"value": seconds, "k": ev.cfg.k}
+    trained_on = str(ev.clean_meta.provenance.get("device", "cpu"))
+    epoch_key = "mnist.train_epoch_seconds.cama" + ("" if trained_on == "cpu" else f".{trained_on}")
+    c.data[epoch_key] = {"value": float(ev.clean_meta.metrics["train_epoch_seconds"])}
 
 
 def section_fig1(ev: Evaluator) -> None:
@@ -281,6 +310,32 @@ def section_fig8(ev: Evaluator, shift: str = "vshift", level: float = 0.3) -> No
         ev.cache.data[f"mnist.fig8.{shift}.{level:g}.frac.0.5.cama"] = dict(ev.cache.data[full])
 
 
+def section_fig10(ev: Evaluator) -> None:
+    """Fig. 10: CAMA trained with shift-augmented data (eq. 5, range 0.5), tested on both shifts,
+    before and after fine-tuning on the test shift (cf. the DNN of fig. 1)."""
+    for tag, path in (("v", ev.args.cama_aug_v), ("h", ev.args.cama_aug_h)):
+        if not Path(path).exists():
+            print(f"fig10: skipped, no augmented CAMA checkpoint {path}", flush=True)
+            continue
+        aug, _ = load_checkpoint(path)
+        if not isinstance(aug, ImageCama):
+            raise SystemExit(f"{path} is not an image CAMA checkpoint")
+        aug = aug.to(ev.device)
+        pathway = aug.config.m_pathway
+        name = f"cama_aug_{tag}"
+        digest = sha256_file(path)[:8]
+        ev.cache.get(f"mnist.fig10.clean.{name}", partial(ev.cama, aug, ev.clean_score))
+        for r in ev.args.ranges:
+            for shift in SHIFTS:
+                h = manipulated_halves(ev.mnist.test, shift, r)
+                prefix = f"mnist.fig10.{shift}.{r}"
+                ev.cache.get(f"{prefix}.{name}", partial(ev.cama, aug, h.score))
+                if r == 0.0 or f"{prefix}.{name}_ft" in ev.cache.data:
+                    continue
+                model, info = ev.ft_model(f"{name}_{digest}_{shift}_{r}", pathway, h.adapt.x, base=aug)
+                ev.cache.get(f"{prefix}.{name}_ft", partial(ev.cama, model, h.score), gate=info["gate"])
+
+
 @torch.no_grad()
 def section_fig9(ev: Evaluator, shift: str = "vshift", level: float = 0.3, n: int = 10) -> None:
     """Fig. 9: shifted digits, their reconstructions, and do(m=0) reconstructions (same y, z)."""
@@ -290,20 +345,77 @@ def section_fig9(ev: Evaluator, shift: str = "vshift", level: float = 0.3, n: in
 
     h = manipulated_halves(ev.mnist.test, shift, level)
     model, _ = ev.ft_model(f"cama_{shift}_{level}", "transform", h.adapt.x)
-    x = torch.from_numpy(h.score.x[:n])
-    labels = torch.from_numpy(h.score.y[:n])
+    x = torch.from_numpy(h.score.x[:n]).to(ev.device)
+    labels = torch.from_numpy(h.score.y[:n]).to(ev.device)
     mu_m, _ = model.infer_m(x)
     ctx = model.prepare(x, mu_m.unsqueeze(0))
     y = given_labels(labels, model.num_classes)
     mu_z, _ = model.infer_z(ctx, y)
-    with_m = model.mean_image(ctx, y, mu_z)[0, 0, :, 0].numpy()
+    with_m = model.mean_image(ctx, y, mu_z)[0, 0, :, 0].float().cpu().numpy()
     do_zero = ImageContext(m=torch.zeros_like(ctx.m), features=ctx.features, params=None)
-    canonical = model.mean_image(do_zero, y, mu_z)[0, 0, :, 0].numpy()
+    canonical = model.mean_image(do_zero, y, mu_z)[0, 0, :, 0].float().cpu().numpy()
     image_grid(
         [h.score.x[:n, 0], with_m, canonical],
         [f"{shift} {level} test digits", "reconstruction p(x|y,z,m)", "do(m=0): p(x|y,z,m=0)"],
         ev.out / "fig9.png",
     )
+
+
+def _row(label: str, keys: list[str], data: dict[str, float]) -> str | None:
+    if not any(k in data for k in keys):
+        return None
+    cells = [f"{data[k]:.4f}" if k in data else "" for k in keys]
+    return "| " + " | ".join([label, *cells]) + " |"
+
+
+def summary_tables(data: dict[str, float]) -> list[str]:
+    """Fig. 7 and the other manipulations as tables, both m pathways side by side."""
+    lines: list[str] = []
+    for name, title in (
+        ("cama", "transform m pathway (`cama`)"),
+        ("cama_paper", "appendix-C pathway (`cama_paper`)"),
+    ):
+        lines += [
+            f"## Fig. 7, {title}",
+            "",
+            "| test set | DNN | TENT (dense head) | TENT (global pool) | CAMA "
+            "| + FT vertical | + FT horizontal |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for shift in SHIFTS:
+            for r in RANGES:
+                cols = ["dnn", "tent", "tent_gap", name, f"{name}_ft_v", f"{name}_ft_h"]
+                row = _row(f"{shift} {r}", [f"mnist.{shift}.{r}.{c}" for c in cols], data)
+                if row:
+                    lines.append(row)
+        lines.append("")
+    lines += [
+        "## Other manipulations (fine-tuned on the unlabelled adapt half, scored on the other half)",
+        "",
+        "| test set | DNN | TENT (dense head) | TENT (global pool) | CAMA | CAMA + FT "
+        "| appendix-C | appendix-C + FT |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for manipulation, level in (("noise", 0.3), *UNSEEN):
+        prefix = f"mnist.{manipulation}.{level:g}"
+        cols = ["dnn", "tent", "tent_gap", "cama", "cama_ft", "cama_paper", "cama_paper_ft"]
+        row = _row(f"{manipulation} {level:g}", [f"{prefix}.{c}" for c in cols], data)
+        if row:
+            lines.append(row)
+    lines += [
+        "",
+        "## Fig. 10, CAMA trained with shift-augmented data (eq. 5, range 0.5)",
+        "",
+        "| test set | aug. vertical | + FT | aug. horizontal | + FT |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for shift in SHIFTS:
+        for r in RANGES:
+            cols = ["cama_aug_v", "cama_aug_v_ft", "cama_aug_h", "cama_aug_h_ft"]
+            row = _row(f"{shift} {r}", [f"mnist.fig10.{shift}.{r}.{c}" for c in cols], data)
+            if row:
+                lines.append(row)
+    return lines
 
 
 def write_outputs(ev: Evaluator) -> None:
@@ -329,18 +441,25 @@ def write_outputs(ev: Evaluator) -> None:
     from training.plots import plot_mnist
 
     plot_mnist(data, ev.out)
-    lines = [
-        "# MNIST results",
+    lines = ["# MNIST results", "", *summary_tables(data), ""]
+    lines += [
+        "## Every figure",
         "",
-        f"Produced by `{' '.join(['python -m training.evaluate_mnist', *sys.argv[1:]])}` "
+        "Every figure measured so far, from the cache `mnist_eval.json` beside this file (an entry is",
+        "measured once and kept until `--force`; `device` says where, `n` how many images were scored",
+        "where fewer than the whole 5000-image half). Last written by",
+        f"`{' '.join(['python -m training.evaluate_mnist', *sys.argv[1:]])}` "
         f"(K={ev.cfg.k}, fine-tuning {asdict(ev.cfg.ft)}).",
         "",
-        "| key | value | seconds |",
-        "| --- | ---: | ---: |",
+        "| key | value | seconds | device | n |",
+        "| --- | ---: | ---: | --- | ---: |",
     ]
     for key in sorted(ev.cache.data):
         entry = ev.cache.data[key]
-        lines.append(f"| `{key}` | {entry['value']:.4f} | {entry.get('seconds', '')} |")
+        lines.append(
+            f"| `{key}` | {entry['value']:.4f} | {entry.get('seconds', '')} | {entry.get('device', 'cpu')} "
+            f"| {entry.get('n_score', '')} |"
+        )
     (ev.out / "mnist.md").write_text("\n".join(lines) + "\n")
 
 
@@ -360,12 +479,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--bncnn-gap", dest="bncnn_gap", default="models/mnist_bncnn.pt", help="TENT: BN-CNN, global pooling"
     )
+    parser.add_argument("--cama-aug-v", dest="cama_aug_v", default="models/mnist_cama_aug_vshift.pt")
+    parser.add_argument("--cama-aug-h", dest="cama_aug_h", default="models/mnist_cama_aug_hshift.pt")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--ranges", nargs="+", type=float, default=list(RANGES))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--k", type=int, default=EvalConfig.k)
     parser.add_argument("--score-limit", type=int, default=None, help="score on the first N of each half")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where metrics, tables and plots go")
     parser.add_argument("--ft-cache", default="models/scratch", help="where fine-tuned weights are kept")
     parser.add_argument("--ft-steps", type=int, default=None, help="cap fine-tuning steps (smoke runs)")
@@ -393,6 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         "unseen": section_unseen,
         "fig8": section_fig8,
         "fig9": section_fig9,
+        "fig10": section_fig10,
     }
     for name in args.sections:
         if name in sections:

@@ -50,23 +50,46 @@ def manipulated_halves(test: Split, manipulation: str, level: float, seed: int =
     )
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model's parameters live on."""
+    return next(model.parameters()).device
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (CUDA when present) as a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def cama_accuracy(
-    model: ImageCama, split: Split, k: int, *, seed: int = 0, limit: int | None = None
+    model: ImageCama, split: Split, k: int, *, seed: int = 0, limit: int | None = None, chunk: int = 50
 ) -> float:
-    """Bayes-rule (eq. 6) accuracy with K importance samples per class, fixed noise seed."""
+    """Bayes-rule (eq. 6) accuracy with K importance samples per class, fixed noise seed.
+
+    Runs on the model's device (bf16 autocast); the noise generator lives on that device too, so
+    a CPU and a CUDA run draw different (equally valid) importance samples.
+    """
     model.eval()
+    device = model_device(model)
     x, y = split.x[:limit], split.y[:limit]
-    gen = torch.Generator().manual_seed(seed)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        pred = bayes_predict(model, torch.from_numpy(x), k=k, chunk=50, generator=gen)
-    return float((pred.labels.numpy() == y).mean())
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if device.type == "cuda":
+        chunk = max(chunk, 500)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        pred = bayes_predict(model, torch.from_numpy(x).to(device), k=k, chunk=chunk, generator=gen)
+    return float((pred.labels.cpu().numpy() == y).mean())
 
 
 def variant(clean: ImageCama, pathway: str) -> ImageCama:
     """The clean-trained model with the ``additive`` (appendix C) or ``transform`` m pathway."""
     if pathway == clean.config.m_pathway:
         return copy.deepcopy(clean)
-    return with_m_pathway(clean, pathway, q_m_logvar_init=ImageCamaConfig.q_m_logvar_init)
+    new = with_m_pathway(clean, pathway, q_m_logvar_init=ImageCamaConfig.q_m_logvar_init)
+    return new.to(model_device(clean))
 
 
 def replay_set(mnist: Mnist, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,10 +106,15 @@ def finetuned(
     cfg: FinetuneConfig,
     *,
     log_every: int = 50,
+    reinit_q_m: bool = True,
 ) -> tuple[ImageCama, float]:
-    """A fine-tuned copy (eq. 8, NN_M^p and NN_M^q only) and the seconds it took."""
+    """A fine-tuned copy (eq. 8, NN_M^p and NN_M^q only) and the seconds it took.
+
+    ``reinit_q_m``: a do(m=0)-trained additive model's q(m|x) was never trained and gets the same
+    symmetry-breaking start as the transform pathway; a model trained with eq. 5 keeps its own.
+    """
     model = variant(clean, pathway)
-    if pathway == "additive":
+    if pathway == "additive" and reinit_q_m:
         model.reinit_m_inference()  # the same fair start as the transform pathway gets
     t0 = time.perf_counter()
 
@@ -97,5 +125,7 @@ def finetuned(
         if log_every and steps[0] % log_every == 0:
             print(f"  ft {fraction:6.1%} {step}", flush=True)
 
-    finetune(model, replay[0], replay[1], torch.from_numpy(adapt_x), cfg, on_progress=progress)
+    device = model_device(model)
+    clean_x, clean_y = replay[0].to(device), replay[1].to(device)
+    finetune(model, clean_x, clean_y, torch.from_numpy(adapt_x).to(device), cfg, on_progress=progress)
     return model, time.perf_counter() - t0

@@ -29,5 +29,6 @@ def update_metrics(values: dict[str, float], path: Path = METRICS_PATH) -> dict[
     with os.fdopen(fd, "w") as fh:
         json.dump(dict(sorted(current.items())), fh, indent=2)
         fh.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the results are for everyone to read
     os.replace(tmp, path)
     return current

@@ -73,7 +73,8 @@ def plot_mnist(data: dict[str, float], out: Path) -> list[Path]:
                 data,
                 {
                     "DNN": f"mnist.{shift}.{{r}}.dnn",
-                    "TENT (BN-CNN)": f"mnist.{shift}.{{r}}.tent",
+                    "TENT (BN-CNN, dense head)": f"mnist.{shift}.{{r}}.tent",
+                    "TENT (BN-CNN, global pooling)": f"mnist.{shift}.{{r}}.tent_gap",
                     "CAMA": f"mnist.{shift}.{{r}}.{name}",
                     "CAMA + FT on vertical shift": f"mnist.{shift}.{{r}}.{name}_ft_v",
                     "CAMA + FT on horizontal shift": f"mnist.{shift}.{{r}}.{name}_ft_h",
@@ -86,7 +87,61 @@ def plot_mnist(data: dict[str, float], out: Path) -> list[Path]:
             fig.savefig(path, dpi=110)
             written.append(path)
         plt.close(fig)
+    written += _plot_fig10(data, out)
+    written += _plot_fig8(data, out)
     return written
+
+
+def _plot_fig10(data: dict[str, float], out: Path) -> list[Path]:
+    """Fig. 10: CAMA trained with shift-augmented data, before and after fine-tuning."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    drawn = False
+    for ax, shift in zip(axes, SHIFT_TITLES, strict=True):
+        drawn |= _panel(
+            ax,
+            data,
+            {
+                "CAMA (clean training)": f"mnist.{shift}.{{r}}.cama",
+                "CAMA + vertical-shift augmentation": f"mnist.fig10.{shift}.{{r}}.cama_aug_v",
+                "  + FT on the test shift": f"mnist.fig10.{shift}.{{r}}.cama_aug_v_ft",
+                "CAMA + horizontal-shift augmentation": f"mnist.fig10.{shift}.{{r}}.cama_aug_h",
+                "  + FT on the test shift ": f"mnist.fig10.{shift}.{{r}}.cama_aug_h_ft",
+            },
+            f"Fig. 10: test {SHIFT_TITLES[shift]}",
+        )
+    path = out / "fig10.png"
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path] if drawn else []
+
+
+def _plot_fig8(data: dict[str, float], out: Path) -> list[Path]:
+    """Fig. 8: accuracy after fine-tuning on a fraction of the manipulated test set."""
+    points = sorted(
+        (float(key.split(".frac.")[1].rsplit(".", 1)[0]), value)
+        for key, value in data.items()
+        if key.startswith("mnist.fig8.vshift.0.3.frac.") and key.endswith(".cama")
+    )
+    if not points:
+        return []
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot([100 * f for f, _ in points], [v for _, v in points], marker="o", label="CAMA + FT")
+    if "mnist.vshift.0.3.cama" in data:
+        ax.axhline(data["mnist.vshift.0.3.cama"], color="grey", ls="--", label="CAMA, no FT")
+    ax.set_xscale("log")
+    ax.set_xlabel("% of the test set used for fine-tuning")
+    ax.set_ylabel("test accuracy (vertical shift 0.3)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Fig. 8: data needed to adapt")
+    path = out / "fig8.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def image_grid(rows: list[np.ndarray], titles: list[str], path: Path) -> Path:

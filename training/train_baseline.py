@@ -66,8 +66,11 @@ def predict(model: nn.Module, x: ArrayLike, batch_size: int = 1000) -> np.ndarra
     """Predicted labels ``(N,)`` of the model in eval mode (its mode is restored afterwards)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     xt = _tensor(x)
-    labels = [model(xt[i : i + batch_size]).argmax(1) for i in range(0, xt.shape[0], batch_size)]
+    labels = [
+        model(xt[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, xt.shape[0], batch_size)
+    ]
     model.train(was_training)
     return torch.cat(labels).numpy()
 
@@ -96,19 +99,20 @@ def tent_accuracy(
     over ``x``. ``model`` itself is not modified.
     """
     tent = setup_tent(deepcopy(model), lr=lr)
+    device = next(model.parameters()).device
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     if adapt_x is not None:
         xa = _tensor(adapt_x)
         order = torch.from_numpy(rng.permutation(xa.shape[0]))
         for start in range(0, xa.shape[0], batch_size):
-            tent(xa[order[start : start + batch_size]])
+            tent(xa[order[start : start + batch_size]].to(device))
     xt, labels = _tensor(x), _tensor(y).numpy()
     order = torch.from_numpy(rng.permutation(xt.shape[0]))
     correct = 0
     for start in range(0, xt.shape[0], batch_size):
         idx = order[start : start + batch_size]
-        pred = tent(xt[idx]).argmax(1).numpy()
+        pred = tent(xt[idx].to(device)).argmax(1).cpu().numpy()
         correct += int((pred == labels[idx.numpy()]).sum())
     return correct / max(1, xt.shape[0])
 

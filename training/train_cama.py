@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from cama.config import ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
 from cama.objectives import augmented_objective, bayes_predict, intervention_elbo
 from training.data import Split, load_mnist
+from training.experiment import resolve_device
 from training.manipulations import named
 
 
@@ -46,6 +47,7 @@ class TrainConfig:
     lam: float = 0.5
     bf16: bool = False
     dry_run: bool = False
+    time_budget_s: float | None = None  # shorten the run (and its cosine schedule) to fit this budget
 
 
 def validation_split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -67,11 +69,18 @@ def batches(
 
 
 def accuracy(model: ImageCama, split: Split, k: int, seed: int = 0) -> float:
-    """Bayes-rule (eq. 6) accuracy on a split."""
+    """Bayes-rule (eq. 6) accuracy on a split (on the model's device)."""
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    pred = bayes_predict(model, torch.from_numpy(split.x), k=k, generator=gen)
-    return float((pred.labels.numpy() == split.y).mean())
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    chunk = 500 if device.type == "cuda" else 100
+    pred = bayes_predict(model, torch.from_numpy(split.x).to(device), k=k, chunk=chunk, generator=gen)
+    return float((pred.labels.cpu().numpy() == split.y).mean())
+
+
+def epochs_within(budget_s: float, first_epoch_s: float, planned: int) -> int:
+    """How many epochs fit a wall-clock budget, judged from the first epoch (at least 1)."""
+    return max(1, min(planned, int(budget_s // max(first_epoch_s, 1e-9))))
 
 
 def train(
@@ -86,38 +95,41 @@ def train(
 ) -> dict[str, float]:
     """Maximise eq. 3 (or eq. 5 with ``cfg.augment``) with Adam and cosine decay; keep the best."""
     torch.manual_seed(cfg.seed)
+    device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     state_path = out.with_suffix(out.suffix + ".state")
-    start_epoch, best, epoch_times = 0, -1.0, []
+    start_epoch, best, epoch_times, epochs = 0, -1.0, [], cfg.epochs
     if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_epoch, best, epoch_times = state["epoch"], state["best"], state["epoch_times"]
-        print(f"resumed at epoch {start_epoch} (best val acc {best:.4f})")
+        epochs = int(state.get("epochs", cfg.epochs))
+        print(f"resumed at epoch {start_epoch} of {epochs} (best val acc {best:.4f})")
     manipulate = named(cfg.augment, cfg.aug_range) if cfg.augment else None
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, cfg.epochs):
+    epoch = start_epoch
+    while epoch < epochs:
         model.train()
         rng = np.random.default_rng(cfg.seed + epoch)
         t0 = time.perf_counter()
         bar = tqdm(
             batches(train_split, cfg.batch_size, rng),
             total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            desc=f"epoch {epoch + 1}/{epochs}",
             mininterval=10,
         )
         for xb, yb in bar:
-            x, y = torch.from_numpy(xb), torch.from_numpy(yb)
+            x, y = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
             with autocast:
                 if manipulate is None:
                     objective = intervention_elbo(model, x, y).mean()
                 else:
-                    xm = torch.from_numpy(manipulate(xb, rng))
+                    xm = torch.from_numpy(manipulate(xb, rng)).to(device)
                     objective = augmented_objective(model, (x, y), (xm, y), cfg.lam)
             loss = -objective
             opt.zero_grad(set_to_none=True)
@@ -128,6 +140,10 @@ def train(
             if cfg.dry_run:
                 break
         epoch_times.append(time.perf_counter() - t0)
+        if cfg.time_budget_s is not None and epoch == 0 and not cfg.dry_run:
+            epochs = epochs_within(cfg.time_budget_s, epoch_times[0] * 1.15, cfg.epochs)  # 15%: validation
+            sched.T_max = epochs * steps_per_epoch  # the cosine decay now ends with the shortened run
+            print(f"time budget {cfg.time_budget_s:.0f}s: {epochs} epochs", flush=True)
         val_acc = accuracy(
             model, val_split if not cfg.dry_run else Split(val_split.x[:64], val_split.y[:64]), cfg.val_k
         )
@@ -138,6 +154,7 @@ def train(
         metrics = {
             "val_accuracy": val_acc,
             "epoch": float(epoch + 1),
+            "epochs": float(epochs),
             "train_epoch_seconds": float(np.median(epoch_times)),
         }
         if val_acc > best:
@@ -151,6 +168,7 @@ def train(
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "epoch": epoch + 1,
+                "epochs": epochs,
                 "best": best,
                 "epoch_times": epoch_times,
             },
@@ -158,6 +176,7 @@ def train(
         )
         if cfg.dry_run:
             break
+        epoch += 1
     return {**metrics, "best_val_accuracy": best}
 
 
@@ -201,10 +220,19 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="no training: write this clean checkpoint with --m-pathway to --out (the served model)",
     )
-    parser.add_argument("--m-pathway", choices=["additive", "transform"], default="transform")
+    parser.add_argument(
+        "--m-pathway",
+        choices=["additive", "transform"],
+        default=None,
+        help="m pathway of the trained model (default additive) or of --convert's output (default transform)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument(
+        "--time-budget", type=float, default=None, help="seconds: fit the run (and its lr schedule) to it"
+    )
     args = parser.parse_args(argv)
     if args.convert is not None:
-        convert(args.convert, args.m_pathway, args.out)
+        convert(args.convert, args.m_pathway or "transform", args.out)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,9 +252,12 @@ def main(argv: list[str] | None = None) -> None:
         lam=args.lam,
         bf16=args.bf16,
         dry_run=args.dry_run,
+        time_budget_s=args.time_budget,
     )
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    model = ImageCama(ImageCamaConfig.tiny() if args.tiny else ImageCamaConfig())
+    base = ImageCamaConfig.tiny() if args.tiny else ImageCamaConfig()
+    model = ImageCama(replace(base, m_pathway=args.m_pathway or "additive")).to(device)
     result = train(
         model,
         tr,
@@ -234,7 +265,12 @@ def main(argv: list[str] | None = None) -> None:
         cfg,
         args.out,
         resume=args.resume,
-        provenance={"data_sha256": mnist.checksum, "dataset": "mnist", "train_size": len(tr)},
+        provenance={
+            "data_sha256": mnist.checksum,
+            "dataset": "mnist",
+            "train_size": len(tr),
+            "device": device.type,
+        },
     )
     print(json.dumps(result))
 

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
     gate_margin: float = Field(default=0.005, description="largest allowed clean-accuracy drop (fraction)")
     gate_min_elbo_gain: float = 0.0
+    gate_max_label_kl_rise: float | None = Field(
+        default=0.1, ge=0.0, description="largest allowed rise of the held-out label-histogram KL (nats)"
+    )
+    gate_max_confidence_drop: float | None = Field(
+        default=0.2, ge=0.0, description="largest allowed fall of the held-out mean confidence max_c p(y_c|x)"
+    )
     gate_k: int = Field(default=10, ge=1)
     holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     min_adapt_inputs: int = Field(default=10, ge=2)
