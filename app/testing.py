@@ -268,9 +268,13 @@ class ContinuousClient:
                 else:
                     self.versions.append(int(r.json()["version"]))
 
-    def wait_for_version(self, version: int, timeout: float = 30.0) -> None:
+    def wait_for_version(self, version: int, timeout: float = 30.0, *, then: int = 0) -> None:
+        """Wait until an answer names ``version``, then for ``then`` more answers (after the swap)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and version not in self.versions[-5:]:
+            time.sleep(0.05)
+        seen = len(self.versions)
+        while time.monotonic() < deadline and len(self.versions) < seen + then:
             time.sleep(0.05)
 
     def stop(self) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def _sequence(api: ServiceProcess, split: Split, args: argparse.Namespace) -> di
         r.raise_for_status()
         job = wait_job(client, r.json()["job_id"], timeout=args.timeout)
         if job["state"] == "succeeded":
-            load.wait_for_version(int(job["version"]), timeout=60)
+            load.wait_for_version(int(job["version"]), timeout=120, then=args.after_swap)
         swap = load.stop()
         acc_after, after_versions = accuracy(api.url, args.name, split.evaluate, split.labels, args.k)
         poisoned = _poisoned(client, args) if args.poisoned else {}
@@ -285,6 +285,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gate-min-elbo-gain", type=float, default=0.0)
     parser.add_argument("--gate-max-label-kl-rise", type=float, default=0.1)
     parser.add_argument("--gate-max-confidence-drop", type=float, default=0.2)
+    parser.add_argument(
+        "--after-swap", type=int, default=300, help="answers the continuous client collects after the swap"
+    )
     parser.add_argument(
         "--poisoned", type=int, default=500, help="noise images in the poisoned batch (0: skip)"
     )

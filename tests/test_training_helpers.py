@@ -52,3 +52,18 @@ def test_plots_are_written_only_for_measured_figures(tmp_path: Path):
     assert {"fig7.png", "fig8.png", "fig10.png"} <= written
     assert "fig1.png" not in written
     assert all((tmp_path / name).stat().st_size > 1000 for name in written)
+
+
+def test_zero_m_inference_gives_every_input_the_same_m():
+    from cama.config import ImageCamaConfig
+    from cama.image_model import ImageCama
+    from training.experiment import zero_m_inference
+
+    model = ImageCama(ImageCamaConfig.tiny(m_pathway="transform"))
+    model.reinit_m_inference()
+    x = torch.rand(4, 1, 28, 28)
+    assert not torch.allclose(model.infer_m(x)[0][0], model.infer_m(x)[0][1])
+    zero_m_inference(model)
+    mu, logvar = model.infer_m(x)
+    assert torch.equal(mu, torch.zeros_like(mu))
+    assert torch.allclose(logvar, torch.full_like(logvar, ImageCamaConfig.q_m_logvar_init))

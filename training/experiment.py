@@ -98,6 +98,15 @@ def replay_set(mnist: Mnist, size: int, seed: int = 0) -> tuple[torch.Tensor, to
     return torch.from_numpy(mnist.train.x[idx]), torch.from_numpy(mnist.train.y[idx])
 
 
+def zero_m_inference(model: ImageCama) -> None:
+    """Zero q(m|x)'s mean output layer: every x gets the same m (the saddle of docs/m_pathway.md)."""
+    last = model.q_m_mlp[-1]
+    assert isinstance(last, torch.nn.Linear)
+    with torch.no_grad():
+        last.weight[: model.dim_m] = 0.0
+        last.bias[: model.dim_m] = 0.0
+
+
 def finetuned(
     clean: ImageCama,
     pathway: str,
@@ -107,14 +116,18 @@ def finetuned(
     *,
     log_every: int = 50,
     reinit_q_m: bool = True,
+    zero_q_m: bool = False,
 ) -> tuple[ImageCama, float]:
     """A fine-tuned copy (eq. 8, NN_M^p and NN_M^q only) and the seconds it took.
 
     ``reinit_q_m``: a do(m=0)-trained additive model's q(m|x) was never trained and gets the same
     symmetry-breaking start as the transform pathway; a model trained with eq. 5 keeps its own.
+    ``zero_q_m`` (the ablation): start from a zero q(m|x) mean instead, the same m for every x.
     """
     model = variant(clean, pathway)
-    if pathway == "additive" and reinit_q_m:
+    if zero_q_m:
+        zero_m_inference(model)
+    elif pathway == "additive" and reinit_q_m:
         model.reinit_m_inference()  # the same fair start as the transform pathway gets
     t0 = time.perf_counter()
 
