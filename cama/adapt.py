@@ -286,7 +286,8 @@ def label_marginal_kl(model: CamaModel, labels: Tensor, cond: Any = None) -> flo
 
 
 def promotion_gate(before: GateEvaluation, after: GateEvaluation, cfg: GateConfig) -> GateDecision:
-    """Promote only if clean accuracy held and the held-out ELBO(x) rose."""
+    """Promote only if clean accuracy held, the held-out ELBO(x) (eq. 7) rose, the held-out
+    predictions did not collapse onto fewer classes and did not lose their confidence."""
     reasons: list[str] = []
     drop = before.clean_accuracy - after.clean_accuracy
     if drop > cfg.max_clean_drop:
