@@ -104,6 +104,12 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    return atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(payload: dict[str, Any], path: str | os.PathLike[str]) -> str:
+    """``torch.save`` through a temporary file and a rename (readers never see a partial file),
+    readable by everyone; returns the file's SHA-256."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")

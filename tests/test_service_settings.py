@@ -47,3 +47,17 @@ def test_invalid_values_are_refused():
         Settings(k=20, max_k=10)
     with pytest.raises(ValidationError):
         Settings(batch_max_inputs=0)
+
+
+def test_gate_checks_default_on_and_switch_off_with_null(monkeypatch):
+    s = Settings()
+    assert s.gate_max_label_kl_rise == 0.1
+    assert s.gate_max_confidence_drop == 0.2
+    monkeypatch.setenv("CAMA_GATE_MAX_LABEL_KL_RISE", "null")
+    monkeypatch.setenv("CAMA_GATE_MAX_CONFIDENCE_DROP", "null")
+    s = Settings()
+    assert s.gate_max_label_kl_rise is None
+    assert s.gate_max_confidence_drop is None
+    monkeypatch.setenv("CAMA_GATE_MAX_CONFIDENCE_DROP", "-1")
+    with pytest.raises(ValidationError, match="gate_max_confidence_drop"):
+        Settings()

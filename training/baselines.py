@@ -14,15 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from cama.checkpoint import git_commit, sha256_file
+from cama.checkpoint import atomic_torch_save, git_commit
 
 SCHEMA_VERSION = 1
 BaselineKind = Literal["dnn", "cnn", "bncnn"]
@@ -240,20 +238,7 @@ def save_baseline(
         "metrics": dict(metrics or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return sha256_file(target)
+    return atomic_torch_save(payload, path)
 
 
 def load_baseline(

@@ -32,7 +32,9 @@ class FinetuneSettings(BaseModel):
 class Settings(BaseSettings):
     """Service settings; ``CAMA_<FIELD>`` in the environment overrides each default."""
 
-    model_config = SettingsConfigDict(env_prefix="CAMA_", extra="ignore", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(
+        env_prefix="CAMA_", extra="ignore", env_nested_delimiter="__", env_parse_none_str="null"
+    )
 
     environment: Literal["development", "production"] = "development"
     host: str = "127.0.0.1"
