@@ -66,9 +66,16 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
-def finetune_config(settings: Settings, job: JobPublic) -> FinetuneConfig:
-    """The default recipe from settings with the job's overrides."""
-    return FinetuneConfig(**{**settings.finetune.model_dump(), **job.finetune})
+def finetune_config(
+    settings: Settings, job: JobPublic, model_recipe: dict[str, Any] | None = None
+) -> FinetuneConfig:
+    """The job's recipe; later sources win: the service's built-in defaults, the recipe the model
+    was shipped with (``adapt_recipe`` in its checkpoint provenance), fields the operator set
+    (``CAMA_FINETUNE__*``), the job's overrides."""
+    defaults = settings.finetune.model_dump()
+    shipped = {k: v for k, v in (model_recipe or {}).items() if k in defaults}
+    operator = settings.finetune.model_dump(include=settings.finetune.model_fields_set)
+    return FinetuneConfig(**{**defaults, **shipped, **operator, **job.finetune})
 
 
 def run_job(job_id: str, ctx: JobContext) -> JobPublic | None:
@@ -160,11 +167,12 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
         raise RuntimeError(f"model {job.model} has no active version")
     manifest = registry.verify(job.model, base)
     base_dir = registry.version_dir(job.model, base)
-    model, _ = load_checkpoint(base_dir / "checkpoint.pt", map_location=device)
+    model, meta = load_checkpoint(base_dir / "checkpoint.pt", map_location=device)
+    shipped_recipe = meta.provenance.get("adapt_recipe")
     data = ServingData.load(base_dir / "replay.npz")
     batch = Inputs.load(batch_path(registry.root, job.id))
     check_shapes(batch, manifest.kind, manifest.inputs)
-    cfg = finetune_config(settings, job)
+    cfg = finetune_config(settings, job, shipped_recipe)
     ctx.jobs.update(job.id, base_version=base, finetune={**job.finetune, **cfg.__dict__})
 
     order = np.random.default_rng(cfg.seed).permutation(len(batch))
@@ -234,7 +242,12 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
             model,
             base_dir / "replay.npz",
             Path(tmp),
-            provenance={"job_id": job.id, "parent_version": base, "data_hash": job.data_hash},
+            provenance={
+                "job_id": job.id,
+                "parent_version": base,
+                "data_hash": job.data_hash,
+                **({"adapt_recipe": shipped_recipe} if shipped_recipe else {}),
+            },
             metrics=metrics,
         )
         progress.report(P_EXPORTED, force=True)

@@ -69,12 +69,18 @@ def make_seed_dir(directory: Path, name: str = "tiny", *, n_replay: int = 64, n_
     return directory
 
 
-def make_measurement_seed_dir(directory: Path, name: str = "meas", *, n: int = 120) -> Path:
-    """A tiny measurement CAMA (5 classes; a, c of 5 and x of 10 dimensions) and its serving data."""
+def make_measurement_seed_dir(
+    directory: Path, name: str = "meas", *, n: int = 120, adapt_recipe: dict[str, Any] | None = None
+) -> Path:
+    """A tiny measurement CAMA (5 classes; a, c of 5 and x of 10 dimensions) and its serving data,
+    optionally shipped with a fine-tuning recipe (``adapt_recipe`` in its provenance)."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = MeasurementCama(MeasurementCamaConfig.tiny()).eval()
-    save_checkpoint(directory / f"{name}_cama.pt", model, provenance={"dataset": "synthetic"})
+    provenance: dict[str, Any] = {"dataset": "synthetic"}
+    if adapt_recipe is not None:
+        provenance["adapt_recipe"] = adapt_recipe
+    save_checkpoint(directory / f"{name}_cama.pt", model, provenance=provenance)
     rng = np.random.default_rng(0)
 
     def rows(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -39,6 +39,7 @@ from cama.distributions import log_normal
 from cama.layers import mlp
 
 MeasurementPathway = Literal["appendix", "affine"]
+CoparentMechanism = Literal["mlp", "mlp_quadratic", "quadratic"]
 OBS_LOGVAR_RANGE = (-7.0, 5.0)
 
 
@@ -68,6 +69,7 @@ class MeasurementCamaConfig:
     m_pathway: MeasurementPathway = "affine"
     mechanism_layers: tuple[int, ...] = (500, 500, 500, 500)
     mechanism_max_log_scale: float = 2.0
+    coparent_mechanism: CoparentMechanism = "mlp"
     learn_obs_logvar: bool = True
     obs_logvar_init: float = 0.0
     q_m_logvar_init: float = -6.0
@@ -81,6 +83,9 @@ class MeasurementCamaConfig:
             raise ValueError("dimensions cannot be negative")
         if self.mechanism_max_log_scale <= 0:
             raise ValueError("mechanism_max_log_scale must be positive")
+        if self.coparent_mechanism not in ("mlp", "mlp_quadratic", "quadratic"):
+            known = "mlp, mlp_quadratic, quadratic"
+            raise ValueError(f"unknown coparent_mechanism {self.coparent_mechanism!r}; known: {known}")
         if self.m_pathway not in ("appendix", "affine"):
             raise ValueError(f"unknown m pathway {self.m_pathway!r}; known: appendix, affine")
 
@@ -111,8 +116,39 @@ class MeasurementContext:
     m: Tensor  # (K, B, dM)
     h_c: Tensor  # NN_C^p(c), (1, B, H)
     h_m: Tensor  # NN_M^p(m) (K, B, H), or NN_M^p(0) (1, 1, H) in the affine pathway
+    quad_c: Tensor | None  # the quadratic head's c-only and per-class c-linear parts, (B, C, dX)
     q_base: Tensor  # the x, m, a, c part of q(z)'s first layer, (K or 1, B, Hq)
     affine: tuple[Tensor, Tensor] | None  # log-scale g(m), offset b(m), (K, B, dX) each
+
+
+class QuadraticHead(nn.Module):
+    """An exact quadratic function of ``u = [onehot(y), c]`` added to the mean of p(x|y, c, z, m).
+
+    ``q(y, c) = b_y + V_y c + P [c, upper(c c^T)]``: every monomial of degree <= 2 in u (y is
+    one-hot, so y_i y_j and y_i reduce to b_y). A ReLU decoder extrapolates a curved mechanism
+    linearly outside the training rows; this head extrapolates a mechanism of degree <= 2 exactly
+    (docs/measurement.md, "co-parent shift"). It depends on y and c only, never on m.
+    """
+
+    def __init__(self, num_classes: int, dim_c: int, dim_x: int) -> None:
+        super().__init__()
+        self.rows: Tensor
+        self.cols: Tensor
+        rows, cols = torch.triu_indices(dim_c, dim_c)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.class_bias = nn.Parameter(torch.zeros(num_classes, dim_x))
+        self.class_slope = nn.Parameter(torch.zeros(num_classes, dim_x, dim_c))
+        self.c_part = nn.Linear(dim_c + rows.numel(), dim_x, bias=False)
+        nn.init.zeros_(self.c_part.weight)
+
+    def per_class(self, c: Tensor) -> Tensor:
+        """``q(y_j, c)`` for every class j, ``(B, C, dX)``."""
+        square = c[:, self.rows] * c[:, self.cols]
+        shared = self.c_part(torch.cat([c, square], dim=-1))  # (B, dX)
+        slope = torch.einsum("bk,jxk->bjx", c, self.class_slope)  # (B, C, dX)
+        out: Tensor = shared.unsqueeze(1) + slope + self.class_bias
+        return out
 
 
 class AffineMechanism(nn.Module):
@@ -173,6 +209,9 @@ class MeasurementCama(nn.Module):
         self.nn_z = mlp((config.dim_z, *config.z_layers), final_activation=True)
         self.nn_m = mlp((config.dim_m, *config.m_layers), final_activation=True)
         self.merge = mlp((4 * hidden, config.merge_hidden, config.dim_x), final_activation=False)
+        self.quadratic: QuadraticHead | None = None
+        if config.coparent_mechanism != "mlp":
+            self.quadratic = QuadraticHead(config.num_classes, dim_c, config.dim_x)
         logvar = torch.full((config.dim_x,), config.obs_logvar_init)
         if config.learn_obs_logvar:
             self.obs_logvar = nn.Parameter(logvar)
@@ -212,7 +251,8 @@ class MeasurementCama(nn.Module):
     def prepare(self, x: Tensor, m: Tensor, cond: Any) -> MeasurementContext:
         """NN_C^p(c), the m features or mechanism, and the x, m, a, c part of q(z)."""
         a, c = split_cond(cond)
-        h_c = self.nn_c(c).unsqueeze(0)  # (1, B, H)
+        c_mlp = c if self.config.coparent_mechanism != "quadratic" else torch.zeros_like(c)
+        h_c = self.nn_c(c_mlp).unsqueeze(0)  # (1, B, H); c enters the head only, for "quadratic"
         x_q = x.unsqueeze(0)  # (1, B, dX)
         affine = None
         if self.mechanism is None:
@@ -222,7 +262,8 @@ class MeasurementCama(nn.Module):
             affine = self.mechanism(m)  # (K, B, dX) each
             x_q = (x_q - affine[1]) * torch.exp(-affine[0])  # x mapped back through the mechanism
         q_base = self.q_z_in_x(x_q) + self.q_z_in_m(m) + (self.q_z_in_a(a) + self.q_z_in_c(c)).unsqueeze(0)
-        return MeasurementContext(m=m, h_c=h_c, h_m=h_m, q_base=q_base, affine=affine)
+        quad_c = None if self.quadratic is None else self.quadratic.per_class(c)
+        return MeasurementContext(m=m, h_c=h_c, h_m=h_m, quad_c=quad_c, q_base=q_base, affine=affine)
 
     # --- q(z|x,y,m,a,c) -------------------------------------------------------------------------
     def infer_z(self, ctx: MeasurementContext, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -238,6 +279,9 @@ class MeasurementCama(nn.Module):
         parts = (self.nn_y(y), ctx.h_c.unsqueeze(0), h_z, ctx.h_m.unsqueeze(0))
         h = torch.cat([p.expand(*h_z.shape[:-1], p.shape[-1]) for p in parts], dim=-1)  # (C, K, B, 4H)
         mean: Tensor = self.merge(h)
+        if ctx.quad_c is not None:  # each hypothesis' class: y (C', K', B or 1, C), quad_c (B, C, dX)
+            y_b = y.expand(*y.shape[:-2], ctx.quad_c.shape[0], y.shape[-1])
+            mean = mean + torch.einsum("skbi,bix->skbx", y_b, ctx.quad_c)
         if ctx.affine is not None:
             g, b = ctx.affine
             mean = mean * torch.exp(g) + b

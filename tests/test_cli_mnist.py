@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cama.checkpoint import load_checkpoint
+from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
 
 ENTRY_POINTS = {
@@ -39,7 +39,12 @@ def test_every_mnist_entry_point_is_smoke_tested():
     with_main = {
         f"training.{p.stem}" for p in root.glob("*.py") if 'if __name__ == "__main__"' in p.read_text()
     }
-    other_suites = {"training.train_measurement", "training.evaluate_measurement", "training.export_model"}
+    other_suites = {
+        "training.train_measurement",
+        "training.evaluate_measurement",
+        "training.check_measurement_gate",
+        "training.export_model",
+    }
     assert with_main - other_suites <= ENTRY_POINTS, with_main - other_suites - ENTRY_POINTS
 
 
@@ -63,6 +68,20 @@ def test_train_then_evaluate_end_to_end(tmp_path):
         "--out",
         str(cama_ckpt),
     )
+
+    # a warm start: a new optimiser and schedule from the weights of a checkpoint
+    warm = tmp_path / "warm.pt"
+    run(
+        "training.train_cama",
+        *("--dry-run", "--train-limit", "400", "--init-from", str(cama_ckpt), "--lr", "1e-9"),
+        *("--out", str(warm)),
+    )
+    warm_model, warm_meta = load_checkpoint(warm)
+    assert warm_meta.provenance["init_sha256"] == sha256_file(cama_ckpt)
+    assert warm_model.config == model.config  # the tiny config comes from the checkpoint, not --tiny
+    start = dict(model.named_parameters())
+    for name, p in warm_model.named_parameters():  # one step at lr 1e-9 leaves the weights where they were
+        torch.testing.assert_close(p, start[name], rtol=0, atol=1e-6)
 
     served = tmp_path / "served.pt"
     run("training.train_cama", "--convert", str(cama_ckpt), "--m-pathway", "transform", "--out", str(served))

@@ -18,11 +18,15 @@ import pytest
 
 from cama.checkpoint import load_checkpoint
 from cama.measurement_model import MeasurementCama
-from training import evaluate_measurement, train_measurement
+from training import check_measurement_gate, evaluate_measurement, train_measurement
 from training.measurement_data import make_dataset, schema_dict, to_frame
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ("training.train_measurement", "training.evaluate_measurement")
+ENTRY_POINTS = (
+    "training.train_measurement",
+    "training.evaluate_measurement",
+    "training.check_measurement_gate",
+)
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -191,6 +195,34 @@ def test_synthetic_training_records_its_generator(tmp_path: Path, capsys: pytest
     assert np.load(tmp_path / "synthetic.replay.npz")["replay_x"].shape == (450, 10)
 
 
+def test_gate_check_runs_the_shipped_and_the_paper_recipe(
+    tmp_path: Path, table: tuple[Path, Path, pd.DataFrame]
+) -> None:
+    out = tmp_path / "synthetic.pt"
+    assert (
+        train_measurement.main(["--synthetic", "--seed", "3", "--out", str(out), "--tiny", "--dry-run"]) == 0
+    )
+    _, meta = load_checkpoint(out)
+    assert meta.provenance["adapt_recipe"]["alpha"] == train_measurement.ADAPT_RECIPE.alpha
+    report_path = tmp_path / "gate.json"
+    check_measurement_gate.main(["--checkpoint", str(out), "--shifts", "3", "--out", str(report_path)])
+    report = json.loads(report_path.read_text())
+    assert [(r["shift"], r["recipe"]) for r in report["rows"]] == [(3.0, "shipped"), (3.0, "paper")]
+    shipped, paper = report["rows"]
+    assert shipped["finetune"]["alpha"] == 0.9
+    assert paper["finetune"]["alpha"] == 0.5
+    for row in report["rows"]:
+        assert 0.0 <= row["canary_after"] <= 1.0
+        assert row["accepted"] == (not row["reasons"])
+    csv, schema, _ = table
+    plain = tmp_path / "plain.pt"
+    args = ["--csv", str(csv), "--schema", str(schema), "--tiny", "--dry-run", "--out", str(plain)]
+    assert train_measurement.main(args) == 0
+    assert load_checkpoint(plain)[1].provenance["adapt_recipe"]["epochs"] == 20  # every model ships one
+    with pytest.raises(SystemExit, match="synthetic"):  # a table-trained model has no generator to shift
+        check_measurement_gate.main(["--checkpoint", str(plain), "--out", str(tmp_path / "x.json")])
+
+
 def test_evaluation_dry_run_writes_tables_plots_and_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -217,7 +249,11 @@ def test_evaluation_dry_run_writes_tables_plots_and_json(
 
 
 def test_every_entry_point_is_smoke_tested() -> None:
-    tested = {"training.train_measurement", "training.evaluate_measurement"}
+    tested = {
+        "training.train_measurement",
+        "training.evaluate_measurement",
+        "training.check_measurement_gate",
+    }
     found = {
         f"training.{p.stem}"
         for p in (REPO / "training").glob("*measurement*.py")

@@ -21,6 +21,8 @@ from cama.objectives import (
 )
 from cama.protocol import all_classes, given_labels
 
+THREE_VARIANTS = [("affine", "mlp"), ("appendix", "mlp"), ("affine", "quadratic")]
+
 
 def make(pathway: str = "affine", **overrides: object) -> MeasurementCama:
     torch.manual_seed(0)
@@ -145,10 +147,15 @@ def brute_force_posterior(
     return out
 
 
-@pytest.mark.parametrize("pathway", ["affine", "appendix"])
+@pytest.mark.parametrize(
+    ("pathway", "coparents"),
+    [("affine", "mlp"), ("appendix", "mlp"), ("affine", "mlp_quadratic"), ("appendix", "quadratic")],
+)
 @torch.no_grad()
-def test_prediction_follows_eq_11_brute_force(pathway: str) -> None:
-    model = perturb(make(pathway, obs_logvar_init=1.0, q_m_logvar_init=-1.0), scale=0.1)
+def test_prediction_follows_eq_11_brute_force(pathway: str, coparents: str) -> None:
+    model = perturb(
+        make(pathway, obs_logvar_init=1.0, q_m_logvar_init=-1.0, coparent_mechanism=coparents), scale=0.1
+    )
     x, cond, _ = batch(n=4, seed=3)
     k = 3
     noise = sample_noise(model, 4, k, generator=torch.Generator().manual_seed(11))
@@ -162,6 +169,56 @@ def test_prediction_follows_eq_11_brute_force(pathway: str) -> None:
     assert torch.allclose(torch.softmax(logits, 1).double(), expected, atol=1e-5)
 
 
+@torch.no_grad()
+def test_the_quadratic_head_adds_every_monomial_of_degree_two_in_y_and_c() -> None:
+    model = perturb(make("affine", coparent_mechanism="mlp_quadratic"))
+    assert model.quadratic is not None
+    head = model.quadratic
+    x, cond, _ = batch(n=5, seed=7)
+    c = cond[1]
+    m = torch.zeros(1, 5, model.dim_m)
+    ctx = model.prepare(x, m, cond)
+    y = all_classes(5, x.device)  # (C, 1, 1, C)
+    z = torch.randn(5, 1, 5, model.dim_z, generator=torch.Generator().manual_seed(3))
+    with_head = model.mean_x(ctx, y, z)
+    ctx.quad_c = None
+    without = model.mean_x(ctx, y, z)
+    # written out: b_y + V_y c + sum_i p_i c_i + sum_{i<=j} r_ij c_i c_j, one class at a time
+    weight = head.c_part.weight  # (dX, dC + dC(dC+1)/2)
+    for cls in range(5):
+        expected = head.class_bias[cls] + c @ head.class_slope[cls].T + c @ weight[:, :5].T
+        col = 5
+        for i in range(5):
+            for j in range(i, 5):
+                expected = expected + (c[:, i] * c[:, j]).unsqueeze(1) * weight[:, col]
+                col += 1
+        torch.testing.assert_close(with_head[cls, 0] - without[cls, 0], expected, rtol=1e-5, atol=1e-5)
+    # labelled hypotheses (one class per row) pick their own class's row
+    labels = torch.tensor([0, 1, 2, 3, 4])
+    y_rows = torch.nn.functional.one_hot(labels, 5).float().view(1, 1, 5, 5)
+    ctx = model.prepare(x, m, cond)
+    rows = model.mean_x(ctx, y_rows, z[labels, 0, torch.arange(5)].view(1, 1, 5, -1))
+    torch.testing.assert_close(rows[0, 0], with_head[labels, 0, torch.arange(5)])
+
+
+@torch.no_grad()
+def test_a_quadratic_coparent_mechanism_sees_c_through_the_head_only() -> None:
+    model = perturb(make("affine", coparent_mechanism="quadratic"))
+    x, (a, c), _ = batch(n=4, seed=8)
+    m = torch.zeros(1, 4, model.dim_m)
+    y = all_classes(5, x.device)
+    z = torch.randn(5, 1, 4, model.dim_z, generator=torch.Generator().manual_seed(4))
+    ctx, moved = model.prepare(x, m, (a, c)), model.prepare(x, m, (a, c + 3.0))
+    assert torch.equal(ctx.h_c, moved.h_c)  # NN_C^p sees a constant
+    assert ctx.quad_c is not None
+    assert moved.quad_c is not None
+    difference = model.mean_x(moved, y, z) - model.mean_x(ctx, y, z)
+    head = (moved.quad_c - ctx.quad_c).permute(1, 0, 2).unsqueeze(1)  # (C, 1, B, dX)
+    torch.testing.assert_close(difference, head, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="coparent_mechanism"):
+        MeasurementCamaConfig(coparent_mechanism="cubic")  # type: ignore[arg-type]
+
+
 def test_missing_parents_or_coparents_are_allowed() -> None:
     model = make("affine", dim_a=0, dim_c=0)
     x, cond, labels = batch(dims=(0, 0, 10))
@@ -173,9 +230,9 @@ def test_missing_parents_or_coparents_are_allowed() -> None:
         split_cond(None)
 
 
-@pytest.mark.parametrize("pathway", ["affine", "appendix"])
-def test_selective_finetuning_leaves_other_parameters_bit_identical(pathway: str) -> None:
-    model = make(pathway)
+@pytest.mark.parametrize(("pathway", "coparents"), THREE_VARIANTS)
+def test_selective_finetuning_leaves_other_parameters_bit_identical(pathway: str, coparents: str) -> None:
+    model = make(pathway, coparent_mechanism=coparents)
     before = adapt.snapshot(model)
     selected = {id(p) for p in adapt.collect_params(model)}
     names = {n for n, p in model.named_parameters() if id(p) in selected}
@@ -184,7 +241,8 @@ def test_selective_finetuning_leaves_other_parameters_bit_identical(pathway: str
     assert "q_z_in_m.weight" in names
     assert any(n.startswith(m_net) for n in names)
     assert not any(
-        n.startswith(("prior.", "nn_y.", "nn_c.", "nn_z.", "merge.", "q_z_in_x", "q_z_out")) for n in names
+        n.startswith(("prior.", "nn_y.", "nn_c.", "nn_z.", "merge.", "q_z_in_x", "q_z_out", "quadratic."))
+        for n in names
     )
     assert "obs_logvar" not in names
     x, cond, labels = batch(n=24, seed=4)
@@ -228,9 +286,9 @@ def test_pathway_switch_keeps_the_clean_model() -> None:
     assert back.mechanism is None
 
 
-@pytest.mark.parametrize("pathway", ["affine", "appendix"])
-def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path, pathway: str) -> None:
-    model = perturb(make(pathway))
+@pytest.mark.parametrize(("pathway", "coparents"), THREE_VARIANTS)
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path, pathway: str, coparents: str) -> None:
+    model = perturb(make(pathway, coparent_mechanism=coparents))
     path = tmp_path / "m.pt"
     save_checkpoint(path, model, provenance={"encoding": {"classes": ["a", "b"]}, "generator_seed": 0})
     loaded, meta = load_checkpoint(path)

@@ -62,9 +62,10 @@ def test_graph_has_opset_and_dynamic_batch_and_k(tiny_template):
     assert OPSET >= 17
 
 
-def test_measurement_model_parity(tmp_path):
+@pytest.mark.parametrize("coparents", ["mlp", "mlp_quadratic"])
+def test_measurement_model_parity(tmp_path, coparents):
     torch.manual_seed(0)
-    model = MeasurementCama(MeasurementCamaConfig.tiny()).eval()
+    model = MeasurementCama(MeasurementCamaConfig.tiny(coparent_mechanism=coparents)).eval()
     with torch.no_grad():  # move the affine mechanism off the identity
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -7,15 +7,17 @@ import numpy as np
 import pytest
 
 from app.testing import ServiceProcess, build_store, make_measurement_seed_dir, wait_job
+from cama.checkpoint import load_checkpoint
 
 TOKEN = "m" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SHIPPED_RECIPE = {"alpha": 0.8, "epochs": 2, "lr": 2e-3}
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     root = tmp_path_factory.mktemp("measurement")
-    seed_dir = make_measurement_seed_dir(root / "seed")
+    seed_dir = make_measurement_seed_dir(root / "seed", adapt_recipe=SHIPPED_RECIPE)
     store = build_store(root / "store", seed_dir, ["meas"]).root
     svc = ServiceProcess(
         root / "api.log",
@@ -29,6 +31,7 @@ def service(tmp_path_factory):
         gate_min_elbo_gain=-1e9,  # the tiny model: accept deterministically (the gate is tested elsewhere)
         finetune={"epochs": 1, "batch_size": 16},
     )
+    svc.store = store  # type: ignore[attr-defined]
     try:
         svc.wait_ready()
         yield svc
@@ -82,3 +85,9 @@ def test_adaptation_with_parents_and_coparents(service):
         assert job["state"] == "succeeded", job
         assert job["version"] == 2
         assert client.post("/predict", json={"model": "meas", "records": records(1)}).json()["version"] == 2
+    # the recipe: the model's own (alpha, lr), the operator's CAMA_FINETUNE (epochs, batch size)
+    recipe = job["finetune"]
+    assert (recipe["alpha"], recipe["lr"], recipe["epochs"], recipe["batch_size"]) == (0.8, 2e-3, 1, 16)
+    # and the adapted version keeps shipping it, for the next adaptation
+    _, meta = load_checkpoint(service.store / "meas" / "2" / "checkpoint.pt")
+    assert meta.provenance["adapt_recipe"] == SHIPPED_RECIPE

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from app.adaptation import finetune_config
 from app.core.config import Settings
+from app.schemas import JobPublic
 
 
 def test_development_defaults_are_the_embedded_mode(monkeypatch):
@@ -61,3 +63,30 @@ def test_gate_checks_default_on_and_switch_off_with_null(monkeypatch):
     monkeypatch.setenv("CAMA_GATE_MAX_CONFIDENCE_DROP", "-1")
     with pytest.raises(ValidationError, match="gate_max_confidence_drop"):
         Settings()
+
+
+def _job(**finetune: object) -> JobPublic:
+    return JobPublic(
+        id="j",
+        model="m",
+        state="queued",
+        progress=0.0,
+        n_inputs=1,
+        data_hash="h",
+        created=0.0,
+        finetune=dict(finetune),
+    )
+
+
+def test_recipe_precedence_defaults_model_operator_job(monkeypatch):
+    shipped = {"alpha": 0.9, "epochs": 20, "batch_size": 50, "unknown_field": 1}
+    s = Settings()
+    cfg = finetune_config(s, _job(), None)
+    assert (cfg.alpha, cfg.epochs, cfg.batch_size) == (0.5, 3, 64)  # built-in defaults
+    cfg = finetune_config(s, _job(), shipped)
+    assert (cfg.alpha, cfg.epochs, cfg.batch_size, cfg.lr) == (0.9, 20, 50, 1e-3)  # the model's recipe
+    monkeypatch.setenv("CAMA_FINETUNE__EPOCHS", "7")
+    cfg = finetune_config(Settings(), _job(), shipped)
+    assert (cfg.alpha, cfg.epochs) == (0.9, 7)  # a field the operator set beats the model's
+    cfg = finetune_config(Settings(), _job(epochs=2, alpha=0.3), shipped)
+    assert (cfg.alpha, cfg.epochs) == (0.3, 2)  # the job's overrides beat everything

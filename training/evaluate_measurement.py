@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from cama.adapt import FinetuneConfig, finetune
 from cama.measurement_model import (
+    CoparentMechanism,
     MeasurementCama,
     MeasurementCamaConfig,
     MeasurementPathway,
@@ -48,7 +49,7 @@ from training.baselines import DNN, DNNConfig
 from training.measurement_data import GeneratorConfig, Sample, make_dataset, schema_dict, to_frame
 from training.measurement_schema import Encoded, Encoding, TableSchema
 from training.metrics import update_metrics
-from training.train_measurement import TrainConfig, accuracy, as_tensors, train
+from training.train_measurement import ADAPT_RECIPE, TrainConfig, accuracy, as_tensors, train
 
 RESULTS = Path("docs/results")
 
@@ -72,10 +73,9 @@ class EvalConfig:
     k: int = 10
     pathways: tuple[MeasurementPathway, ...] = ("affine", "appendix")
     tiny: bool = False
+    coparent_mechanism: CoparentMechanism = "mlp"  # MeasurementCamaConfig's (a model-class ablation)
     train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: FinetuneConfig = field(
-        default_factory=lambda: FinetuneConfig(lr=1e-3, epochs=10, batch_size=50)
-    )
+    finetune: FinetuneConfig = ADAPT_RECIPE  # the recipe the service uses for the model
     dnn: DNNTrainConfig = field(default_factory=DNNTrainConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
@@ -164,7 +164,8 @@ def evaluate_seed(seed: int, cfg: EvalConfig) -> dict[str, float]:
     train_data, val_data, test = enc(ds.train), enc(ds.val), enc(ds.test)
     torch.manual_seed(seed)
     config = MeasurementCamaConfig.tiny() if cfg.tiny else MeasurementCamaConfig()
-    cama = MeasurementCama(replace(config, m_pathway=cfg.pathways[0]))
+    config = replace(config, m_pathway=cfg.pathways[0], coparent_mechanism=cfg.coparent_mechanism)
+    cama = MeasurementCama(config)
     train(cama, train_data, val_data, replace(cfg.train, seed=seed))
     dnn = train_dnn(train_data, val_data, cfg.dnn, seed)
     out = {"clean.cama": accuracy(cama, test, k=cfg.k), "clean.dnn": dnn_accuracy(dnn, test)}
@@ -381,6 +382,12 @@ def main(argv: list[str] | None = None) -> None:
         default=GeneratorConfig.quad_scale,
         help="generator's quadratic scale (a sensitivity check; metrics only for the default)",
     )
+    parser.add_argument(
+        "--coparent-mechanism",
+        choices=["mlp", "mlp_quadratic", "quadratic"],
+        default=EvalConfig.coparent_mechanism,
+        help="how c enters p(x|y,c,z,m) (MeasurementCamaConfig; an ablation: metrics only for mlp)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the output files, e.g. _q0.1")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dry-run", action="store_true", help="tiny models, one seed, few steps; no metrics")
@@ -388,7 +395,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     generator = replace(GeneratorConfig(), quad_scale=args.quad_scale)
-    cfg = EvalConfig(seeds=tuple(args.seeds), shifts=tuple(args.shifts), k=args.k, generator=generator)
+    cfg = EvalConfig(
+        seeds=tuple(args.seeds),
+        shifts=tuple(args.shifts),
+        k=args.k,
+        generator=generator,
+        coparent_mechanism=args.coparent_mechanism,
+    )
     if args.dry_run:
         cfg = replace(
             cfg,
@@ -414,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         per_seed.append(evaluate_seed(seed, cfg))
         print(f"seed {seed}: " + json.dumps({k: round(v, 3) for k, v in per_seed[-1].items()}), flush=True)
     values = finish(per_seed, cfg, args.out_dir, args.tag, command)
-    if not (args.no_metrics or args.dry_run or generator != GeneratorConfig()):
+    ablation = generator != GeneratorConfig() or args.coparent_mechanism != "mlp"
+    if not (args.no_metrics or args.dry_run or ablation):
         update_metrics(values)
 
 

@@ -191,6 +191,16 @@ def convert(source: Path, pathway: str, out: Path) -> None:
     print(f"{out}: m_pathway={pathway} sha256={digest}")
 
 
+def warm_start(source: Path, pathway: str | None) -> ImageCama:
+    """The image CAMA stored in ``source``, to continue training from (its m pathway unless given)."""
+    model, _ = load_checkpoint(source)
+    if not isinstance(model, ImageCama):
+        raise SystemExit(f"--init-from {source}: not an image CAMA checkpoint")
+    if pathway is not None and pathway != model.config.m_pathway:
+        model = with_m_pathway(model, pathway, q_m_logvar_init=ImageCamaConfig.q_m_logvar_init)
+    return model
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
@@ -214,6 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dry-run", action="store_true", help="one batch, one epoch")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="warm start: begin from this checkpoint's weights (new optimiser and lr schedule)",
+    )
     parser.add_argument(
         "--convert",
         type=Path,
@@ -256,8 +272,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    base = ImageCamaConfig.tiny() if args.tiny else ImageCamaConfig()
-    model = ImageCama(replace(base, m_pathway=args.m_pathway or "additive")).to(device)
+    provenance: dict[str, object] = {
+        "data_sha256": mnist.checksum,
+        "dataset": "mnist",
+        "train_size": len(tr),
+        "device": device.type,
+    }
+    if args.init_from is not None:
+        model = warm_start(args.init_from, args.m_pathway).to(device)
+        provenance |= {"init_from": str(args.init_from), "init_sha256": sha256_file(args.init_from)}
+    else:
+        base = ImageCamaConfig.tiny() if args.tiny else ImageCamaConfig()
+        model = ImageCama(replace(base, m_pathway=args.m_pathway or "additive")).to(device)
     result = train(
         model,
         tr,
@@ -265,12 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg,
         args.out,
         resume=args.resume,
-        provenance={
-            "data_sha256": mnist.checksum,
-            "dataset": "mnist",
-            "train_size": len(tr),
-            "device": device.type,
-        },
+        provenance=provenance,
     )
     print(json.dumps(result))
 
