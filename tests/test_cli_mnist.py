@@ -43,6 +43,7 @@ def test_every_mnist_entry_point_is_smoke_tested():
         "training.train_measurement",
         "training.evaluate_measurement",
         "training.check_measurement_gate",
+        "training.measurement_oracles",
         "training.export_model",
     }
     assert with_main - other_suites <= ENTRY_POINTS, with_main - other_suites - ENTRY_POINTS

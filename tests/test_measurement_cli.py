@@ -18,7 +18,7 @@ import pytest
 
 from cama.checkpoint import load_checkpoint
 from cama.measurement_model import MeasurementCama
-from training import check_measurement_gate, evaluate_measurement, train_measurement
+from training import check_measurement_gate, evaluate_measurement, measurement_oracles, train_measurement
 from training.measurement_data import make_dataset, schema_dict, to_frame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +26,7 @@ ENTRY_POINTS = (
     "training.train_measurement",
     "training.evaluate_measurement",
     "training.check_measurement_gate",
+    "training.measurement_oracles",
 )
 
 
@@ -223,6 +224,31 @@ def test_gate_check_runs_the_shipped_and_the_paper_recipe(
         check_measurement_gate.main(["--checkpoint", str(plain), "--out", str(tmp_path / "x.json")])
 
 
+def test_the_oracles_feature_set_spans_f_and_the_report_is_written(tmp_path: Path) -> None:
+    ds = make_dataset(2)
+    eq = ds.equations
+    c = ds.train.c.astype(np.float64)
+    phi = measurement_oracles.quadratic_features(ds.train.y, c, 5)
+    assert phi.shape == (450, 5 + 5 + 25 + 15)
+    exact = eq.f(ds.train.y, c)  # noise-free children: least squares must recover f to rounding
+    coef, *_ = np.linalg.lstsq(phi, exact, rcond=None)
+    far = c + 3.0  # and extrapolate it exactly, 3 SD out
+    predicted = measurement_oracles.quadratic_features(ds.train.y, far, 5) @ coef
+    np.testing.assert_allclose(predicted, eq.f(ds.train.y, far), atol=1e-8)
+    out = tmp_path / "oracles.json"
+    measurement_oracles.main(["--seeds", "0", "--shifts", "0", "3", "--draws", "200", "--out", str(out)])
+    report = json.loads(out.read_text())
+    row = report["per_seed"][0]
+    assert set(row) == {
+        "clean.true_f",
+        "clean.least_squares",
+        "coparent_shift.3.true_f",
+        "coparent_shift.3.least_squares",
+    }
+    assert row["clean.true_f"] > 0.9  # knowing f, the children pin the label down
+    assert row["coparent_shift.3.true_f"] >= row["coparent_shift.3.least_squares"]
+
+
 def test_evaluation_dry_run_writes_tables_plots_and_json(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -253,6 +279,7 @@ def test_every_entry_point_is_smoke_tested() -> None:
         "training.train_measurement",
         "training.evaluate_measurement",
         "training.check_measurement_gate",
+        "training.measurement_oracles",
     }
     found = {
         f"training.{p.stem}"
