@@ -127,7 +127,8 @@ class QuadraticHead(nn.Module):
     ``q(y, c) = b_y + V_y c + P [c, upper(c c^T)]``: every monomial of degree <= 2 in u (y is
     one-hot, so y_i y_j and y_i reduce to b_y). A ReLU decoder extrapolates a curved mechanism
     linearly outside the training rows; this head extrapolates a mechanism of degree <= 2 exactly
-    (docs/measurement.md, "co-parent shift"). It depends on y and c only, never on m.
+    (docs/measurement.md, "Does a decoder that can extrapolate f meet it?"). It depends on y and c
+    only, never on m.
     """
 
     def __init__(self, num_classes: int, dim_c: int, dim_x: int) -> None:
