@@ -17,6 +17,7 @@ ENTRY_POINTS = {
     "training.train_cama",
     "training.train_baseline",
     "training.evaluate_mnist",
+    "training.ft_seed_spread",
     "training.data",
 }
 
@@ -209,4 +210,33 @@ def test_train_then_evaluate_end_to_end(tmp_path):
         ),
     )
     assert "mnist.vshift.0.3.cama_ft_v" not in again  # nothing recomputed
+    # the fine-tuning seed spread: seed 1 beside evaluate_mnist's seed 0, in one table
+    seeds = tmp_path / "seeds.json"
+    table = run(
+        "training.ft_seed_spread",
+        *("--checkpoint", str(cama_ckpt), "--ranges", "0.3", "--seeds", "1", "--k", "1"),
+        *("--score-limit", "16", "--ft-steps", "2", "--out", str(seeds)),
+        *("--evaluated", str(out_dir / "mnist_eval.json")),
+    )
+    spread = json.loads(seeds.read_text())
+    assert sorted(spread) == sorted(
+        f"mnist.ft_seed.1.{scored}.0.3.cama_ft_{tag}" for scored in ("vshift", "hshift") for tag in "vh"
+    )
+    assert {entry["model"] for entry in spread.values()} == {sha256_file(cama_ckpt)[:12]}
+    assert "| vshift | hshift | 0.3 |" in table
+    assert "| hshift | hshift | 0.3 |" in table
+    assert "| hshift | vshift | 0.3 |" in seeds.with_suffix(".md").read_text()
+    # another checkpoint: its CAMA figures are measured anew, the baselines' are reused
+    other = run(
+        "training.evaluate_mnist",
+        *("--checkpoint", str(warm), "--dnn", str(dnn), "--bncnn", str(bncnn), "--bncnn-gap", str(bncnn)),
+        *("--sections", "clean", "--k", "1", "--clean-limit", "16", "--score-limit", "16"),
+        *("--out-dir", str(out_dir), "--ft-cache", str(tmp_path / "ft")),
+    )
+    assert "dropped" in other
+    assert "mnist.clean.cama " in other
+    assert "mnist.clean.dnn" not in other
+    cache = json.loads((out_dir / "mnist_eval.json").read_text())
+    assert "mnist.vshift.0.3.cama_ft_v" not in cache  # the first model's figure is gone
+    assert "mnist.vshift.0.3.dnn" in cache
     assert torch.load(next((tmp_path / "ft").rglob("ft_*.pt")), weights_only=False)["info"]["gate"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.evaluate_mnist import summary_tables
+from training.evaluate_mnist import Cache, summary_tables
 from training.experiment import resolve_device
 from training.plots import plot_mnist
 from training.train_cama import epochs_within
@@ -25,6 +25,44 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_cache_reuses_a_cama_figure_only_for_the_checkpoint_it_scored(tmp_path: Path):
+    cache = Cache(tmp_path / "eval.json", force=False)
+    calls: list[str] = []
+
+    def measure(value: float) -> float:
+        calls.append("measured")
+        return value
+
+    assert cache.get("mnist.clean.dnn", lambda: measure(0.98)) == 0.98
+    assert cache.get("mnist.clean.cama", lambda: measure(0.97), model="aaaa") == 0.97
+    assert cache.get("mnist.clean.cama", lambda: measure(0.5), model="aaaa") == 0.97  # cached
+    assert cache.get("mnist.clean.dnn", lambda: measure(0.5)) == 0.98
+    assert len(calls) == 2
+    assert cache.get("mnist.clean.cama", lambda: measure(0.99), model="bbbb") == 0.99  # other model
+    assert len(calls) == 3
+    assert cache.fresh("mnist.clean.cama", "bbbb")
+    assert not cache.fresh("mnist.clean.cama", "aaaa")
+
+    # a new checkpoint: the old model's figures go, baselines and kept keys stay
+    reread = Cache(tmp_path / "eval.json", force=False)
+    reread.put("mnist.fig10.clean.cama_aug_v", {"value": 0.9, "model": "cccc"})
+    reread.put("mnist.vshift.0.3.cama", {"value": 0.45, "model": "aaaa"})
+    dropped = reread.forget_other("bbbb", keep=lambda key: key.startswith("mnist.fig10."))
+    assert dropped == ["mnist.vshift.0.3.cama"]
+    assert set(reread.data) == {"mnist.clean.dnn", "mnist.clean.cama", "mnist.fig10.clean.cama_aug_v"}
+
+    # merging a parallel run's cache: new keys and this model's new figures are taken
+    other = {
+        "mnist.clean.dnn": {"value": 0.1},  # a baseline this cache has: kept as it is
+        "mnist.clean.cama": {"value": 0.98, "model": "bbbb"},  # this model, re-measured: taken
+        "mnist.noise.0.3.cama": {"value": 0.8, "model": "bbbb"},  # new: taken
+    }
+    assert reread.merge(other, "bbbb") == 2
+    assert reread.data["mnist.clean.dnn"]["value"] == 0.98
+    assert reread.data["mnist.clean.cama"]["value"] == 0.98
+    assert Cache(tmp_path / "eval.json", force=False).data == reread.data  # written through
 
 
 def _figures() -> dict[str, float]:

@@ -2,6 +2,7 @@
 
     python -m training.evaluate_mnist                       # everything, resuming from the cache
     python -m training.evaluate_mnist --sections clean fig7 --ranges 0.3 0.5
+    python -m training.evaluate_mnist --merge run1/mnist_eval.json run2/mnist_eval.json --sections
 
 Protocol (appendix C): fine-tuning uses the unlabelled "adapt" half of the manipulated test set
 (minus ``--gate-holdout`` images kept for the promotion gate's held-out ELBO(x)); accuracy is
@@ -68,7 +69,12 @@ class MissingModelError(FileNotFoundError):
 
 
 class Cache:
-    """Figures measured so far, keyed by metric name; written after every new figure."""
+    """Figures measured so far, keyed by metric name; written after every new figure.
+
+    A figure that scores a CAMA records the digest of the checkpoint it scored (``model``): it is
+    reused only for that checkpoint, so a retrained model never inherits another model's figures.
+    Baseline figures (DNN, TENT) carry no digest.
+    """
 
     def __init__(self, path: Path, force: bool) -> None:
         self.path = path
@@ -77,8 +83,38 @@ class Cache:
         if path.exists() and not force:
             self.data = json.loads(path.read_text())
 
-    def get(self, key: str, compute: Callable[[], float], **info: Any) -> float:
-        if key in self.data:
+    def fresh(self, key: str, model: str | None = None) -> bool:
+        """Whether ``key`` is cached and was measured on ``model`` (None: a baseline figure)."""
+        return key in self.data and self.data[key].get("model") == model
+
+    def forget_other(self, model: str, keep: Callable[[str], bool]) -> list[str]:
+        """Drop the figures measured on another checkpoint than ``model``, except where ``keep(key)``."""
+        stale = [k for k, v in self.data.items() if v.get("model") not in (None, model) and not keep(k)]
+        for key in stale:
+            del self.data[key]
+        return stale
+
+    def merge(self, other: dict[str, dict[str, Any]], model: str) -> int:
+        """Take the figures another run of this command measured (a parallel process's cache):
+        those this cache lacks, and those measured on ``model`` that replace older ones."""
+        taken = 0
+        for key, entry in other.items():
+            if key not in self.data or (entry.get("model") == model and self.data[key] != entry):
+                self.data[key] = entry
+                taken += 1
+        self.save()
+        return taken
+
+    def put(self, key: str, entry: dict[str, Any]) -> None:
+        self.data[key] = entry
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+
+    def get(self, key: str, compute: Callable[[], float], *, model: str | None = None, **info: Any) -> float:
+        if self.fresh(key, model):
             return float(self.data[key]["value"])
         t0 = time.perf_counter()
         try:
@@ -87,9 +123,8 @@ class Cache:
             print(f"{key:48s} skipped: {exc}", flush=True)
             return float("nan")
         seconds = round(time.perf_counter() - t0, 1)
-        self.data[key] = {"value": value, "seconds": seconds, **self.context, **info}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        tag = {} if model is None else {"model": model}
+        self.put(key, {"value": value, "seconds": seconds, **self.context, **tag, **info})
         print(f"{key:48s} {value:.4f}  ({self.data[key]['seconds']}s)", flush=True)
         return value
 
@@ -113,7 +148,15 @@ class Evaluator:
         self.clean = clean.to(self.device)
         self.clean_meta = meta
         # fine-tuned weights are cached per clean checkpoint: a retrained model never reuses them
-        self.ft_dir = Path(args.ft_cache) / sha256_file(args.checkpoint)[:12]
+        self.digest = sha256_file(args.checkpoint)[:12]
+        self.ft_dir = Path(args.ft_cache) / self.digest
+        for path in args.merge:
+            taken = self.cache.merge(json.loads(Path(path).read_text()), self.digest)
+            print(f"merged {taken} figures from {path}", flush=True)
+        stale = self.cache.forget_other(self.digest, keep=lambda key: key.startswith("mnist.fig10."))
+        if stale:
+            print(f"dropped {len(stale)} figures measured on another checkpoint", flush=True)
+            self.cache.save()
         self.replay = replay_set(self.mnist, cfg.replay)
         _, val = validation_split(self.mnist.train, 0.05, 0)
         n_canary = cfg.canary
@@ -204,10 +247,25 @@ def section_clean(ev: Evaluator) -> None:
     c = ev.cache
     for name, pathway in VARIANTS.items():
         model = variant(ev.clean, pathway)
-        c.get(f"mnist.clean.{name}", partial(cama_accuracy, model, test, ev.cfg.k), k=ev.cfg.k, n=len(test))
+        c.get(
+            f"mnist.clean.{name}",
+            partial(cama_accuracy, model, test, ev.cfg.k),
+            model=ev.digest,
+            k=ev.cfg.k,
+            n=len(test),
+        )
     for name, pathway in VARIANTS.items():
-        c.get(f"mnist.clean_score_half.{name}", partial(ev.cama, variant(ev.clean, pathway), ev.clean_score))
-    c.get("mnist.clean.cama.k1", partial(cama_accuracy, variant(ev.clean, "transform"), test, 1), k=1)
+        c.get(
+            f"mnist.clean_score_half.{name}",
+            partial(ev.cama, variant(ev.clean, pathway), ev.clean_score),
+            model=ev.digest,
+        )
+    c.get(
+        "mnist.clean.cama.k1",
+        partial(cama_accuracy, variant(ev.clean, "transform"), test, 1),
+        model=ev.digest,
+        k=1,
+    )
     c.get("mnist.clean.dnn", partial(ev.dnn, "dnn", test, limit=False), n=len(test))
     c.get("mnist.clean.tent", partial(ev.tent, None, test, limit=False), n=len(test))
     c.get("mnist.clean.tent_gap", partial(ev.tent, None, test, limit=False, arch="bncnn_gap"), n=len(test))
@@ -222,10 +280,12 @@ def section_clean(ev: Evaluator) -> None:
     if ev.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    c.data[f"mnist.predict_seconds_per_1000.cama{suffix}"] = {"value": seconds, "k": ev.cfg.k}
+    c.put(
+        f"mnist.predict_seconds_per_1000.cama{suffix}", {"value": seconds, "k": ev.cfg.k, "model": ev.digest}
+    )
     trained_on = str(ev.clean_meta.provenance.get("device", "cpu"))
     epoch_key = "mnist.train_epoch_seconds.cama" + ("" if trained_on == "cpu" else f".{trained_on}")
-    c.data[epoch_key] = {"value": float(ev.clean_meta.metrics["train_epoch_seconds"])}
+    c.put(epoch_key, {"value": float(ev.clean_meta.metrics["train_epoch_seconds"]), "model": ev.digest})
 
 
 def section_fig1(ev: Evaluator) -> None:
@@ -248,7 +308,11 @@ def section_fig7(ev: Evaluator) -> None:
             for name, pathway in VARIANTS.items():
                 if name not in ev.args.variants:
                     continue
-                c.get(f"mnist.{shift}.{r}.{name}", partial(ev.cama, variant(ev.clean, pathway), h.score))
+                c.get(
+                    f"mnist.{shift}.{r}.{name}",
+                    partial(ev.cama, variant(ev.clean, pathway), h.score),
+                    model=ev.digest,
+                )
         for name, pathway in VARIANTS.items():
             if name not in ev.args.variants:
                 continue
@@ -256,16 +320,21 @@ def section_fig7(ev: Evaluator) -> None:
                 keys = [f"mnist.{s}.{r}.{name}_ft_{tag}" for s in SHIFTS] + [
                     f"mnist.clean_after_ft_{tag}.{r}.{name}"
                 ]
-                if all(k in c.data for k in keys):
+                if all(c.fresh(k, ev.digest) for k in keys):
                     continue
                 model, info = ev.ft_model(f"{name}_{ft_shift}_{r}", pathway, sets[ft_shift].adapt.x)
                 for s, h in sets.items():
                     c.get(
                         f"mnist.{s}.{r}.{name}_ft_{tag}",
                         partial(ev.cama, model, h.score),
+                        model=ev.digest,
                         gate=info["gate"],
                     )
-                c.get(f"mnist.clean_after_ft_{tag}.{r}.{name}", partial(ev.cama, model, ev.clean_score))
+                c.get(
+                    f"mnist.clean_after_ft_{tag}.{r}.{name}",
+                    partial(ev.cama, model, ev.clean_score),
+                    model=ev.digest,
+                )
 
 
 def section_noise(ev: Evaluator, manipulation: str = "noise", level: float = 0.3) -> None:
@@ -278,14 +347,16 @@ def section_noise(ev: Evaluator, manipulation: str = "noise", level: float = 0.3
     for name, pathway in VARIANTS.items():
         if name not in ev.args.variants:
             continue
-        c.get(f"{prefix}.{name}", partial(ev.cama, variant(ev.clean, pathway), h.score))
+        c.get(f"{prefix}.{name}", partial(ev.cama, variant(ev.clean, pathway), h.score), model=ev.digest)
         keys = [f"{prefix}.{name}_ft", f"mnist.clean_after_ft_{manipulation}_{level:g}.{name}"]
-        if all(k in c.data for k in keys):
+        if all(c.fresh(k, ev.digest) for k in keys):
             continue
         model, info = ev.ft_model(f"{name}_{manipulation}_{level:g}", pathway, h.adapt.x)
-        c.get(keys[0], partial(ev.cama, model, h.score), gate=info["gate"])
-        c.get(keys[1], partial(ev.cama, model, ev.clean_score))
-        c.data[f"{prefix}.{name}_gate_accepted"] = {"value": float(info["gate"]["accepted"])}
+        c.get(keys[0], partial(ev.cama, model, h.score), model=ev.digest, gate=info["gate"])
+        c.get(keys[1], partial(ev.cama, model, ev.clean_score), model=ev.digest)
+        c.put(
+            f"{prefix}.{name}_gate_accepted", {"value": float(info["gate"]["accepted"]), "model": ev.digest}
+        )
 
 
 def section_unseen(ev: Evaluator) -> None:
@@ -300,7 +371,7 @@ def section_fig8(ev: Evaluator, shift: str = "vshift", level: float = 0.3) -> No
     for fraction in (0.01, 0.05, 0.1):
         n = int(fraction * len(ev.mnist.test))
         key = f"mnist.fig8.{shift}.{level:g}.frac.{fraction:g}.cama"
-        if key in ev.cache.data:
+        if ev.cache.fresh(key, ev.digest):
             continue
         adapt_x = np.concatenate([h.adapt.x[: ev.cfg.gate_holdout], h.adapt.x[ev.cfg.gate_holdout :][:n]])
         epochs = int(np.ceil(budget * ev.cfg.ft.batch_size / n))
@@ -310,10 +381,10 @@ def section_fig8(ev: Evaluator, shift: str = "vshift", level: float = 0.3) -> No
             model, info = ev.ft_model(f"fig8_{shift}_{level:g}_{fraction:g}", "transform", adapt_x)
         finally:
             ev.cfg = saved
-        ev.cache.get(key, partial(ev.cama, model, h.score), gate=info["gate"], n_adapt=n)
+        ev.cache.get(key, partial(ev.cama, model, h.score), model=ev.digest, gate=info["gate"], n_adapt=n)
     full = f"mnist.{shift}.{level}.cama_ft_{SHIFTS[shift]}"
-    if full in ev.cache.data:
-        ev.cache.data[f"mnist.fig8.{shift}.{level:g}.frac.0.5.cama"] = dict(ev.cache.data[full])
+    if ev.cache.fresh(full, ev.digest):
+        ev.cache.put(f"mnist.fig8.{shift}.{level:g}.frac.0.5.cama", dict(ev.cache.data[full]))
 
 
 def section_fig10(ev: Evaluator) -> None:
@@ -329,17 +400,19 @@ def section_fig10(ev: Evaluator) -> None:
         aug = aug.to(ev.device)
         pathway = aug.config.m_pathway
         name = f"cama_aug_{tag}"
-        digest = sha256_file(path)[:8]
-        ev.cache.get(f"mnist.fig10.clean.{name}", partial(ev.cama, aug, ev.clean_score))
+        digest = sha256_file(path)[:12]
+        ev.cache.get(f"mnist.fig10.clean.{name}", partial(ev.cama, aug, ev.clean_score), model=digest)
         for r in ev.args.ranges:
             for shift in SHIFTS:
                 h = manipulated_halves(ev.mnist.test, shift, r)
                 prefix = f"mnist.fig10.{shift}.{r}"
-                ev.cache.get(f"{prefix}.{name}", partial(ev.cama, aug, h.score))
-                if r == 0.0 or f"{prefix}.{name}_ft" in ev.cache.data:
+                ev.cache.get(f"{prefix}.{name}", partial(ev.cama, aug, h.score), model=digest)
+                if r == 0.0 or ev.cache.fresh(f"{prefix}.{name}_ft", digest):
                     continue
                 model, info = ev.ft_model(f"{name}_{digest}_{shift}_{r}", pathway, h.adapt.x, base=aug)
-                ev.cache.get(f"{prefix}.{name}_ft", partial(ev.cama, model, h.score), gate=info["gate"])
+                ev.cache.get(
+                    f"{prefix}.{name}_ft", partial(ev.cama, model, h.score), model=digest, gate=info["gate"]
+                )
 
 
 def section_ablation(ev: Evaluator) -> None:
@@ -348,11 +421,11 @@ def section_ablation(ev: Evaluator) -> None:
     for manipulation, level, tag in (("vshift", 0.3, "ft_v"), ("noise", 0.3, "ft")):
         h = manipulated_halves(ev.mnist.test, manipulation, level)
         key = f"mnist.ablation.q_m_zero.{manipulation}.{level:g}.cama_{tag}"
-        if key in ev.cache.data:
+        if ev.cache.fresh(key, ev.digest):
             continue
         name = f"ablation_q_m_zero_{manipulation}_{level:g}"
         model, info = ev.ft_model(name, "transform", h.adapt.x, zero_q_m=True)
-        ev.cache.get(key, partial(ev.cama, model, h.score), gate=info["gate"])
+        ev.cache.get(key, partial(ev.cama, model, h.score), model=ev.digest, gate=info["gate"])
 
 
 @torch.no_grad()
@@ -472,18 +545,19 @@ def write_outputs(ev: Evaluator) -> None:
         "",
         "Every figure measured so far, from the cache `mnist_eval.json` beside this file (an entry is",
         "measured once and kept until `--force`; `device` says where, `n` how many images were scored",
-        "where fewer than the whole 5000-image half). Last written by",
+        "where fewer than the whole 5000-image half, `model` the first 12 hex digits of the SHA-256 of",
+        "the CAMA checkpoint it scored). Last written by",
         f"`{' '.join(['python -m training.evaluate_mnist', *sys.argv[1:]])}` "
         f"(K={ev.cfg.k}, fine-tuning {asdict(ev.cfg.ft)}).",
         "",
-        "| key | value | seconds | device | n |",
-        "| --- | ---: | ---: | --- | ---: |",
+        "| key | value | seconds | device | n | model |",
+        "| --- | ---: | ---: | --- | ---: | --- |",
     ]
     for key in sorted(ev.cache.data):
         entry = ev.cache.data[key]
         lines.append(
             f"| `{key}` | {entry['value']:.4f} | {entry.get('seconds', '')} | {entry.get('device', 'cpu')} "
-            f"| {entry.get('n_score', '')} |"
+            f"| {entry.get('n_score', '')} | {entry.get('model', '')} |"
         )
     (ev.out / "mnist.md").write_text("\n".join(lines) + "\n")
 
@@ -506,7 +580,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--cama-aug-v", dest="cama_aug_v", default="models/mnist_cama_aug_vshift.pt")
     parser.add_argument("--cama-aug-h", dest="cama_aug_h", default="models/mnist_cama_aug_hshift.pt")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument(
+        "--sections",
+        nargs="*",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="what to measure (none: only rewrite the tables, plots and metrics from the cache)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="CACHE",
+        help="first take the figures of other runs' mnist_eval.json (parallel processes, another machine)",
+    )
     parser.add_argument("--ranges", nargs="+", type=float, default=list(RANGES))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--k", type=int, default=EvalConfig.k)

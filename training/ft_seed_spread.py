@@ -1,0 +1,145 @@
+"""How much fig. 7's fine-tuning figures move with the fine-tuning seed alone.
+
+    python -m training.ft_seed_spread --device cuda --ranges 0.2 0.3 --seeds 1 2
+    python -m training.ft_seed_spread --merge a.json b.json     # join parallel runs, print the table
+
+``evaluate_mnist`` fine-tunes once per (shift, range) with seed 0. This command repeats exactly
+that fine-tuning (the transform m pathway, eq. 8 on the unlabelled adapt half minus the gate's
+hold-out, the same ``EvalConfig.ft``) with other seeds (the replay and batch order and the
+initial q(m|x) projection change; the data and its split do not) and scores both shifts' scoring
+halves, so that a figure such as "fine-tuning on one shift lowers the other by at most 1 point"
+can be read against its seed-to-seed spread. Figures are cached in
+``docs/results/mnist_ft_seeds.json`` with the digest of the checkpoint they scored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cama.checkpoint import load_checkpoint, sha256_file
+from cama.image_model import ImageCama
+from training.data import load_mnist
+from training.evaluate_mnist import RANGES, SHIFTS, Cache, EvalConfig
+from training.experiment import cama_accuracy, finetuned, manipulated_halves, replay_set, resolve_device
+
+OUT = Path("docs/results/mnist_ft_seeds.json")
+
+
+def key(ft_shift: str, scored: str, r: float, seed: int) -> str:
+    return f"mnist.ft_seed.{seed}.{scored}.{r}.cama_ft_{SHIFTS[ft_shift]}"
+
+
+def measure(args: argparse.Namespace, cache: Cache, digest: str) -> None:
+    """Fine-tune on each shift and range with each seed; score both shifts."""
+    device = resolve_device(args.device)
+    clean, _ = load_checkpoint(args.checkpoint)
+    if not isinstance(clean, ImageCama):
+        raise SystemExit(f"{args.checkpoint} is not an image CAMA checkpoint")
+    clean = clean.to(device)
+    cfg = EvalConfig(k=args.k, score_limit=args.score_limit)
+    ft = cfg.ft if args.ft_steps is None else replace(cfg.ft, max_steps=args.ft_steps)
+    mnist = load_mnist(args.data_dir)
+    replay = replay_set(mnist, cfg.replay)
+    for r in args.ranges:
+        sets = {shift: manipulated_halves(mnist.test, shift, r) for shift in SHIFTS}
+        for seed in args.seeds:
+            for ft_shift, halves in sets.items():
+                keys = [key(ft_shift, scored, r, seed) for scored in SHIFTS]
+                if all(cache.fresh(k, digest) for k in keys):
+                    continue
+                model, seconds = finetuned(
+                    clean, "transform", replay, halves.adapt.x[cfg.gate_holdout :], replace(ft, seed=seed)
+                )
+                print(f"  ft on {ft_shift} {r} seed {seed}: {seconds:.0f}s", flush=True)
+                for scored, k in zip(SHIFTS, keys, strict=True):
+                    score = partial(cama_accuracy, model, sets[scored].score, cfg.k, limit=cfg.score_limit)
+                    cache.get(k, score, model=digest, seed=seed, ft_seconds=round(seconds, 1))
+
+
+def table(cache: Cache, evaluated: dict[str, dict[str, Any]], digest: str) -> list[str]:
+    """Per range and direction: the clean model, seed 0 (evaluate_mnist) and the other seeds."""
+
+    def value(k: str, data: dict[str, dict[str, Any]]) -> float | None:
+        entry = data.get(k)
+        return float(entry["value"]) if entry is not None and entry.get("model") == digest else None
+
+    lines = [
+        "| fine-tuned on | scored on | range | no FT | seed 0 | other seeds | mean - no FT (points) |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+    seeds = sorted({int(k.split(".")[2]) for k in cache.data})
+    for r in RANGES:
+        for ft_shift in SHIFTS:
+            for scored in SHIFTS:
+                base = value(f"mnist.{scored}.{r}.cama", evaluated)
+                first = value(f"mnist.{scored}.{r}.cama_ft_{SHIFTS[ft_shift]}", evaluated)
+                others = [
+                    v for s in seeds if (v := value(key(ft_shift, scored, r, s), cache.data)) is not None
+                ]
+                if not others or base is None or first is None:
+                    continue
+                mean = float(np.mean([first, *others]))
+                lines.append(
+                    f"| {ft_shift} | {scored} | {r} | {base:.4f} | {first:.4f} | "
+                    f"{', '.join(f'{v:.4f}' for v in others)} | {100 * (mean - base):+.2f} |"
+                )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--checkpoint", default="models/mnist_cama_clean.pt")
+    parser.add_argument("--ranges", nargs="*", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2])
+    parser.add_argument("--k", type=int, default=EvalConfig.k)
+    parser.add_argument("--score-limit", type=int, default=None)
+    parser.add_argument("--ft-steps", type=int, default=None, help="cap fine-tuning steps (smoke runs)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--evaluated", type=Path, default=Path("docs/results/mnist_eval.json"))
+    parser.add_argument(
+        "--merge", nargs="+", default=[], metavar="CACHE", help="take other runs' figures first"
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    digest = sha256_file(args.checkpoint)[:12]
+    cache = Cache(args.out, force=False)
+    cache.context = {"device": args.device}
+    for path in args.merge:
+        cache.merge(json.loads(Path(path).read_text()), digest)
+    cache.forget_other(digest, keep=lambda _: False)
+    cache.save()
+    if args.ranges and args.seeds:
+        measure(args, cache, digest)
+    evaluated = json.loads(args.evaluated.read_text()) if args.evaluated.exists() else {}
+    lines = table(cache, evaluated, digest)
+    print("\n".join(lines))
+    intro = [
+        "# Fine-tuning seed spread (fig. 7)",
+        "",
+        f"Checkpoint `{args.checkpoint}` (sha256 `{digest}...`). Accuracy on the scoring half after",
+        "fine-tuning the transform m pathway on one shift's unlabelled adapt half; seed 0 is the figure",
+        "of `evaluate_mnist` (`mnist_eval.json`), the other seeds repeat that fine-tuning with another",
+        "seed (`mnist_ft_seeds.json`). Last column: mean over all seeds minus the model without",
+        "fine-tuning, in points. Written by `python -m training.ft_seed_spread` (see its docstring).",
+        "",
+    ]
+    args.out.with_suffix(".md").write_text("\n".join([*intro, *lines]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
