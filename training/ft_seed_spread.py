@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table", type=Path, default=None, help="markdown table (default: --out with .md)")
     parser.add_argument("--evaluated", type=Path, default=Path("docs/results/mnist_eval.json"))
     parser.add_argument(
         "--merge", nargs="+", default=[], metavar="CACHE", help="take other runs' figures first"
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         "fine-tuning, in points. Written by `python -m training.ft_seed_spread` (see its docstring).",
         "",
     ]
-    args.out.with_suffix(".md").write_text("\n".join([*intro, *lines]) + "\n")
+    (args.table or args.out.with_suffix(".md")).write_text("\n".join([*intro, *lines]) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ fi
 PIDS=()
 for r in 0.1 0.2 0.3 0.4 0.5; do
   timeout ${T:-230} python3 -m training.ft_seed_spread --device cuda --ranges $r --seeds 1 2 \
-    --out "$OUT/seeds_$r.json" > /tmp/seeds_$r.log 2>&1 &
+    --out "$OUT/seeds_$r.json" --table /tmp/seeds_$r.md > /tmp/seeds_$r.log 2>&1 &  # at most 8 files come back
   PIDS+=($!)
 done
 wait "${PIDS[@]}"
