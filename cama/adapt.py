@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ class FinetuneConfig:
     seed: int = 0
     max_steps: int | None = None
     bf16: bool = False
+    # "cosine": the step size decays to zero over the run (less step-to-step noise in the weights
+    # the run ends with); "constant": the paper's plain Adam
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class StepResult:
     objective: float
     clean_elbo: float
     test_elbo: float
+    lr: float = 0.0  # the step size this step was taken with
 
 
 @dataclass
@@ -117,7 +121,9 @@ def finetune_step(
     optimizer.zero_grad(set_to_none=True)
     (-objective).backward()  # type: ignore[no-untyped-call]
     optimizer.step()
-    return StepResult(objective.item(), clean_elbo.item(), test_elbo.item())
+    return StepResult(
+        objective.item(), clean_elbo.item(), test_elbo.item(), float(optimizer.param_groups[0]["lr"])
+    )
 
 
 def finetune(
@@ -149,6 +155,11 @@ def finetune(
     n = test_x.shape[0]
     per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        if cfg.lr_schedule == "cosine"
+        else None
+    )
     report = FinetuneReport()
     model.train()  # type: ignore[attr-defined]
     while report.steps < total:
@@ -171,6 +182,8 @@ def finetune(
                 clean_cond=index_cond(clean_cond, clean_idx),
                 test_cond=index_cond(test_cond, idx),
             )
+            if scheduler is not None:
+                scheduler.step()
             report.steps += 1
             report.history.append(step)
             if on_progress is not None:

@@ -142,6 +142,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
             "noise",
             "fig9",
             "fig10",
+            "tent_lr",
         ),
         *("--cama-aug-v", str(aug), "--cama-aug-h", str(aug)),
         *(
@@ -167,6 +168,11 @@ def test_train_then_evaluate_end_to_end(tmp_path):
         "mnist.clean.cama_paper",
         "mnist.clean.dnn",
         "mnist.clean.tent",
+        "mnist.clean.bncnn",
+        "mnist.vshift.0.3.bncnn_gap",
+        "mnist.noise.0.3.bncnn",
+        "mnist.vshift.0.3.tent_lr.0.0001",
+        "mnist.hshift.0.3.tent_gap_lr.0.03",
         "mnist.vshift.0.3.cama_ft_h",
         "mnist.hshift.0.3.cama_paper_ft_v",
         "mnist.noise.0.3.cama_ft",
@@ -182,6 +188,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert (out_dir / "fig9.png").stat().st_size > 1000
     assert (out_dir / "fig10.png").stat().st_size > 1000
     assert "python -m training.evaluate_mnist" in (out_dir / "mnist.md").read_text()
+    assert "| vshift 0.3, dense head |" in (out_dir / "mnist.md").read_text()
     # the fine-tuned weights were cached and a second run reuses every figure
     assert list((tmp_path / "ft").rglob("ft_*.pt"))
     again = run(

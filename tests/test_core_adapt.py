@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -70,6 +72,21 @@ def test_finetune_reports_progress_and_can_be_cancelled():
     report2 = adapt.finetune(model2, x, y, x, cfg, should_stop=lambda: next(calls) >= 3)
     assert report2.cancelled
     assert report2.steps == 3
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_step_size_schedule(schedule):
+    model = make("transform")
+    x, y = data(32)
+    lrs: list[float] = []
+    cfg = adapt.FinetuneConfig(epochs=2, batch_size=8, lr=1e-3, lr_schedule=schedule)
+    adapt.finetune(model, x, y, x, cfg, on_progress=lambda f, s: lrs.append(s.lr))
+    assert len(lrs) == 8
+    assert lrs[0] == pytest.approx(1e-3)
+    if schedule == "constant":
+        assert lrs == [pytest.approx(1e-3)] * 8
+    else:  # half a cosine over the 8 steps: 1e-3 (1 + cos(pi k / 8)) / 2
+        assert lrs == [pytest.approx(1e-3 * (1 + math.cos(math.pi * k / 8)) / 2) for k in range(8)]
 
 
 def test_reset_restores_the_state_exactly():

@@ -5,8 +5,9 @@
 
 ``evaluate_mnist`` fine-tunes once per (shift, range) with seed 0. This command repeats exactly
 that fine-tuning (the transform m pathway, eq. 8 on the unlabelled adapt half minus the gate's
-hold-out, the same ``EvalConfig.ft``) with other seeds (the replay and batch order and the
-initial q(m|x) projection change; the data and its split do not) and scores both shifts' scoring
+hold-out, the same ``EvalConfig.ft``) with other seeds (the replay sample, the batch order and the
+ELBO's noise change; the data, its split and the initial q(m|x) projection, which
+``ImageCama.reinit_m_inference`` always draws with seed 0, do not) and scores both shifts' scoring
 halves, so that a figure such as "fine-tuning on one shift lowers the other by at most 1 point"
 can be read against its seed-to-seed spread. Figures are cached in
 ``docs/results/mnist_ft_seeds.json`` with the digest of the checkpoint they scored.
