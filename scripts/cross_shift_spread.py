@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--ft-steps", type=int, default=None, help="cap fine-tuning steps (smoke runs)")
+    parser.add_argument("--score-limit", type=int, default=None, help="score the first N images (smoke runs)")
     parser.add_argument("--out", type=Path, default=Path("docs/results/cross_shift_cpu.json"))
     parser.add_argument("--table", action="store_true", help="only print the table of --out")
     args = parser.parse_args(argv)
@@ -94,13 +96,17 @@ def measure(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> Non
     cfg = EvalConfig()
     mnist = load_mnist(args.data_dir)
     replay = replay_set(mnist, cfg.replay)
-    vshift = manipulated_halves(mnist.test, "vshift", args.level).score
+    n = args.score_limit
+    v_all = manipulated_halves(mnist.test, "vshift", args.level).score
+    vshift = Split(v_all.x[:n], v_all.y[:n])
     hshift = manipulated_halves(mnist.test, "hshift", args.level)
-    h_check = Split(hshift.score.x[:1000], hshift.score.y[:1000])
+    h_check = Split(hshift.score.x[: n or 1000], hshift.score.y[: n or 1000])
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     info = {
         "model": digest,
         "range": args.level,
-        "device": f"cpu ({platform.processor() or platform.machine()})",
+        "device": f"{device.type} ({where})",
+        "n_scored": len(vshift.y),
     }
 
     def save(key: str, entry: dict[str, Any]) -> None:
@@ -108,13 +114,13 @@ def measure(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> Non
         print(key, json.dumps(results[key]), flush=True)
         args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
-    if results.get("none", {}).get("model") != digest:
+    if any(results.get("none", {}).get(k) != info[k] for k in ("model", "n_scored")):
         save("none", {"acc_v": cama_accuracy(variant(clean, "transform"), vshift, cfg.k)})
     for seed in args.seeds:
         key = f"{args.schedule}.{seed}"
-        if results.get(key, {}).get("model") == digest:
+        if all(results.get(key, {}).get(k) == info[k] for k in ("model", "n_scored")):
             continue
-        ft = replace(cfg.ft, seed=seed, lr_schedule=args.schedule)
+        ft = replace(cfg.ft, seed=seed, lr_schedule=args.schedule, max_steps=args.ft_steps)
         model, seconds = finetuned(
             clean, "transform", replay, hshift.adapt.x[cfg.gate_holdout :], ft, log_every=0
         )
