@@ -70,6 +70,8 @@ def _figures() -> dict[str, float]:
         "mnist.vshift.0.3.dnn": 0.43,
         "mnist.vshift.0.3.cama": 0.45,
         "mnist.vshift.0.3.cama_ft_v": 0.95,
+        "mnist.vshift.0.3.bncnn_gap": 0.93,
+        "mnist.vshift.0.3.tent_lr.0.01": 0.55,
         "mnist.noise.0.3.cama_paper_ft": 0.10,
         "mnist.fig10.hshift.0.5.cama_aug_v": 0.27,
         "mnist.fig8.vshift.0.3.frac.0.01.cama": 0.95,
@@ -79,8 +81,11 @@ def _figures() -> dict[str, float]:
 
 def test_summary_tables_place_each_figure_in_its_row_and_column():
     text = "\n".join(summary_tables(_figures()))
-    assert "| vshift 0.3 | 0.4300 |  |  | 0.4500 | 0.9500 |  |" in text
-    assert "| noise 0.3 |  |  |  |  |  |  | 0.1000 |" in text
+    assert "| vshift 0.3 | 0.4300 |  |  | 0.9300 |  | 0.4500 | 0.9500 |  |" in text
+    assert "| noise 0.3 |  |  |  |  |  |  |  |  | 0.1000 |" in text
+    # TENT's step-size sweep: lr 1e-2 is the fifth of six columns, then CAMA + FT on that shift
+    assert "| vshift 0.3, dense head |  |  |  |  | 0.5500 |  | 0.9500 |" in text
+    assert "hshift 0.3, dense head" not in text
     assert "| hshift 0.5 | 0.2700 |  |  |  |" in text
     assert "vshift 0.1" not in text  # rows without any figure are left out
 
