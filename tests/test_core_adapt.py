@@ -89,6 +89,31 @@ def test_step_size_schedule(schedule):
         assert lrs == [pytest.approx(1e-3 * (1 + math.cos(math.pi * k / 8)) / 2) for k in range(8)]
 
 
+def test_tail_averaging_returns_the_mean_of_the_last_iterates():
+    model = make("transform")
+    before = adapt.snapshot(model)
+    selected = {id(p) for p in adapt.collect_params(model)}
+    params = adapt.collect_params(model)
+    x, y = data(32)
+    iterates: list[list[torch.Tensor]] = []
+    cfg = adapt.FinetuneConfig(epochs=2, batch_size=8, lr=1e-2, average="tail", average_fraction=0.5)
+    report = adapt.finetune(
+        model, x, y, x, cfg, on_progress=lambda f, s: iterates.append([p.detach().clone() for p in params])
+    )
+    assert report.steps == 8
+    assert len(iterates) == 8
+    for i, p in enumerate(params):  # steps 5..8 of 8 are averaged; the last iterate is not returned
+        expected = torch.stack([it[i] for it in iterates[4:]]).mean(dim=0)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(p, it) for p, it in zip(params, iterates[-1], strict=True))
+    after = model.state_dict()
+    for name, p in model.named_parameters():
+        if id(p) not in selected:
+            assert torch.equal(after[name], before[name]), f"{name} changed"
+    with pytest.raises(ValueError, match="average_fraction"):
+        adapt.finetune(make("transform"), x, y, x, adapt.FinetuneConfig(average="tail", average_fraction=0.0))
+
+
 def test_reset_restores_the_state_exactly():
     model = make("transform")
     state = adapt.snapshot(model)

@@ -273,6 +273,10 @@ def test_jobs_and_models_errors(client):
     assert (r.status_code, reason(r)) == (422, "invalid_request")
     r = client.post("/adapt", json={"model": "tiny", "images": [GOOD] * 3}, headers=auth)
     assert (r.status_code, reason(r)) == (422, "too_few_inputs")
+    for bad in ({"lr_schedule": "linear"}, {"average": "tail"}):  # unknown value, unknown option
+        body = {"model": "tiny", "images": [GOOD] * 20, "finetune": bad}
+        r = client.post("/adapt", json=body, headers=auth)
+        assert (r.status_code, reason(r)) == (422, "invalid_request"), bad
     r = client.post("/models/tiny/activate", json={"version": 9}, headers=auth)
     assert (r.status_code, reason(r)) == (404, "unknown_version")
     r = client.get("/models/nope")

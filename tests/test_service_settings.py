@@ -90,3 +90,11 @@ def test_recipe_precedence_defaults_model_operator_job(monkeypatch):
     assert (cfg.alpha, cfg.epochs) == (0.9, 7)  # a field the operator set beats the model's
     cfg = finetune_config(Settings(), _job(epochs=2, alpha=0.3), shipped)
     assert (cfg.alpha, cfg.epochs) == (0.3, 2)  # the job's overrides beat everything
+    assert cfg.lr_schedule == "constant"
+    cfg = finetune_config(Settings(), _job(), {**shipped, "lr_schedule": "cosine"})
+    assert cfg.lr_schedule == "cosine"  # the model's recipe
+    monkeypatch.setenv("CAMA_FINETUNE__LR_SCHEDULE", "constant")
+    cfg = finetune_config(Settings(), _job(), {**shipped, "lr_schedule": "cosine"})
+    assert cfg.lr_schedule == "constant"  # the operator's
+    cfg = finetune_config(Settings(), _job(lr_schedule="cosine"), shipped)
+    assert cfg.lr_schedule == "cosine"  # the job's

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.evaluate_mnist import Cache, summary_tables
+from cama.adapt import FinetuneConfig
+from training.evaluate_mnist import LEGACY_RECIPE, Cache, EvalConfig, recipe_id, same_recipe, summary_tables
 from training.experiment import resolve_device
 from training.plots import plot_mnist
 from training.train_cama import epochs_within
@@ -63,6 +64,28 @@ def test_cache_reuses_a_cama_figure_only_for_the_checkpoint_it_scored(tmp_path: 
     assert reread.data["mnist.clean.dnn"]["value"] == 0.98
     assert reread.data["mnist.clean.cama"]["value"] == 0.98
     assert Cache(tmp_path / "eval.json", force=False).data == reread.data  # written through
+
+
+def test_cache_reuses_a_fine_tuned_figure_only_under_its_recipe(tmp_path: Path):
+    recipe = recipe_id(EvalConfig().ft)
+    assert recipe == LEGACY_RECIPE == "batch_size=32,bf16=True,epochs=2"
+    tail = recipe_id(FinetuneConfig(**{**EvalConfig().ft.__dict__, "average": "tail"}))
+    assert tail == "average=tail,batch_size=32,bf16=True,epochs=2"
+    cache = Cache(tmp_path / "eval.json", force=False)
+    cache.put("mnist.vshift.0.3.cama_ft_v", {"value": 0.95, "model": "aaaa"})  # cached before recipes
+    assert cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", recipe)
+    assert not cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", tail)
+    assert cache.get("mnist.vshift.0.3.cama_ft_v", lambda: 0.96, model="aaaa", recipe=tail) == 0.96
+    assert cache.data["mnist.vshift.0.3.cama_ft_v"]["recipe"] == tail
+    assert cache.get("mnist.vshift.0.3.cama_ft_v", lambda: 0.5, model="aaaa", recipe=tail) == 0.96
+    assert not cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", recipe)
+
+    # saved fine-tuned weights: reused only if made with the same settings
+    saved = {k: v for k, v in EvalConfig().ft.__dict__.items() if k not in ("average", "average_fraction")}
+    assert same_recipe(saved, EvalConfig().ft)  # saved before the averaging option existed
+    assert not same_recipe(saved, FinetuneConfig(**{**EvalConfig().ft.__dict__, "average": "tail"}))
+    assert not same_recipe({**saved, "an_unknown_option": 1}, EvalConfig().ft)
+    assert not same_recipe(None, EvalConfig().ft)
 
 
 def _figures() -> dict[str, float]:

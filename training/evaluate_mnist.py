@@ -7,8 +7,9 @@
 Protocol (appendix C): fine-tuning uses the unlabelled "adapt" half of the manipulated test set
 (minus ``--gate-holdout`` images kept for the promotion gate's held-out ELBO(x)); accuracy is
 reported on the other half. Every measured figure is cached in ``docs/results/mnist_eval.json``
-(so an interrupted run resumes), then written as flat keys into ``docs/results/metrics.json``,
-as tables in ``docs/results/mnist.md`` and as plots beside them.
+(so an interrupted run resumes; a fine-tuned figure records its recipe, :func:`recipe_id`, and is
+measured again under another one, e.g. ``--ft-average tail``), then written as flat keys into
+``docs/results/metrics.json``, as tables in ``docs/results/mnist.md`` and as plots beside them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,22 @@ class EvalConfig:
     )
 
 
+def recipe_id(ft: FinetuneConfig) -> str:
+    """The fine-tuning settings that differ from :class:`FinetuneConfig`'s defaults, e.g.
+    ``"batch_size=32,bf16=True,epochs=2"``: the recipe a fine-tuned figure was measured with. A new
+    option with a default value leaves the recipes measured before it unchanged."""
+    default = FinetuneConfig()
+    return ",".join(
+        f"{f.name}={getattr(ft, f.name)}"
+        for f in sorted(fields(ft), key=lambda f: f.name)
+        if getattr(ft, f.name) != getattr(default, f.name)
+    )
+
+
+# what every fine-tuned figure cached before recipes were recorded was measured with
+LEGACY_RECIPE = recipe_id(FinetuneConfig(lr=1e-3, epochs=2, batch_size=32, alpha=0.5, bf16=True))
+
+
 class MissingModelError(FileNotFoundError):
     """A baseline checkpoint the figure needs does not exist (yet): the figure is skipped."""
 
@@ -84,9 +101,13 @@ class Cache:
         if path.exists() and not force:
             self.data = json.loads(path.read_text())
 
-    def fresh(self, key: str, model: str | None = None) -> bool:
-        """Whether ``key`` is cached and was measured on ``model`` (None: a baseline figure)."""
-        return key in self.data and self.data[key].get("model") == model
+    def fresh(self, key: str, model: str | None = None, recipe: str | None = None) -> bool:
+        """Whether ``key`` is cached and was measured on ``model`` (None: a baseline figure) and,
+        for a fine-tuned figure, with the fine-tuning ``recipe`` (:func:`recipe_id`)."""
+        entry = self.data.get(key)
+        if entry is None or entry.get("model") != model:
+            return False
+        return recipe is None or entry.get("recipe", LEGACY_RECIPE) == recipe
 
     def forget_other(self, model: str, keep: Callable[[str], bool]) -> list[str]:
         """Drop the figures measured on another checkpoint than ``model``, except where ``keep(key)``."""
@@ -114,8 +135,17 @@ class Cache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
 
-    def get(self, key: str, compute: Callable[[], float], *, model: str | None = None, **info: Any) -> float:
-        if self.fresh(key, model):
+    def get(
+        self,
+        key: str,
+        compute: Callable[[], float],
+        *,
+        model: str | None = None,
+        recipe: str | None = None,
+        **info: Any,
+    ) -> float:
+        """The cached figure, or ``compute()`` it and cache it (with ``recipe`` if it fine-tunes)."""
+        if self.fresh(key, model, recipe):
             return float(self.data[key]["value"])
         t0 = time.perf_counter()
         try:
@@ -125,6 +155,8 @@ class Cache:
             return float("nan")
         seconds = round(time.perf_counter() - t0, 1)
         tag = {} if model is None else {"model": model}
+        if recipe is not None:
+            tag["recipe"] = recipe
         self.put(key, {"value": value, "seconds": seconds, **self.context, **tag, **info})
         print(f"{key:48s} {value:.4f}  ({self.data[key]['seconds']}s)", flush=True)
         return value
@@ -136,6 +168,7 @@ class Evaluator:
     def __init__(self, args: argparse.Namespace, cfg: EvalConfig) -> None:
         self.args = args
         self.cfg = cfg
+        self.recipe = recipe_id(cfg.ft)
         self.mnist: Mnist = load_mnist(args.data_dir)
         self.out = Path(args.out_dir)
         self.cache = Cache(self.out / "mnist_eval.json", args.force)
@@ -196,9 +229,9 @@ class Evaluator:
         path = self.ft_dir / f"ft_{name}.pt"
         n_gate = self.cfg.gate_holdout
         train_x, heldout = adapt_x[n_gate:], torch.from_numpy(adapt_x[:n_gate]).to(self.device)
-        if path.exists() and not self.args.force:
+        saved = torch.load(path, weights_only=False, map_location=self.device) if path.exists() else None
+        if saved is not None and not self.args.force and same_recipe(saved["info"].get("ft"), self.cfg.ft):
             model = variant(base, pathway)
-            saved = torch.load(path, weights_only=False, map_location=self.device)
             model.load_state_dict(saved["state_dict"])
             return model.eval(), saved["info"]
         model, seconds = finetuned(
@@ -242,6 +275,14 @@ class Evaluator:
         adapt_x = None if adapt is None else self.limit(adapt).x
         scored = self.limit(score) if limit else score
         return tent_accuracy(self.baseline(arch), scored.x, scored.y, adapt_x=adapt_x, lr=lr)
+
+
+def same_recipe(saved: dict[str, Any] | None, ft: FinetuneConfig) -> bool:
+    """Whether fine-tuned weights saved with settings ``saved`` were made with ``ft``."""
+    try:
+        return saved is not None and FinetuneConfig(**saved) == ft
+    except TypeError:  # settings of an option this version does not know
+        return False
 
 
 def source_baselines(ev: Evaluator, prefix: str, score: Split) -> None:
@@ -334,7 +375,7 @@ def section_fig7(ev: Evaluator) -> None:
                 keys = [f"mnist.{s}.{r}.{name}_ft_{tag}" for s in SHIFTS] + [
                     f"mnist.clean_after_ft_{tag}.{r}.{name}"
                 ]
-                if all(c.fresh(k, ev.digest) for k in keys):
+                if all(c.fresh(k, ev.digest, ev.recipe) for k in keys):
                     continue
                 model, info = ev.ft_model(f"{name}_{ft_shift}_{r}", pathway, sets[ft_shift].adapt.x)
                 for s, h in sets.items():
@@ -342,12 +383,14 @@ def section_fig7(ev: Evaluator) -> None:
                         f"mnist.{s}.{r}.{name}_ft_{tag}",
                         partial(ev.cama, model, h.score),
                         model=ev.digest,
+                        recipe=ev.recipe,
                         gate=info["gate"],
                     )
                 c.get(
                     f"mnist.clean_after_ft_{tag}.{r}.{name}",
                     partial(ev.cama, model, ev.clean_score),
                     model=ev.digest,
+                    recipe=ev.recipe,
                 )
 
 
@@ -364,13 +407,14 @@ def section_noise(ev: Evaluator, manipulation: str = "noise", level: float = 0.3
             continue
         c.get(f"{prefix}.{name}", partial(ev.cama, variant(ev.clean, pathway), h.score), model=ev.digest)
         keys = [f"{prefix}.{name}_ft", f"mnist.clean_after_ft_{manipulation}_{level:g}.{name}"]
-        if all(c.fresh(k, ev.digest) for k in keys):
+        if all(c.fresh(k, ev.digest, ev.recipe) for k in keys):
             continue
         model, info = ev.ft_model(f"{name}_{manipulation}_{level:g}", pathway, h.adapt.x)
-        c.get(keys[0], partial(ev.cama, model, h.score), model=ev.digest, gate=info["gate"])
-        c.get(keys[1], partial(ev.cama, model, ev.clean_score), model=ev.digest)
+        c.get(keys[0], partial(ev.cama, model, h.score), model=ev.digest, recipe=ev.recipe, gate=info["gate"])
+        c.get(keys[1], partial(ev.cama, model, ev.clean_score), model=ev.digest, recipe=ev.recipe)
         c.put(
-            f"{prefix}.{name}_gate_accepted", {"value": float(info["gate"]["accepted"]), "model": ev.digest}
+            f"{prefix}.{name}_gate_accepted",
+            {"value": float(info["gate"]["accepted"]), "model": ev.digest, "recipe": ev.recipe},
         )
 
 
@@ -401,7 +445,7 @@ def section_fig8(ev: Evaluator, shift: str = "vshift", level: float = 0.3) -> No
     for fraction in (0.01, 0.05, 0.1):
         n = int(fraction * len(ev.mnist.test))
         key = f"mnist.fig8.{shift}.{level:g}.frac.{fraction:g}.cama"
-        if ev.cache.fresh(key, ev.digest):
+        if ev.cache.fresh(key, ev.digest, ev.recipe):
             continue
         adapt_x = np.concatenate([h.adapt.x[: ev.cfg.gate_holdout], h.adapt.x[ev.cfg.gate_holdout :][:n]])
         epochs = int(np.ceil(budget * ev.cfg.ft.batch_size / n))
@@ -411,9 +455,16 @@ def section_fig8(ev: Evaluator, shift: str = "vshift", level: float = 0.3) -> No
             model, info = ev.ft_model(f"fig8_{shift}_{level:g}_{fraction:g}", "transform", adapt_x)
         finally:
             ev.cfg = saved
-        ev.cache.get(key, partial(ev.cama, model, h.score), model=ev.digest, gate=info["gate"], n_adapt=n)
+        ev.cache.get(
+            key,
+            partial(ev.cama, model, h.score),
+            model=ev.digest,
+            recipe=ev.recipe,
+            gate=info["gate"],
+            n_adapt=n,
+        )
     full = f"mnist.{shift}.{level}.cama_ft_{SHIFTS[shift]}"
-    if ev.cache.fresh(full, ev.digest):
+    if ev.cache.fresh(full, ev.digest, ev.recipe):
         ev.cache.put(f"mnist.fig8.{shift}.{level:g}.frac.0.5.cama", dict(ev.cache.data[full]))
 
 
@@ -437,11 +488,15 @@ def section_fig10(ev: Evaluator) -> None:
                 h = manipulated_halves(ev.mnist.test, shift, r)
                 prefix = f"mnist.fig10.{shift}.{r}"
                 ev.cache.get(f"{prefix}.{name}", partial(ev.cama, aug, h.score), model=digest)
-                if r == 0.0 or ev.cache.fresh(f"{prefix}.{name}_ft", digest):
+                if r == 0.0 or ev.cache.fresh(f"{prefix}.{name}_ft", digest, ev.recipe):
                     continue
                 model, info = ev.ft_model(f"{name}_{digest}_{shift}_{r}", pathway, h.adapt.x, base=aug)
                 ev.cache.get(
-                    f"{prefix}.{name}_ft", partial(ev.cama, model, h.score), model=digest, gate=info["gate"]
+                    f"{prefix}.{name}_ft",
+                    partial(ev.cama, model, h.score),
+                    model=digest,
+                    recipe=ev.recipe,
+                    gate=info["gate"],
                 )
 
 
@@ -451,11 +506,13 @@ def section_ablation(ev: Evaluator) -> None:
     for manipulation, level, tag in (("vshift", 0.3, "ft_v"), ("noise", 0.3, "ft")):
         h = manipulated_halves(ev.mnist.test, manipulation, level)
         key = f"mnist.ablation.q_m_zero.{manipulation}.{level:g}.cama_{tag}"
-        if ev.cache.fresh(key, ev.digest):
+        if ev.cache.fresh(key, ev.digest, ev.recipe):
             continue
         name = f"ablation_q_m_zero_{manipulation}_{level:g}"
         model, info = ev.ft_model(name, "transform", h.adapt.x, zero_q_m=True)
-        ev.cache.get(key, partial(ev.cama, model, h.score), model=ev.digest, gate=info["gate"])
+        ev.cache.get(
+            key, partial(ev.cama, model, h.score), model=ev.digest, recipe=ev.recipe, gate=info["gate"]
+        )
 
 
 @torch.no_grad()
@@ -604,18 +661,20 @@ def write_outputs(ev: Evaluator) -> None:
         "Every figure measured so far, from the cache `mnist_eval.json` beside this file (an entry is",
         "measured once and kept until `--force`; `device` says where, `n` how many images were scored",
         "where fewer than the whole 5000-image half, `model` the first 12 hex digits of the SHA-256 of",
-        "the CAMA checkpoint it scored). Last written by",
+        "the CAMA checkpoint it scored, `recipe` the fine-tuning settings that differ from",
+        "`FinetuneConfig`'s defaults, empty for a figure without fine-tuning and, before recipes were",
+        f"recorded, `{LEGACY_RECIPE}`). Last written by",
         f"`{' '.join(['python -m training.evaluate_mnist', *sys.argv[1:]])}` "
         f"(K={ev.cfg.k}, fine-tuning {asdict(ev.cfg.ft)}).",
         "",
-        "| key | value | seconds | device | n | model |",
-        "| --- | ---: | ---: | --- | ---: | --- |",
+        "| key | value | seconds | device | n | model | recipe |",
+        "| --- | ---: | ---: | --- | ---: | --- | --- |",
     ]
     for key in sorted(ev.cache.data):
         entry = ev.cache.data[key]
         lines.append(
             f"| `{key}` | {entry['value']:.4f} | {entry.get('seconds', '')} | {entry.get('device', 'cpu')} "
-            f"| {entry.get('n_score', '')} | {entry.get('model', '')} |"
+            f"| {entry.get('n_score', '')} | {entry.get('model', '')} | {entry.get('recipe', '')} |"
         )
     (ev.out / "mnist.md").write_text("\n".join(lines) + "\n")
 
@@ -662,6 +721,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ft-cache", default="models/scratch", help="where fine-tuned weights are kept")
     parser.add_argument("--ft-steps", type=int, default=None, help="cap fine-tuning steps (smoke runs)")
     parser.add_argument(
+        "--ft-schedule", choices=["constant", "cosine"], default=None, help="fine-tuning step size schedule"
+    )
+    parser.add_argument(
+        "--ft-average",
+        choices=["none", "tail"],
+        default=None,
+        help="tail: fine-tuning returns the mean of its last half's iterates (FinetuneConfig.average)",
+    )
+    parser.add_argument(
         "--clean-limit", type=int, default=None, help="clean accuracy on the first N test images"
     )
     parser.add_argument("--canary", type=int, default=1000, help="labelled clean images for the gate")
@@ -672,7 +740,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     ft = EvalConfig().ft
     if args.ft_steps is not None:
-        ft = FinetuneConfig(**{**asdict(ft), "max_steps": args.ft_steps})
+        ft = replace(ft, max_steps=args.ft_steps)
+    if args.ft_schedule is not None:
+        ft = replace(ft, lr_schedule=args.ft_schedule)
+    if args.ft_average is not None:
+        ft = replace(ft, average=args.ft_average)
     cfg = EvalConfig(
         k=args.k, score_limit=args.score_limit, ft=ft, gate_holdout=args.gate_holdout, canary=args.canary
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,12 +118,14 @@ def finetuned(
     log_every: int = 50,
     reinit_q_m: bool = True,
     zero_q_m: bool = False,
+    on_step: Callable[[ImageCama, float], None] | None = None,
 ) -> tuple[ImageCama, float]:
     """A fine-tuned copy (eq. 8, NN_M^p and NN_M^q only) and the seconds it took.
 
     ``reinit_q_m``: a do(m=0)-trained additive model's q(m|x) was never trained and gets the same
     symmetry-breaking start as the transform pathway; a model trained with eq. 5 keeps its own.
     ``zero_q_m`` (the ablation): start from a zero q(m|x) mean instead, the same m for every x.
+    ``on_step(model, fraction)`` runs after every step (e.g. to keep the iterates).
     """
     model = variant(clean, pathway)
     if zero_q_m:
@@ -137,6 +140,8 @@ def finetuned(
         steps[0] += 1
         if log_every and steps[0] % log_every == 0:
             print(f"  ft {fraction:6.1%} {step}", flush=True)
+        if on_step is not None:
+            on_step(model, fraction)
 
     device = model_device(model)
     clean_x, clean_y = replay[0].to(device), replay[1].to(device)

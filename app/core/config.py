@@ -27,6 +27,7 @@ class FinetuneSettings(BaseModel):
     seed: int = 0
     max_steps: int | None = Field(default=None, ge=1)
     bf16: bool = False
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
 
 class Settings(BaseSettings):

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One device call: two warm restarts of the clean CAMA, then the full MNIST evaluation of the
 # result in 8 processes, merged into one cache. SMOKE=1 runs the same steps tiny (CPU check).
+# RESTARTS=0 skips the restarts (evaluate the shipped model); EVX adds evaluate_mnist options to
+# every evaluation process, e.g. EVX="--ft-average tail" to measure every fine-tuned figure with
+# another fine-tuning recipe (cached figures of another recipe are measured again).
 set -u
 T0=$(date +%s)
 LIMIT=${LIMIT:-585}
@@ -28,7 +31,9 @@ else
   B1=150; B2=80
 fi
 
+EVX=${EVX:-}
 # --- 1. two warm restarts (docs/gpu.md), judged by validation accuracy at K=10 ---
+if [ "${RESTARTS:-1}" = 1 ]; then
 timeout $((B1 + 45)) $PY -m training.train_cama --device $DEV --init-from models/mnist_cama_clean.pt \
   --epochs 20 --lr 3e-4 --val-k 10 --time-budget $B1 $TR --out /tmp/w1.pt 2>&1 | grep -v "it/s\]" 
 echo "restart 1 done at $(el)s"
@@ -52,6 +57,7 @@ if pick:
     print("picked", pick)
 EOF
 cp models/mnist_cama_clean.pt "$OUT/mnist_cama_clean.pt"
+fi
 sha256sum models/mnist_cama_clean.pt
 
 # --- 2. the full evaluation, 8 processes on the one device ---
@@ -70,7 +76,7 @@ echo "evaluation: ${EVAL_T}s per process, starting at $(el)s"
 PIDS=()
 for i in "${!SETS[@]}"; do
   mkdir -p /tmp/p$i && cp docs/results/mnist_eval.json /tmp/p$i/
-  timeout $EVAL_T $PY -m training.evaluate_mnist --device $DEV ${SETS[$i]} $EV \
+  timeout $EVAL_T $PY -m training.evaluate_mnist --device $DEV ${SETS[$i]} $EV $EVX \
     --out-dir /tmp/p$i --ft-cache /tmp/ft > /tmp/p$i/log 2>&1 &
   PIDS+=($!)
 done
@@ -82,6 +88,6 @@ tar cf "$OUT/caches.tar" -C /tmp p0/mnist_eval.json p1/mnist_eval.json p2/mnist_
 cp /tmp/p3/fig9.png "$OUT/" 2>/dev/null
 mkdir -p /tmp/merged && cp docs/results/mnist_eval.json /tmp/merged/
 timeout $(( $(left) - 5 )) $PY -m training.evaluate_mnist --device $DEV --out-dir /tmp/merged --ft-cache /tmp/ft \
-  --merge /tmp/p?/mnist_eval.json --sections fig8 > /tmp/merged/log 2>&1; tail -12 /tmp/merged/log
+  --merge /tmp/p?/mnist_eval.json --sections fig8 $EVX > /tmp/merged/log 2>&1; tail -12 /tmp/merged/log
 cp /tmp/merged/mnist_eval.json "$OUT/" 2>/dev/null
 echo "all done at $(el)s"
