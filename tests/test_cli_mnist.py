@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,6 +211,8 @@ def test_train_then_evaluate_end_to_end(tmp_path):
             "16",
             "--clean-limit",
             "16",
+            "--ft-steps",
+            "2",
             "--out-dir",
             str(out_dir),
             "--ft-cache",
@@ -217,6 +220,20 @@ def test_train_then_evaluate_end_to_end(tmp_path):
         ),
     )
     assert "mnist.vshift.0.3.cama_ft_v" not in again  # nothing recomputed
+    # another fine-tuning recipe: its figures are measured anew (in a copy of the results)
+    out_cosine = tmp_path / "cosine"
+    shutil.copytree(out_dir, out_cosine)
+    cosine = run(
+        "training.evaluate_mnist",
+        *("--checkpoint", str(cama_ckpt), "--sections", "fig7", "--ranges", "0.3", "--variants", "cama"),
+        *("--dnn", str(dnn), "--bncnn", str(bncnn), "--bncnn-gap", str(bncnn), "--k", "1"),
+        *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "cosine", "--gate-holdout", "8"),
+        *("--canary", "32", "--out-dir", str(out_cosine), "--ft-cache", str(tmp_path / "ft_cosine")),
+    )
+    assert "mnist.vshift.0.3.cama_ft_v" in cosine
+    assert "mnist.vshift.0.3.dnn" not in cosine  # figures without fine-tuning are reused
+    entry = json.loads((out_cosine / "mnist_eval.json").read_text())["mnist.vshift.0.3.cama_ft_v"]
+    assert entry["recipe"] == "batch_size=32,bf16=True,epochs=2,lr_schedule=cosine,max_steps=2"
     # the fine-tuning seed spread: seed 1 beside evaluate_mnist's seed 0, in one table
     seeds = tmp_path / "seeds.json"
     table = run(

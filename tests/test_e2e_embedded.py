@@ -88,8 +88,8 @@ def test_adaptation_hot_swaps_with_zero_failed_requests(accepting):
     svc, registry = accepting
     with httpx.Client(base_url=svc.url, timeout=30, headers=AUTH) as client:
         load = ContinuousClient(svc.url, predict_payload()).start()
-        recipe = {"lr_schedule": "cosine"}  # an optional recipe setting, carried into the job
-        r = client.post("/adapt", json={"model": "tiny", "images": shifted_batch(), "finetune": recipe})
+        overrides = {"lr_schedule": "cosine"}  # an optional recipe setting
+        r = client.post("/adapt", json={"model": "tiny", "images": shifted_batch(), "finetune": overrides})
         assert r.status_code == 202, r.text
         accepted = r.json()
         assert accepted["state"] == "queued"
@@ -114,7 +114,7 @@ def test_adaptation_hot_swaps_with_zero_failed_requests(accepting):
     assert job["version"] == 2
     assert job["base_version"] == 1
     assert job["n_inputs"] == 40
-    assert job["finetune"] == recipe
+    assert job["finetune"]["lr_schedule"] == "cosine"  # the recipe it ran with
     assert job["gate"]["accepted"]
     assert job["metrics"]["steps"] >= 1
     assert stats["failed_requests"] == 0, stats["failures"]
