@@ -78,6 +78,7 @@ class FinetuneOverrides(BaseModel):
     seed: int | None = Field(default=None, ge=0, lt=2**31)
     max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
     lr_schedule: Literal["constant", "cosine"] | None = None
+    decay_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
 
 
 class AdaptRequest(InputsRequest):

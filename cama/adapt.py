@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -36,6 +37,10 @@ class FinetuneConfig:
     # "cosine": the step size decays to zero over the run (less step-to-step noise in the weights
     # the run ends with); "constant": the paper's plain Adam
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # with "cosine": the step size stays at ``lr`` and then decays along half a cosine to zero over
+    # the last ``decay_fraction`` of the steps (1.0: over the whole run). A short decay keeps the
+    # constant step's progress and still ends the run on a settled iterate
+    decay_fraction: float = 1.0
     # "tail": return the mean of the iterates of the last ``average_fraction`` of the steps
     # (stochastic weight averaging, Izmailov et al. 2018) instead of the last iterate, whose
     # accuracy on data unlike the adaptation batch swings by a point or more from step to step.
@@ -135,6 +140,14 @@ def finetune_step(
     )
 
 
+def step_size_factor(total: int, decay_fraction: float, step: int) -> float:
+    """The cosine schedule's factor on ``lr`` at 0-based ``step`` of ``total``: 1 until the last
+    ``decay_fraction`` of the steps, then half a cosine from 1 towards 0."""
+    decay = max(1, round(total * decay_fraction))
+    into = step - (total - decay)
+    return 1.0 if into <= 0 else 0.5 * (1.0 + math.cos(math.pi * into / decay))
+
+
 def finetune(
     model: CamaModel,
     clean_x: Tensor,
@@ -164,8 +177,10 @@ def finetune(
     n = test_x.shape[0]
     per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    if not 0.0 < cfg.decay_fraction <= 1.0:
+        raise ValueError(f"decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
     scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        torch.optim.lr_scheduler.LambdaLR(optimizer, partial(step_size_factor, total, cfg.decay_fraction))
         if cfg.lr_schedule == "cosine"
         else None
     )

@@ -2,6 +2,7 @@
 
     python scripts/cross_shift_spread.py --seeds 0 1 2 3            # constant step (the recipe)
     python scripts/cross_shift_spread.py --schedule cosine --seeds 0 1 2 3
+    python scripts/cross_shift_spread.py --schedule cosine --decay 0.2 --seeds 0 1  # decays at the end only
     python scripts/cross_shift_spread.py --average tail --seeds 0 1 2 3    # mean of the last half's iterates
     python scripts/cross_shift_spread.py --snapshots 0.5 0.6 0.7 0.8 0.9 1 --seeds 0 --score-limit 2000 \
         --out docs/results/cross_shift_trajectory.json     # also score the iterates along the run
@@ -80,9 +81,12 @@ def _row(recipe: str, seeds: list[int], accs_list: list[float], base: float) -> 
 
 
 def recipe_name(entry: dict[str, Any]) -> str:
-    """``constant``, ``cosine``, or either with ``+tail`` where the iterates were averaged."""
+    """``constant``, ``cosine`` (``cosine@0.2``: decayed over the last fifth of the run only), or
+    either with ``+tail`` where the iterates were averaged."""
     average = entry.get("average", "none")
-    return str(entry["schedule"]) + ("" if average == "none" else f"+{average}")
+    decay = entry.get("decay_fraction", 1.0)
+    name = str(entry["schedule"]) + ("" if decay == 1.0 or entry["schedule"] != "cosine" else f"@{decay:g}")
+    return name + ("" if average == "none" else f"+{average}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--range", type=float, default=0.2, dest="level")
     parser.add_argument("--seeds", nargs="*", type=int, default=[])
     parser.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    parser.add_argument(
+        "--decay", type=float, default=1.0, help="with --schedule cosine: FinetuneConfig.decay_fraction"
+    )
     parser.add_argument("--average", choices=["none", "tail"], default="none", help="FinetuneConfig.average")
     parser.add_argument(
         "--snapshots",
@@ -150,12 +157,19 @@ def measure(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> Non
     if any(results.get("none", {}).get(k) != info[k] for k in ("model", "n_scored")):
         save("none", {"acc_v": cama_accuracy(variant(clean, "transform"), vshift, cfg.k)})
     for seed in args.seeds:
-        recipe = recipe_name({"schedule": args.schedule, "average": args.average})
+        recipe = recipe_name(
+            {"schedule": args.schedule, "average": args.average, "decay_fraction": args.decay}
+        )
         key = f"{recipe}.{seed}"
         if all(results.get(key, {}).get(k) == info[k] for k in ("model", "n_scored")):
             continue
         ft = replace(
-            cfg.ft, seed=seed, lr_schedule=args.schedule, average=args.average, max_steps=args.ft_steps
+            cfg.ft,
+            seed=seed,
+            lr_schedule=args.schedule,
+            decay_fraction=args.decay,
+            average=args.average,
+            max_steps=args.ft_steps,
         )
         iterates: dict[float, list[torch.Tensor]] = {}
 
@@ -172,6 +186,7 @@ def measure(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> Non
         entry = {
             "schedule": args.schedule,
             "average": args.average,
+            "decay_fraction": args.decay,
             "seed": seed,
             "ft_seconds": round(seconds, 1),
             "acc_v": cama_accuracy(model, vshift, cfg.k),

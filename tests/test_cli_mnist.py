@@ -227,13 +227,15 @@ def test_train_then_evaluate_end_to_end(tmp_path):
         "training.evaluate_mnist",
         *("--checkpoint", str(cama_ckpt), "--sections", "fig7", "--ranges", "0.3", "--variants", "cama"),
         *("--dnn", str(dnn), "--bncnn", str(bncnn), "--bncnn-gap", str(bncnn), "--k", "1"),
-        *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "cosine", "--gate-holdout", "8"),
-        *("--canary", "32", "--out-dir", str(out_cosine), "--ft-cache", str(tmp_path / "ft_cosine")),
+        *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "cosine", "--ft-decay", "0.5"),
+        *("--gate-holdout", "8", "--canary", "32"),
+        *("--out-dir", str(out_cosine), "--ft-cache", str(tmp_path / "ft_cosine")),
     )
     assert "mnist.vshift.0.3.cama_ft_v" in cosine
     assert "mnist.vshift.0.3.dnn" not in cosine  # figures without fine-tuning are reused
     entry = json.loads((out_cosine / "mnist_eval.json").read_text())["mnist.vshift.0.3.cama_ft_v"]
-    assert entry["recipe"] == "batch_size=32,bf16=True,epochs=2,lr_schedule=cosine,max_steps=2"
+    cosine_recipe = "batch_size=32,bf16=True,decay_fraction=0.5,epochs=2,lr_schedule=cosine,max_steps=2"
+    assert entry["recipe"] == cosine_recipe
     # the fine-tuning seed spread: seed 1 beside evaluate_mnist's seed 0, in one table
     seeds = tmp_path / "seeds.json"
     table = run(
@@ -250,6 +252,18 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert "| vshift | hshift | 0.3 |" in table
     assert "| hshift | hshift | 0.3 |" in table
     assert "| hshift | vshift | 0.3 |" in seeds.with_suffix(".md").read_text()
+    assert {entry["recipe"] for entry in spread.values()} == {"batch_size=32,bf16=True,epochs=2,max_steps=2"}
+    # another recipe: measured anew, and its table pairs it with evaluate_mnist's seed 0 of that recipe
+    cosine_table = run(
+        "training.ft_seed_spread",
+        *("--checkpoint", str(cama_ckpt), "--ranges", "0.3", "--seeds", "1", "--k", "1"),
+        *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "cosine", "--ft-decay", "0.5"),
+        *("--out", str(seeds)),
+        *("--evaluated", str(out_cosine / "mnist_eval.json")),
+    )
+    assert {entry["recipe"] for entry in json.loads(seeds.read_text()).values()} == {cosine_recipe}
+    assert "| vshift | hshift | 0.3 |" in cosine_table
+    assert "lr_schedule=cosine" in seeds.with_suffix(".md").read_text()
     # another checkpoint: its CAMA figures are measured anew, the baselines' are reused
     other = run(
         "training.evaluate_mnist",

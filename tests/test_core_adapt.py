@@ -89,6 +89,19 @@ def test_step_size_schedule(schedule):
         assert lrs == [pytest.approx(1e-3 * (1 + math.cos(math.pi * k / 8)) / 2) for k in range(8)]
 
 
+def test_cosine_decay_over_the_last_fraction_only():
+    model = make("transform")
+    x, y = data(32)
+    lrs: list[float] = []
+    cfg = adapt.FinetuneConfig(epochs=2, batch_size=8, lr=1e-3, lr_schedule="cosine", decay_fraction=0.5)
+    adapt.finetune(model, x, y, x, cfg, on_progress=lambda f, s: lrs.append(s.lr))
+    # 8 steps, the last 4 decay: constant through step 4 (0-based), then 1e-3 (1 + cos(pi j / 4)) / 2
+    expected = [1e-3] * 5 + [1e-3 * (1 + math.cos(math.pi * j / 4)) / 2 for j in (1, 2, 3)]
+    assert lrs == [pytest.approx(v) for v in expected]
+    with pytest.raises(ValueError, match="decay_fraction"):
+        adapt.finetune(model, x, y, x, adapt.FinetuneConfig(lr_schedule="cosine", decay_fraction=0.0))
+
+
 def test_tail_averaging_returns_the_mean_of_the_last_iterates():
     model = make("transform")
     before = adapt.snapshot(model)

@@ -273,7 +273,8 @@ def test_jobs_and_models_errors(client):
     assert (r.status_code, reason(r)) == (422, "invalid_request")
     r = client.post("/adapt", json={"model": "tiny", "images": [GOOD] * 3}, headers=auth)
     assert (r.status_code, reason(r)) == (422, "too_few_inputs")
-    for bad in ({"lr_schedule": "linear"}, {"average": "tail"}):  # unknown value, unknown option
+    # bad values, an unknown option
+    for bad in ({"lr_schedule": "linear"}, {"decay_fraction": 0}, {"average": "tail"}):
         body = {"model": "tiny", "images": [GOOD] * 20, "finetune": bad}
         r = client.post("/adapt", json=body, headers=auth)
         assert (r.status_code, reason(r)) == (422, "invalid_request"), bad

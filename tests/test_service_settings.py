@@ -98,3 +98,5 @@ def test_recipe_precedence_defaults_model_operator_job(monkeypatch):
     assert cfg.lr_schedule == "constant"  # the operator's
     cfg = finetune_config(Settings(), _job(lr_schedule="cosine"), shipped)
     assert cfg.lr_schedule == "cosine"  # the job's
+    cfg = finetune_config(Settings(), _job(lr_schedule="cosine", decay_fraction=0.2), shipped)
+    assert (cfg.lr_schedule, cfg.decay_fraction) == ("cosine", 0.2)

@@ -679,6 +679,38 @@ def write_outputs(ev: Evaluator) -> None:
     (ev.out / "mnist.md").write_text("\n".join(lines) + "\n")
 
 
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """The options that change the fine-tuning recipe from :class:`EvalConfig`'s (``--ft-*``)."""
+    parser.add_argument("--ft-steps", type=int, default=None, help="cap fine-tuning steps (smoke runs)")
+    parser.add_argument(
+        "--ft-schedule", choices=["constant", "cosine"], default=None, help="fine-tuning step size schedule"
+    )
+    parser.add_argument(
+        "--ft-decay",
+        type=float,
+        default=None,
+        help="with --ft-schedule cosine: decay over this last fraction of the run (decay_fraction)",
+    )
+    parser.add_argument(
+        "--ft-average",
+        choices=["none", "tail"],
+        default=None,
+        help="tail: fine-tuning returns the mean of its last half's iterates (FinetuneConfig.average)",
+    )
+
+
+def recipe_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """``EvalConfig.ft`` with the ``--ft-*`` options of :func:`add_recipe_args` applied."""
+    ft = EvalConfig().ft
+    changes = {
+        "max_steps": args.ft_steps,
+        "lr_schedule": args.ft_schedule,
+        "decay_fraction": args.ft_decay,
+        "average": args.ft_average,
+    }
+    return replace(ft, **{k: v for k, v in changes.items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
@@ -719,16 +751,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where metrics, tables and plots go")
     parser.add_argument("--ft-cache", default="models/scratch", help="where fine-tuned weights are kept")
-    parser.add_argument("--ft-steps", type=int, default=None, help="cap fine-tuning steps (smoke runs)")
-    parser.add_argument(
-        "--ft-schedule", choices=["constant", "cosine"], default=None, help="fine-tuning step size schedule"
-    )
-    parser.add_argument(
-        "--ft-average",
-        choices=["none", "tail"],
-        default=None,
-        help="tail: fine-tuning returns the mean of its last half's iterates (FinetuneConfig.average)",
-    )
+    add_recipe_args(parser)
     parser.add_argument(
         "--clean-limit", type=int, default=None, help="clean accuracy on the first N test images"
     )
@@ -738,13 +761,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ft = EvalConfig().ft
-    if args.ft_steps is not None:
-        ft = replace(ft, max_steps=args.ft_steps)
-    if args.ft_schedule is not None:
-        ft = replace(ft, lr_schedule=args.ft_schedule)
-    if args.ft_average is not None:
-        ft = replace(ft, average=args.ft_average)
+    ft = recipe_from_args(args)
     cfg = EvalConfig(
         k=args.k, score_limit=args.score_limit, ft=ft, gate_holdout=args.gate_holdout, canary=args.canary
     )

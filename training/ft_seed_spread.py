@@ -2,6 +2,8 @@
 
     python -m training.ft_seed_spread --device cuda --ranges 0.2 0.3 --seeds 1 2
     python -m training.ft_seed_spread --merge a.json b.json     # join parallel runs, print the table
+    python -m training.ft_seed_spread --ft-schedule cosine --ft-decay 0.2 --out cand.json \
+        --evaluated docs/results/candidate_wsd/mnist_eval.json          # another fine-tuning recipe
 
 ``evaluate_mnist`` fine-tunes once per (shift, range) with seed 0. This command repeats exactly
 that fine-tuning (the transform m pathway, eq. 8 on the unlabelled adapt half minus the gate's
@@ -10,7 +12,9 @@ ELBO's noise change; the data, its split and the initial q(m|x) projection, whic
 ``ImageCama.reinit_m_inference`` always draws with seed 0, do not) and scores both shifts' scoring
 halves, so that a figure such as "fine-tuning on one shift lowers the other by at most 1 point"
 can be read against its seed-to-seed spread. Figures are cached in
-``docs/results/mnist_ft_seeds.json`` with the digest of the checkpoint they scored.
+``docs/results/mnist_ft_seeds.json`` with the digest of the checkpoint they scored and the
+fine-tuning recipe (``--ft-*`` as in ``evaluate_mnist``); the table shows only the figures of
+the recipe asked for, seed 0 included.
 """
 
 from __future__ import annotations
@@ -28,7 +32,16 @@ import torch
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
 from training.data import load_mnist
-from training.evaluate_mnist import RANGES, SHIFTS, Cache, EvalConfig
+from training.evaluate_mnist import (
+    LEGACY_RECIPE,
+    RANGES,
+    SHIFTS,
+    Cache,
+    EvalConfig,
+    add_recipe_args,
+    recipe_from_args,
+    recipe_id,
+)
 from training.experiment import cama_accuracy, finetuned, manipulated_halves, replay_set, resolve_device
 
 OUT = Path("docs/results/mnist_ft_seeds.json")
@@ -45,8 +58,9 @@ def measure(args: argparse.Namespace, cache: Cache, digest: str) -> None:
     if not isinstance(clean, ImageCama):
         raise SystemExit(f"{args.checkpoint} is not an image CAMA checkpoint")
     clean = clean.to(device)
-    cfg = EvalConfig(k=args.k, score_limit=args.score_limit)
-    ft = cfg.ft if args.ft_steps is None else replace(cfg.ft, max_steps=args.ft_steps)
+    ft = recipe_from_args(args)
+    cfg = EvalConfig(k=args.k, score_limit=args.score_limit, ft=ft)
+    recipe = recipe_id(ft)
     mnist = load_mnist(args.data_dir)
     replay = replay_set(mnist, cfg.replay)
     for r in args.ranges:
@@ -54,7 +68,7 @@ def measure(args: argparse.Namespace, cache: Cache, digest: str) -> None:
         for seed in args.seeds:
             for ft_shift, halves in sets.items():
                 keys = [key(ft_shift, scored, r, seed) for scored in SHIFTS]
-                if all(cache.fresh(k, digest) for k in keys):
+                if all(cache.fresh(k, digest, recipe) for k in keys):
                     continue
                 model, seconds = finetuned(
                     clean, "transform", replay, halves.adapt.x[cfg.gate_holdout :], replace(ft, seed=seed)
@@ -62,15 +76,20 @@ def measure(args: argparse.Namespace, cache: Cache, digest: str) -> None:
                 print(f"  ft on {ft_shift} {r} seed {seed}: {seconds:.0f}s", flush=True)
                 for scored, k in zip(SHIFTS, keys, strict=True):
                     score = partial(cama_accuracy, model, sets[scored].score, cfg.k, limit=cfg.score_limit)
-                    cache.get(k, score, model=digest, seed=seed, ft_seconds=round(seconds, 1))
+                    cache.get(k, score, model=digest, recipe=recipe, seed=seed, ft_seconds=round(seconds, 1))
 
 
-def table(cache: Cache, evaluated: dict[str, dict[str, Any]], digest: str) -> list[str]:
-    """Per range and direction: the clean model, seed 0 (evaluate_mnist) and the other seeds."""
+def table(cache: Cache, evaluated: dict[str, dict[str, Any]], digest: str, recipe: str) -> list[str]:
+    """Per range and direction: the clean model, seed 0 (evaluate_mnist) and the other seeds,
+    fine-tuned with ``recipe`` (:func:`recipe_id`)."""
 
-    def value(k: str, data: dict[str, dict[str, Any]]) -> float | None:
+    def value(k: str, data: dict[str, dict[str, Any]], tuned: bool = True) -> float | None:
         entry = data.get(k)
-        return float(entry["value"]) if entry is not None and entry.get("model") == digest else None
+        if entry is None or entry.get("model") != digest:
+            return None
+        if tuned and entry.get("recipe", LEGACY_RECIPE) != recipe:
+            return None
+        return float(entry["value"])
 
     lines = [
         "| fine-tuned on | scored on | range | no FT | seed 0 | other seeds | mean - no FT (points) |",
@@ -80,7 +99,7 @@ def table(cache: Cache, evaluated: dict[str, dict[str, Any]], digest: str) -> li
     for r in RANGES:
         for ft_shift in SHIFTS:
             for scored in SHIFTS:
-                base = value(f"mnist.{scored}.{r}.cama", evaluated)
+                base = value(f"mnist.{scored}.{r}.cama", evaluated, tuned=False)
                 first = value(f"mnist.{scored}.{r}.cama_ft_{SHIFTS[ft_shift]}", evaluated)
                 others = [
                     v for s in seeds if (v := value(key(ft_shift, scored, r, s), cache.data)) is not None
@@ -106,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2])
     parser.add_argument("--k", type=int, default=EvalConfig.k)
     parser.add_argument("--score-limit", type=int, default=None)
-    parser.add_argument("--ft-steps", type=int, default=None, help="cap fine-tuning steps (smoke runs)")
+    add_recipe_args(parser)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -128,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.ranges and args.seeds:
         measure(args, cache, digest)
     evaluated = json.loads(args.evaluated.read_text()) if args.evaluated.exists() else {}
-    lines = table(cache, evaluated, digest)
+    recipe = recipe_id(recipe_from_args(args))
+    lines = table(cache, evaluated, digest, recipe)
     print("\n".join(lines))
     intro = [
         "# Fine-tuning seed spread (fig. 7)",
@@ -138,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         "of `evaluate_mnist` (`mnist_eval.json`), the other seeds repeat that fine-tuning with another",
         "seed (`mnist_ft_seeds.json`). Last column: mean over all seeds minus the model without",
         "fine-tuning, in points. Written by `python -m training.ft_seed_spread` (see its docstring).",
+        f"Fine-tuning recipe (settings that differ from `FinetuneConfig`'s defaults): `{recipe}`.",
         "",
     ]
     (args.table or args.out.with_suffix(".md")).write_text("\n".join([*intro, *lines]) + "\n")

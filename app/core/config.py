@@ -28,6 +28,7 @@ class FinetuneSettings(BaseModel):
     max_steps: int | None = Field(default=None, ge=1)
     bf16: bool = False
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    decay_fraction: float = Field(default=1.0, gt=0.0, le=1.0)  # cosine: decay over this last part
 
 
 class Settings(BaseSettings):
