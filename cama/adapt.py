@@ -34,8 +34,8 @@ class FinetuneConfig:
     seed: int = 0
     max_steps: int | None = None
     bf16: bool = False
-    # "cosine": the step size decays to zero over the run (less step-to-step noise in the weights
-    # the run ends with); "constant": the paper's plain Adam
+    # "cosine": the step size decays to zero over the last ``decay_fraction`` of the run (less
+    # step-to-step noise in the weights the run ends with); "constant": the paper's plain Adam
     lr_schedule: Literal["constant", "cosine"] = "constant"
     # with "cosine": the step size stays at ``lr`` and then decays along half a cosine to zero over
     # the last ``decay_fraction`` of the steps (1.0: over the whole run). A short decay keeps the
