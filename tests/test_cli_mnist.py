@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -220,22 +221,25 @@ def test_train_then_evaluate_end_to_end(tmp_path):
         ),
     )
     assert "mnist.vshift.0.3.cama_ft_v" not in again  # nothing recomputed
-    # another fine-tuning recipe: its figures are measured anew (in a copy of the results)
-    out_cosine = tmp_path / "cosine"
-    shutil.copytree(out_dir, out_cosine)
-    cosine = run(
+    # another fine-tuning recipe (the constant step): its figures are measured anew (in a copy)
+    out_constant = tmp_path / "constant"
+    shutil.copytree(out_dir, out_constant)
+    constant = run(
         "training.evaluate_mnist",
         *("--checkpoint", str(cama_ckpt), "--sections", "fig7", "--ranges", "0.3", "--variants", "cama"),
         *("--dnn", str(dnn), "--bncnn", str(bncnn), "--bncnn-gap", str(bncnn), "--k", "1"),
-        *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "cosine", "--ft-decay", "0.5"),
+        *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "constant"),
         *("--gate-holdout", "8", "--canary", "32"),
-        *("--out-dir", str(out_cosine), "--ft-cache", str(tmp_path / "ft_cosine")),
+        *("--out-dir", str(out_constant), "--ft-cache", str(tmp_path / "ft_constant")),
     )
-    assert "mnist.vshift.0.3.cama_ft_v" in cosine
-    assert "mnist.vshift.0.3.dnn" not in cosine  # figures without fine-tuning are reused
-    entry = json.loads((out_cosine / "mnist_eval.json").read_text())["mnist.vshift.0.3.cama_ft_v"]
-    cosine_recipe = "batch_size=32,bf16=True,decay_fraction=0.5,epochs=2,lr_schedule=cosine,max_steps=2"
-    assert entry["recipe"] == cosine_recipe
+    assert "mnist.vshift.0.3.cama_ft_v" in constant
+    assert "mnist.vshift.0.3.dnn" not in constant  # figures without fine-tuning are reused
+    entry = json.loads((out_constant / "mnist_eval.json").read_text())["mnist.vshift.0.3.cama_ft_v"]
+    constant_recipe = "batch_size=32,bf16=True,epochs=2,max_steps=2"
+    assert entry["recipe"] == constant_recipe
+    # the run's tables mark the figures of the other recipe (the first run's) with a dagger
+    assert "†" not in (out_dir / "mnist.md").read_text()
+    assert re.search(r"\| \d\.\d{4} † \|", (out_constant / "mnist.md").read_text())
     # the fine-tuning seed spread: seed 1 beside evaluate_mnist's seed 0, in one table
     seeds = tmp_path / "seeds.json"
     table = run(
@@ -252,18 +256,19 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert "| vshift | hshift | 0.3 |" in table
     assert "| hshift | hshift | 0.3 |" in table
     assert "| hshift | vshift | 0.3 |" in seeds.with_suffix(".md").read_text()
-    assert {entry["recipe"] for entry in spread.values()} == {"batch_size=32,bf16=True,epochs=2,max_steps=2"}
+    recipe = "batch_size=32,bf16=True,decay_fraction=0.2,epochs=2,lr_schedule=cosine,max_steps=2"
+    assert {entry["recipe"] for entry in spread.values()} == {recipe}
     # another recipe: measured anew, and its table pairs it with evaluate_mnist's seed 0 of that recipe
-    cosine_table = run(
+    constant_table = run(
         "training.ft_seed_spread",
         *("--checkpoint", str(cama_ckpt), "--ranges", "0.3", "--seeds", "1", "--k", "1"),
-        *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "cosine", "--ft-decay", "0.5"),
+        *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "constant"),
         *("--out", str(seeds)),
-        *("--evaluated", str(out_cosine / "mnist_eval.json")),
+        *("--evaluated", str(out_constant / "mnist_eval.json")),
     )
-    assert {entry["recipe"] for entry in json.loads(seeds.read_text()).values()} == {cosine_recipe}
-    assert "| vshift | hshift | 0.3 |" in cosine_table
-    assert "lr_schedule=cosine" in seeds.with_suffix(".md").read_text()
+    assert {entry["recipe"] for entry in json.loads(seeds.read_text()).values()} == {constant_recipe}
+    assert "| vshift | hshift | 0.3 |" in constant_table
+    assert constant_recipe in seeds.with_suffix(".md").read_text()
     # another checkpoint: its CAMA figures are measured anew, the baselines' are reused
     other = run(
         "training.evaluate_mnist",

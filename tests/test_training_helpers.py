@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from cama.adapt import FinetuneConfig
-from training.evaluate_mnist import LEGACY_RECIPE, Cache, EvalConfig, recipe_id, same_recipe, summary_tables
+from training.evaluate_mnist import (
+    LEGACY_RECIPE,
+    Cache,
+    EvalConfig,
+    add_recipe_args,
+    recipe_from_args,
+    recipe_id,
+    same_recipe,
+    summary_tables,
+)
 from training.experiment import resolve_device
 from training.plots import plot_mnist
 from training.train_cama import epochs_within
@@ -68,17 +79,33 @@ def test_cache_reuses_a_cama_figure_only_for_the_checkpoint_it_scored(tmp_path: 
 
 def test_cache_reuses_a_fine_tuned_figure_only_under_its_recipe(tmp_path: Path):
     recipe = recipe_id(EvalConfig().ft)
-    assert recipe == LEGACY_RECIPE == "batch_size=32,bf16=True,epochs=2"
-    tail = recipe_id(FinetuneConfig(**{**EvalConfig().ft.__dict__, "average": "tail"}))
-    assert tail == "average=tail,batch_size=32,bf16=True,epochs=2"
+    assert recipe == "batch_size=32,bf16=True,decay_fraction=0.2,epochs=2,lr_schedule=cosine"
+    # the step before it; decay_fraction does nothing under a constant step, so it is left out
+    constant = recipe_id(replace(EvalConfig().ft, lr_schedule="constant"))
+    assert constant == LEGACY_RECIPE == "batch_size=32,bf16=True,epochs=2"
+    tail = recipe_id(replace(EvalConfig().ft, average="tail"))
+    assert tail == "average=tail,batch_size=32,bf16=True,decay_fraction=0.2,epochs=2,lr_schedule=cosine"
     cache = Cache(tmp_path / "eval.json", force=False)
     cache.put("mnist.vshift.0.3.cama_ft_v", {"value": 0.95, "model": "aaaa"})  # cached before recipes
-    assert cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", recipe)
-    assert not cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", tail)
-    assert cache.get("mnist.vshift.0.3.cama_ft_v", lambda: 0.96, model="aaaa", recipe=tail) == 0.96
-    assert cache.data["mnist.vshift.0.3.cama_ft_v"]["recipe"] == tail
-    assert cache.get("mnist.vshift.0.3.cama_ft_v", lambda: 0.5, model="aaaa", recipe=tail) == 0.96
+    assert cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", LEGACY_RECIPE)
     assert not cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", recipe)
+    assert cache.get("mnist.vshift.0.3.cama_ft_v", lambda: 0.96, model="aaaa", recipe=recipe) == 0.96
+    assert cache.data["mnist.vshift.0.3.cama_ft_v"]["recipe"] == recipe
+    assert cache.get("mnist.vshift.0.3.cama_ft_v", lambda: 0.5, model="aaaa", recipe=recipe) == 0.96
+    assert not cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", tail)
+
+    # merging a parallel run seeded from the same old cache: its old-recipe copies do not replace
+    # this run's new figures, and its new figures replace this cache's old ones
+    other = {
+        "mnist.vshift.0.3.cama_ft_v": {"value": 0.95, "model": "aaaa"},  # old recipe: not taken
+        "mnist.hshift.0.3.cama_ft_h": {"value": 0.97, "model": "aaaa", "recipe": recipe},  # taken
+    }
+    cache.put("mnist.hshift.0.3.cama_ft_h", {"value": 0.93, "model": "aaaa"})
+    assert cache.merge(other, "aaaa", recipe) == 1
+    assert cache.data["mnist.vshift.0.3.cama_ft_v"]["value"] == 0.96
+    assert cache.data["mnist.hshift.0.3.cama_ft_h"]["value"] == 0.97
+    assert cache.merge({"mnist.vshift.0.3.cama_ft_v": {"value": 0.95, "model": "aaaa"}}, "aaaa") == 1
+    assert cache.data["mnist.vshift.0.3.cama_ft_v"]["value"] == 0.95  # without a recipe: the last
 
     # saved fine-tuned weights: reused only if made with the same settings
     saved = {k: v for k, v in EvalConfig().ft.__dict__.items() if k not in ("average", "average_fraction")}
@@ -111,6 +138,41 @@ def test_summary_tables_place_each_figure_in_its_row_and_column():
     assert "hshift 0.3, dense head" not in text
     assert "| hshift 0.5 | 0.2700 |  |  |  |" in text
     assert "vshift 0.1" not in text  # rows without any figure are left out
+
+
+def test_recipe_options_change_the_evaluation_recipe():
+    parser = argparse.ArgumentParser()
+    add_recipe_args(parser)
+    assert recipe_from_args(parser.parse_args([])) == EvalConfig().ft
+    decay = recipe_id(recipe_from_args(parser.parse_args(["--ft-decay", "0.5"])))
+    assert decay == "batch_size=32,bf16=True,decay_fraction=0.5,epochs=2,lr_schedule=cosine"
+    assert recipe_id(recipe_from_args(parser.parse_args(["--ft-schedule", "constant"]))) == LEGACY_RECIPE
+    steps = recipe_id(recipe_from_args(parser.parse_args(["--ft-steps", "3", "--ft-average", "tail"])))
+    assert steps == (
+        "average=tail,batch_size=32,bf16=True,decay_fraction=0.2,epochs=2,lr_schedule=cosine,max_steps=3"
+    )
+
+
+def test_figures_of_another_recipe_are_marked_in_the_tables(tmp_path: Path):
+    cache = Cache(tmp_path / "eval.json", force=False)
+    recipe = recipe_id(EvalConfig().ft)
+    for key in (
+        "mnist.vshift.0.3.cama_ft_v",
+        "mnist.clean_after_ft_v.0.3.cama",
+        "mnist.fig8.vshift.0.3.frac.0.01.cama",
+        "mnist.blur.1.cama_gate_accepted",
+        "mnist.fig10.vshift.0.3.cama_aug_v_ft",
+    ):
+        cache.put(key, {"value": 0.9, "model": "aaaa"})  # cached before recipes were recorded
+        assert cache.recipe_of(key) == LEGACY_RECIPE
+    for key in ("mnist.vshift.0.3.cama", "mnist.vshift.0.3.tent", "mnist.fig1.vshift.0.3.dnn_aug_v"):
+        cache.put(key, {"value": 0.5})
+        assert cache.recipe_of(key) is None  # measured without fine-tuning
+    cache.put("mnist.hshift.0.3.cama_ft_h", {"value": 0.9, "model": "aaaa", "recipe": recipe})
+    assert cache.recipe_of("mnist.hshift.0.3.cama_ft_h") == recipe
+    figures = {"mnist.vshift.0.3.cama_ft_v": 0.95, "mnist.vshift.0.3.cama_ft_h": 0.92}
+    text = "\n".join(summary_tables(figures, {"mnist.vshift.0.3.cama_ft_v"}))
+    assert "| vshift 0.3 |  |  |  |  |  |  | 0.9500 † | 0.9200 |" in text
 
 
 def test_plots_are_written_only_for_measured_figures(tmp_path: Path):

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -61,8 +62,19 @@ class EvalConfig:
     gate_holdout: int = 500
     replay: int = 5000
     canary: int = 1000
+    # Adam 1e-3, constant for the first 80% of the steps, then half a cosine to zero over the last
+    # 20%: the constant step's adaptation with a settled last iterate (docs/m_pathway.md, "A step
+    # that settles only at the end"); figures measured before it carry ``LEGACY_RECIPE``
     ft: FinetuneConfig = field(
-        default_factory=lambda: FinetuneConfig(lr=1e-3, epochs=2, batch_size=32, alpha=0.5, bf16=True)
+        default_factory=lambda: FinetuneConfig(
+            lr=1e-3,
+            epochs=2,
+            batch_size=32,
+            alpha=0.5,
+            bf16=True,
+            lr_schedule="cosine",
+            decay_fraction=0.2,
+        )
     )
 
 
@@ -71,15 +83,33 @@ def recipe_id(ft: FinetuneConfig) -> str:
     ``"batch_size=32,bf16=True,epochs=2"``: the recipe a fine-tuned figure was measured with. A new
     option with a default value leaves the recipes measured before it unchanged."""
     default = FinetuneConfig()
+    # options that only act under another one's setting are left out where they do not act
+    inert = {
+        "decay_fraction": ft.lr_schedule != "cosine",
+        "average_fraction": ft.average != "tail",
+    }
     return ",".join(
         f"{f.name}={getattr(ft, f.name)}"
         for f in sorted(fields(ft), key=lambda f: f.name)
-        if getattr(ft, f.name) != getattr(default, f.name)
+        if getattr(ft, f.name) != getattr(default, f.name) and not inert.get(f.name, False)
     )
 
 
 # what every fine-tuned figure cached before recipes were recorded was measured with
 LEGACY_RECIPE = recipe_id(FinetuneConfig(lr=1e-3, epochs=2, batch_size=32, alpha=0.5, bf16=True))
+
+
+# the keys of figures that fine-tune: ``..._ft``, ``..._ft_v``, ``clean_after_ft_...``, fig. 8's
+# ``.frac.`` and the promotion gate's verdicts
+FINE_TUNED_KEY = re.compile(r"_ft($|[._])|\.frac\.|_gate_accepted$")
+
+
+def entry_recipe(key: str, entry: dict[str, Any]) -> str | None:
+    """The fine-tuning recipe figure ``key`` was measured with, None for a figure without
+    fine-tuning (a fine-tuned figure cached before recipes were recorded has ``LEGACY_RECIPE``)."""
+    if "recipe" in entry:
+        return str(entry["recipe"])
+    return LEGACY_RECIPE if FINE_TUNED_KEY.search(key) else None
 
 
 class MissingModelError(FileNotFoundError):
@@ -109,6 +139,10 @@ class Cache:
             return False
         return recipe is None or entry.get("recipe", LEGACY_RECIPE) == recipe
 
+    def recipe_of(self, key: str) -> str | None:
+        """The fine-tuning recipe of the cached figure ``key`` (:func:`entry_recipe`)."""
+        return entry_recipe(key, self.data[key])
+
     def forget_other(self, model: str, keep: Callable[[str], bool]) -> list[str]:
         """Drop the figures measured on another checkpoint than ``model``, except where ``keep(key)``."""
         stale = [k for k, v in self.data.items() if v.get("model") not in (None, model) and not keep(k)]
@@ -116,14 +150,22 @@ class Cache:
             del self.data[key]
         return stale
 
-    def merge(self, other: dict[str, dict[str, Any]], model: str) -> int:
+    def merge(self, other: dict[str, dict[str, Any]], model: str, recipe: str | None = None) -> int:
         """Take the figures another run of this command measured (a parallel process's cache):
-        those this cache lacks, and those measured on ``model`` that replace older ones."""
+        those this cache lacks, and those measured on ``model`` that replace older ones, except
+        that a figure fine-tuned with ``recipe`` is never replaced by one of another recipe (two
+        parallel runs seeded from one cache each hold the other's figures in their old recipe)."""
         taken = 0
         for key, entry in other.items():
-            if key not in self.data or (entry.get("model") == model and self.data[key] != entry):
-                self.data[key] = entry
-                taken += 1
+            ours = self.data.get(key)
+            if ours is not None and (
+                entry.get("model") != model
+                or ours == entry
+                or (recipe is not None and entry_recipe(key, ours) == recipe != entry_recipe(key, entry))
+            ):
+                continue
+            self.data[key] = entry
+            taken += 1
         self.save()
         return taken
 
@@ -185,7 +227,7 @@ class Evaluator:
         self.digest = sha256_file(args.checkpoint)[:12]
         self.ft_dir = Path(args.ft_cache) / self.digest
         for path in args.merge:
-            taken = self.cache.merge(json.loads(Path(path).read_text()), self.digest)
+            taken = self.cache.merge(json.loads(Path(path).read_text()), self.digest, self.recipe)
             print(f"merged {taken} figures from {path}", flush=True)
         stale = self.cache.forget_other(self.digest, keep=lambda key: key.startswith("mnist.fig10."))
         if stale:
@@ -540,15 +582,20 @@ def section_fig9(ev: Evaluator, shift: str = "vshift", level: float = 0.3, n: in
     )
 
 
-def _row(label: str, keys: list[str], data: dict[str, float]) -> str | None:
-    if not any(k in data for k in keys):
-        return None
-    cells = [f"{data[k]:.4f}" if k in data else "" for k in keys]
-    return "| " + " | ".join([label, *cells]) + " |"
+OTHER_RECIPE_MARK = " †"
 
 
-def summary_tables(data: dict[str, float]) -> list[str]:
-    """Fig. 7 and the other manipulations as tables, both m pathways side by side."""
+def summary_tables(data: dict[str, float], other_recipe: Collection[str] = ()) -> list[str]:
+    """Fig. 7 and the other manipulations as tables, both m pathways side by side; a figure in
+    ``other_recipe`` (fine-tuned with another recipe than the run's) is marked with a dagger."""
+
+    def _row(label: str, keys: list[str], data: dict[str, float]) -> str | None:
+        if not any(k in data for k in keys):
+            return None
+        mark = {k: OTHER_RECIPE_MARK if k in other_recipe else "" for k in keys}
+        cells = [f"{data[k]:.4f}{mark[k]}" if k in data else "" for k in keys]
+        return "| " + " | ".join([label, *cells]) + " |"
+
     lines: list[str] = []
     for name, title in (
         ("cama", "transform m pathway (`cama`)"),
@@ -654,7 +701,14 @@ def write_outputs(ev: Evaluator) -> None:
         "and the device of each figure are below the tables (`## Every figure`); the plots are beside "
         "this file."
     )
-    lines = ["# MNIST results", "", intro, "", *summary_tables(data), ""]
+    other = sorted(k for k in ev.cache.data if ev.cache.recipe_of(k) not in (None, ev.recipe))
+    if other:
+        intro += (
+            f" {OTHER_RECIPE_MARK.strip()} marks a figure fine-tuned with another recipe than this run's"
+            f" (`{ev.recipe}`): {len(other)} of the cached figures; their recipe is in the `recipe`"
+            " column of `## Every figure`."
+        )
+    lines = ["# MNIST results", "", intro, "", *summary_tables(data, set(other)), ""]
     lines += [
         "## Every figure",
         "",
@@ -662,8 +716,8 @@ def write_outputs(ev: Evaluator) -> None:
         "measured once and kept until `--force`; `device` says where, `n` how many images were scored",
         "where fewer than the whole 5000-image half, `model` the first 12 hex digits of the SHA-256 of",
         "the CAMA checkpoint it scored, `recipe` the fine-tuning settings that differ from",
-        "`FinetuneConfig`'s defaults, empty for a figure without fine-tuning and, before recipes were",
-        f"recorded, `{LEGACY_RECIPE}`). Last written by",
+        "`FinetuneConfig`'s defaults, empty for a figure without fine-tuning; figures cached before",
+        f"recipes were recorded were fine-tuned with `{LEGACY_RECIPE}`). Last written by",
         f"`{' '.join(['python -m training.evaluate_mnist', *sys.argv[1:]])}` "
         f"(K={ev.cfg.k}, fine-tuning {asdict(ev.cfg.ft)}).",
         "",
@@ -674,7 +728,7 @@ def write_outputs(ev: Evaluator) -> None:
         entry = ev.cache.data[key]
         lines.append(
             f"| `{key}` | {entry['value']:.4f} | {entry.get('seconds', '')} | {entry.get('device', 'cpu')} "
-            f"| {entry.get('n_score', '')} | {entry.get('model', '')} | {entry.get('recipe', '')} |"
+            f"| {entry.get('n_score', '')} | {entry.get('model', '')} | {ev.cache.recipe_of(key) or ''} |"
         )
     (ev.out / "mnist.md").write_text("\n".join(lines) + "\n")
 
