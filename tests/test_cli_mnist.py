@@ -240,6 +240,18 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     # the run's tables mark the figures of the other recipe (the first run's) with a dagger
     assert "†" not in (out_dir / "mnist.md").read_text()
     assert re.search(r"\| \d\.\d{4} † \|", (out_constant / "mnist.md").read_text())
+    # --again-ft: the fine-tuned figures are measured again, the others reused
+    again_ft = run(
+        "training.evaluate_mnist",
+        *("--checkpoint", str(cama_ckpt), "--sections", "fig7", "--ranges", "0.3", "--variants", "cama"),
+        *("--dnn", str(dnn), "--bncnn", str(bncnn), "--bncnn-gap", str(bncnn), "--k", "1"),
+        *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "constant", "--again-ft"),
+        *("--gate-holdout", "8", "--canary", "32"),
+        *("--out-dir", str(out_constant), "--ft-cache", str(tmp_path / "ft_again")),
+    )
+    assert "fine-tuned figures to measure them again" in again_ft
+    assert "mnist.vshift.0.3.cama_ft_v" in again_ft
+    assert "mnist.vshift.0.3.dnn" not in again_ft
     # the fine-tuning seed spread: seed 1 beside evaluate_mnist's seed 0, in one table
     seeds = tmp_path / "seeds.json"
     table = run(

@@ -170,6 +170,16 @@ def test_figures_of_another_recipe_are_marked_in_the_tables(tmp_path: Path):
         assert cache.recipe_of(key) is None  # measured without fine-tuning
     cache.put("mnist.hshift.0.3.cama_ft_h", {"value": 0.9, "model": "aaaa", "recipe": recipe})
     assert cache.recipe_of("mnist.hshift.0.3.cama_ft_h") == recipe
+    # --again-ft: this checkpoint's fine-tuned figures go, the rest stay
+    kept = Cache(tmp_path / "eval.json", force=False)
+    kept.put("mnist.fig10.vshift.0.3.cama_aug_v_ft", {"value": 0.9, "model": "cccc"})
+    assert len(kept.forget_fine_tuned("aaaa")) == 5
+    assert set(kept.data) == {
+        "mnist.vshift.0.3.cama",
+        "mnist.vshift.0.3.tent",
+        "mnist.fig1.vshift.0.3.dnn_aug_v",
+        "mnist.fig10.vshift.0.3.cama_aug_v_ft",
+    }
     figures = {"mnist.vshift.0.3.cama_ft_v": 0.95, "mnist.vshift.0.3.cama_ft_h": 0.92}
     text = "\n".join(summary_tables(figures, {"mnist.vshift.0.3.cama_ft_v"}))
     assert "| vshift 0.3 |  |  |  |  |  |  | 0.9500 † | 0.9200 |" in text

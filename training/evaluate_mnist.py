@@ -150,6 +150,14 @@ class Cache:
             del self.data[key]
         return stale
 
+    def forget_fine_tuned(self, model: str) -> list[str]:
+        """Drop the fine-tuned figures measured on ``model`` (to measure them again, e.g. on
+        another device); the figures without fine-tuning stay."""
+        tuned = [k for k, v in self.data.items() if v.get("model") == model and entry_recipe(k, v)]
+        for key in tuned:
+            del self.data[key]
+        return tuned
+
     def merge(self, other: dict[str, dict[str, Any]], model: str, recipe: str | None = None) -> int:
         """Take the figures another run of this command measured (a parallel process's cache):
         those this cache lacks, and those measured on ``model`` that replace older ones, except
@@ -232,6 +240,9 @@ class Evaluator:
         stale = self.cache.forget_other(self.digest, keep=lambda key: key.startswith("mnist.fig10."))
         if stale:
             print(f"dropped {len(stale)} figures measured on another checkpoint", flush=True)
+        if args.again_ft:
+            tuned = self.cache.forget_fine_tuned(self.digest)
+            print(f"dropped {len(tuned)} fine-tuned figures to measure them again", flush=True)
             self.cache.save()
         self.replay = replay_set(self.mnist, cfg.replay)
         _, val = validation_split(self.mnist.train, 0.05, 0)
@@ -812,6 +823,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--canary", type=int, default=1000, help="labelled clean images for the gate")
     parser.add_argument("--gate-holdout", type=int, default=500, help="adapt images kept for the gate")
     parser.add_argument("--force", action="store_true", help="ignore the cache and cached fine-tuned models")
+    parser.add_argument(
+        "--again-ft",
+        dest="again_ft",
+        action="store_true",
+        help="measure the fine-tuned figures of this checkpoint again and keep the others (fine-tuned"
+        " weights in --ft-cache are still reused: give a fresh one)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

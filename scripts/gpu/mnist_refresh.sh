@@ -3,7 +3,8 @@
 # result in 8 processes, merged into one cache. SMOKE=1 runs the same steps tiny (CPU check).
 # RESTARTS=0 skips the restarts (evaluate the shipped model); EVX adds evaluate_mnist options to
 # every evaluation process, e.g. EVX="--ft-average tail" to measure every fine-tuned figure with
-# another fine-tuning recipe (cached figures of another recipe are measured again).
+# another fine-tuning recipe (cached figures of another recipe are measured again). AGAIN_FT=1
+# measures every fine-tuned figure again on this device (--again-ft in the 8 processes only).
 set -u
 T0=$(date +%s)
 LIMIT=${LIMIT:-585}
@@ -32,6 +33,7 @@ else
 fi
 
 EVX=${EVX:-}
+AGAIN=""; if [ "${AGAIN_FT:-0}" = 1 ]; then AGAIN="--again-ft"; fi
 # --- 1. two warm restarts (docs/gpu.md), judged by validation accuracy at K=10 ---
 if [ "${RESTARTS:-1}" = 1 ]; then
 timeout $((B1 + 45)) $PY -m training.train_cama --device $DEV --init-from models/mnist_cama_clean.pt \
@@ -76,7 +78,7 @@ echo "evaluation: ${EVAL_T}s per process, starting at $(el)s"
 PIDS=()
 for i in "${!SETS[@]}"; do
   mkdir -p /tmp/p$i && cp docs/results/mnist_eval.json /tmp/p$i/
-  timeout $EVAL_T $PY -m training.evaluate_mnist --device $DEV ${SETS[$i]} $EV $EVX \
+  timeout $EVAL_T $PY -m training.evaluate_mnist --device $DEV ${SETS[$i]} $EV $EVX $AGAIN \
     --out-dir /tmp/p$i --ft-cache /tmp/ft > /tmp/p$i/log 2>&1 &
   PIDS+=($!)
 done
