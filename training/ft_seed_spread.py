@@ -33,12 +33,12 @@ from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
 from training.data import load_mnist
 from training.evaluate_mnist import (
-    LEGACY_RECIPE,
     RANGES,
     SHIFTS,
     Cache,
     EvalConfig,
     add_recipe_args,
+    entry_recipe,
     recipe_from_args,
     recipe_id,
 )
@@ -83,11 +83,9 @@ def table(cache: Cache, evaluated: dict[str, dict[str, Any]], digest: str, recip
     """Per range and direction: the clean model, seed 0 (evaluate_mnist) and the other seeds,
     fine-tuned with ``recipe`` (:func:`recipe_id`)."""
 
-    def value(k: str, data: dict[str, dict[str, Any]], tuned: bool = True) -> float | None:
+    def value(k: str, data: dict[str, dict[str, Any]]) -> float | None:
         entry = data.get(k)
-        if entry is None or entry.get("model") != digest:
-            return None
-        if tuned and entry.get("recipe", LEGACY_RECIPE) != recipe:
+        if entry is None or entry.get("model") != digest or entry_recipe(k, entry) not in (None, recipe):
             return None
         return float(entry["value"])
 
@@ -99,7 +97,7 @@ def table(cache: Cache, evaluated: dict[str, dict[str, Any]], digest: str, recip
     for r in RANGES:
         for ft_shift in SHIFTS:
             for scored in SHIFTS:
-                base = value(f"mnist.{scored}.{r}.cama", evaluated, tuned=False)
+                base = value(f"mnist.{scored}.{r}.cama", evaluated)
                 first = value(f"mnist.{scored}.{r}.cama_ft_{SHIFTS[ft_shift]}", evaluated)
                 others = [
                     v for s in seeds if (v := value(key(ft_shift, scored, r, s), cache.data)) is not None
