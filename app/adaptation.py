@@ -2,8 +2,9 @@
 
 1. load the active version (checkpoint + replay/canary data) and the job's unlabelled batch;
 2. hold out part of the batch; evaluate the gate's evidence before (canary accuracy, ELBO(x));
-3. fine-tune NN_M^p and NN_M^q on the rest with the clean replay term (eq. 8, ``cama.adapt``);
-4. evaluate again; the promotion gate decides; a refusal ends the job ``rejected``;
+3. fine-tune NN_M^p and NN_M^q on the rest with the clean replay term (eq. 8);
+4. evaluate again; the promotion gate decides; a refusal ends the job ``rejected``
+   (steps 2-4 are ``cama.adapt.adapt_and_judge``, which the evaluations run too);
 5. export the new version, publish it and flip ACTIVE (compare-and-swap under the model lock),
    then tell the API processes.
 
@@ -22,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from app.artifacts import build_artifacts
@@ -32,13 +32,20 @@ from app.inputs import check_shapes
 from app.jobs import JobStore, batch_path
 from app.registry import ActiveChangedError, ModelRegistry
 from app.schemas import TERMINAL_STATES, JobPublic
-from cama.adapt import FinetuneConfig, GateConfig, finetune, gate_evaluation, promotion_gate
+from cama.adapt import (
+    AdaptationCancelledError,
+    FinetuneConfig,
+    GateConfig,
+    Labelled,
+    adapt_and_judge,
+    holdout_split,
+)
 from cama.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-# progress milestones of one job (0..1)
-P_GATE_BEFORE, P_FINETUNED, P_GATE_AFTER, P_EXPORTED = 0.05, 0.85, 0.9, 0.97
+# progress milestones of one job (0..1): adapt-and-judge up to P_GATE_AFTER, then the export
+P_GATE_AFTER, P_EXPORTED = 0.9, 0.97
 
 
 class JobCancelledError(Exception):
@@ -69,13 +76,11 @@ def resolve_device(setting: str) -> torch.device:
 def finetune_config(
     settings: Settings, job: JobPublic, model_recipe: dict[str, Any] | None = None
 ) -> FinetuneConfig:
-    """The job's recipe; later sources win: the service's built-in defaults, the recipe the model
-    was shipped with (``adapt_recipe`` in its checkpoint provenance), fields the operator set
+    """The job's recipe; later sources win: the core's defaults, the recipe the model was shipped
+    with (``adapt_recipe`` in its checkpoint provenance), the settings the operator set
     (``CAMA_FINETUNE__*``), the job's overrides."""
-    defaults = settings.finetune.model_dump()
-    shipped = {k: v for k, v in (model_recipe or {}).items() if k in defaults}
-    operator = settings.finetune.model_dump(include=settings.finetune.model_fields_set)
-    return FinetuneConfig(**{**defaults, **shipped, **operator, **job.finetune})
+    base = FinetuneConfig.from_dict(model_recipe or {})
+    return FinetuneConfig.from_dict({**settings.finetune, **job.finetune}, base=base)
 
 
 def run_job(job_id: str, ctx: JobContext) -> JobPublic | None:
@@ -173,17 +178,13 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
     batch = Inputs.load(batch_path(registry.root, job.id))
     check_shapes(batch, manifest.kind, manifest.inputs)
     cfg = finetune_config(settings, job, shipped_recipe)
-    ctx.jobs.update(job.id, base_version=base, finetune={**job.finetune, **cfg.__dict__})
+    ctx.jobs.update(job.id, base_version=base, finetune={**job.finetune, **cfg.as_dict()})
 
-    order = np.random.default_rng(cfg.seed).permutation(len(batch))
-    n_hold = max(1, round(settings.holdout_fraction * len(batch)))
-    heldout, train = batch.take(order[:n_hold]), batch.take(order[n_hold:])
-    heldout_x, heldout_cond = _tensors(heldout, device)
-    train_x, train_cond = _tensors(train, device)
+    heldout_idx, train_idx = holdout_split(len(batch), settings.holdout_fraction, cfg.seed)
+    heldout_x, heldout_cond = _tensors(batch.take(heldout_idx), device)
+    train_x, train_cond = _tensors(batch.take(train_idx), device)
     canary_x, canary_cond = _tensors(data.canary, device)
-    canary_y = torch.from_numpy(data.canary_y).to(device)
     replay_x, replay_cond = _tensors(data.replay, device)
-    replay_y = torch.from_numpy(data.replay_y).to(device)
     gate_cfg = GateConfig(
         max_clean_drop=settings.gate_margin,
         min_elbo_gain=settings.gate_min_elbo_gain,
@@ -191,47 +192,24 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
         max_confidence_drop=settings.gate_max_confidence_drop,
         k=settings.gate_k,
     )
-
-    def evaluate() -> Any:
-        return gate_evaluation(model, canary_x, canary_y, heldout_x, gate_cfg, canary_cond, heldout_cond)  # type: ignore[arg-type]
-
-    t0 = time.monotonic()
-    before = evaluate()
-    progress.report(P_GATE_BEFORE, force=True)
-    progress.check()
-    report = finetune(
-        model,  # type: ignore[arg-type]
-        replay_x,
-        replay_y,
-        train_x,
-        cfg,
-        on_progress=lambda f, _: progress.report(P_GATE_BEFORE + (P_FINETUNED - P_GATE_BEFORE) * f),
-        should_stop=progress.should_stop,
-        clean_cond=replay_cond,
-        test_cond=train_cond,
-    )
-    if report.cancelled:
-        raise JobCancelledError
-    t_ft = time.monotonic() - t0
-    after = evaluate()
-    decision = promotion_gate(before, after, gate_cfg)
+    try:
+        outcome = adapt_and_judge(
+            model,  # type: ignore[arg-type]
+            train_x,
+            heldout_x,
+            cfg,
+            gate_cfg,
+            replay=Labelled(replay_x, torch.from_numpy(data.replay_y).to(device), replay_cond),
+            canary=Labelled(canary_x, torch.from_numpy(data.canary_y).to(device), canary_cond),
+            train_cond=train_cond,
+            heldout_cond=heldout_cond,
+            on_progress=lambda f: progress.report(P_GATE_AFTER * f),
+            should_stop=progress.should_stop,
+        )
+    except AdaptationCancelledError as exc:
+        raise JobCancelledError from exc
+    decision, metrics = outcome.decision, outcome.metrics()
     progress.report(P_GATE_AFTER, force=True)
-    metrics = {
-        "steps": float(report.steps),
-        "finetune_seconds": round(t_ft, 3),
-        "train_inputs": float(len(train)),
-        "heldout_inputs": float(len(heldout)),
-        "canary_accuracy_before": before.clean_accuracy,
-        "canary_accuracy_after": after.clean_accuracy,
-        "heldout_elbo_before": before.heldout_elbo,
-        "heldout_elbo_after": after.heldout_elbo,
-        "heldout_label_kl_before": before.heldout_label_kl,
-        "heldout_label_kl_after": after.heldout_label_kl,
-        "heldout_confidence_before": before.heldout_confidence,
-        "heldout_confidence_after": after.heldout_confidence,
-    }
-    if report.history:
-        metrics["final_objective"] = report.history[-1].objective
     if not decision.accepted:
         return _finish(
             ctx, job.id, "rejected", reasons=list(decision.reasons), gate=decision.as_dict(), metrics=metrics
@@ -246,7 +224,7 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
                 "job_id": job.id,
                 "parent_version": base,
                 "data_hash": job.data_hash,
-                **({"adapt_recipe": shipped_recipe} if shipped_recipe else {}),
+                "adapt_recipe": FinetuneConfig.from_dict(shipped_recipe or {}).as_dict(),
             },
             metrics=metrics,
         )
@@ -264,7 +242,7 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
                 job_id=job.id,
                 metrics=metrics,
                 gate=decision.as_dict(),
-                provenance={"finetune": cfg.__dict__},
+                provenance={"finetune": cfg.as_dict()},
             )
             try:
                 registry.activate(job.model, published.version, expect=base)

@@ -30,7 +30,7 @@ from app.data import Inputs
 from app.errors import ConflictError, NotFoundError, UnavailableError
 from app.metrics import JOB_STATES
 from app.registry import atomic_write_text
-from app.schemas import TERMINAL_STATES, FinetuneOverrides, JobPublic
+from app.schemas import TERMINAL_STATES, JobPublic
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class JobService:
         self.model_store = model_store
 
     def submit(
-        self, model: str, inputs: Inputs, base_version: int | None, overrides: FinetuneOverrides | None
+        self, model: str, inputs: Inputs, base_version: int | None, overrides: dict[str, Any] | None
     ) -> JobPublic:
         job = JobPublic(
             id=uuid.uuid4().hex,
@@ -260,7 +260,7 @@ class JobService:
             data_hash=inputs.digest(),
             base_version=base_version,
             created=time.time(),
-            finetune=overrides.model_dump(exclude_none=True) if overrides else {},
+            finetune=dict(overrides or {}),
         )
         path = batch_path(self.model_store, job.id)
         guarded(self.store.ping)

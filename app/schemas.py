@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+from cama.adapt import FinetuneConfig
 
 JobState = Literal["queued", "running", "succeeded", "rejected", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "rejected", "failed", "cancelled"})
@@ -66,25 +68,29 @@ class PredictResponse(BaseModel):
     predictions: list[PredictionPublic]
 
 
-class FinetuneOverrides(BaseModel):
-    """Per-job overrides of the default fine-tuning recipe (bounded)."""
+def recipe_overrides(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A job's recipe overrides, checked by :meth:`cama.adapt.FinetuneConfig.from_dict`: known
+    names, exact types (no strings or booleans as numbers), values in range."""
+    if value is not None:
+        FinetuneConfig.from_dict(value)
+    return value
 
-    model_config = ConfigDict(extra="forbid")
 
-    lr: float | None = Field(default=None, gt=0, le=1.0)
-    epochs: int | None = Field(default=None, ge=1, le=100)
-    batch_size: int | None = Field(default=None, ge=1, le=4096)
-    alpha: float | None = Field(default=None, ge=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=0, lt=2**31)
-    max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
-    lr_schedule: Literal["constant", "cosine"] | None = None
-    decay_fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+RECIPE_SCHEMA = TypeAdapter(FinetuneConfig).json_schema()
+FinetuneOverrides = Annotated[
+    dict[str, Any] | None,
+    AfterValidator(recipe_overrides),
+    Field(
+        description="per-job overrides of the model's adaptation recipe (cama.adapt.FinetuneConfig)",
+        json_schema_extra={"properties": RECIPE_SCHEMA["properties"], "additionalProperties": False},
+    ),
+]
 
 
 class AdaptRequest(InputsRequest):
     """``POST /adapt`` (JSON): an unlabelled batch, and optional recipe overrides."""
 
-    finetune: FinetuneOverrides | None = None
+    finetune: FinetuneOverrides = None
 
 
 class AdaptAccepted(BaseModel):

@@ -4,7 +4,8 @@
     python -m benchmarks.e2e_mnist --finetune '{"lr": 1e-3, "epochs": 3}'    # another recipe
     python -m benchmarks.e2e_mnist --mode embedded --n-test 2000 --no-metrics     # quicker
 
-The default recipe is ``RECIPE`` below: lr 1e-3, 2 epochs, batch 32, alpha 0.5, bf16 autocast.
+The recipe is the model's own (``adapt_recipe`` in its checkpoint) unless ``--finetune`` says
+otherwise.
 
 For each mode (``celery``: Redis + a Celery worker + ``python -m app``; ``embedded``: only
 ``python -m app``) on a fresh copy of the store: shift the first ``--n-test`` MNIST test images
@@ -14,8 +15,8 @@ sends requests continuously, wait for the job, predict the same images again (ac
 answered by the new version). Then a poisoned batch (uniform noise) must end ``rejected`` with
 the served version unchanged.
 
-``--finetune`` becomes the services' default recipe (``CAMA_FINETUNE``, so ``bf16`` applies too);
-its per-job fields (those ``POST /adapt`` accepts) are also sent with the job.
+``--finetune`` becomes the services' recipe overrides (``CAMA_FINETUNE``) and is also sent with
+the job.
 
 Writes ``benchmarks/results/e2e_mnist.json`` and, unless ``--no-metrics``, the ``service.e2e.*``,
 ``service.e2e_embedded.*``, ``service.swap.*`` and ``service.gate.poisoned_rejected`` keys of
@@ -38,7 +39,6 @@ import httpx
 import numpy as np
 import redis
 
-from app.schemas import FinetuneOverrides
 from app.testing import (
     ContinuousClient,
     Process,
@@ -54,8 +54,6 @@ from training.manipulations import vertical_shift
 from training.metrics import update_metrics
 
 RESULTS = Path("benchmarks/results")
-# the recipe of docs/results/mnist.md (training.evaluate_mnist): the one that adapts offline
-RECIPE = {"lr": 1e-3, "epochs": 2, "batch_size": 32, "alpha": 0.5, "bf16": True}
 TOKEN = "e2e-" + "x" * 28
 
 
@@ -169,7 +167,7 @@ def _sequence(api: ServiceProcess, split: Split, args: argparse.Namespace) -> di
     load = ContinuousClient(api.url, {"model": args.name, "images": split.evaluate[:1], "k": args.k}).start()
     with httpx.Client(base_url=api.url, timeout=600, headers=auth) as client:
         body: dict[str, Any] = {"model": args.name, "images": split.adapt}
-        per_job = {k: v for k, v in args.finetune.items() if k in FinetuneOverrides.model_fields}
+        per_job = dict(args.finetune)
         if per_job:
             body["finetune"] = per_job
         r = client.post("/adapt", json=body)
@@ -267,8 +265,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--finetune",
         type=json.loads,
-        default=dict(RECIPE),
-        help=f"FinetuneConfig fields as JSON (default {json.dumps(RECIPE)}; {{}}: the service's own)",
+        default={},
+        help="recipe overrides (cama.adapt.FinetuneConfig fields) as JSON (default: the model's own)",
     )
     parser.add_argument("--mode", choices=["celery", "embedded", "both"], default="both")
     parser.add_argument(

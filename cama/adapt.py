@@ -7,48 +7,105 @@ stays bit-identical. The same functions serve the evaluation scripts and the ser
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
-from cama.objectives import bayes_predict, finetune_objective, marginal_elbo, slice_cond
+from cama.objectives import Prediction, bayes_predict, finetune_objective, marginal_elbo, slice_cond
 from cama.protocol import CamaModel, all_classes
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Hyper-parameters of one adaptation job."""
+    """The adaptation recipe: eq. 8, Adam on NN_M^p and NN_M^q, the one definition of its settings.
+
+    Each checkpoint carries its model's recipe (``adapt_recipe`` in its provenance); the service,
+    the evaluations and the benchmarks build it with :meth:`from_dict`. The defaults are the image
+    recipe; :data:`MEASUREMENT_RECIPE` is the measurement model's.
+
+    The number of optimiser steps is ``max(epochs * ceil(n / batch_size), min_steps)``, capped by
+    ``max_steps``: a small batch still gets ``min_steps`` steps (many passes over it), a large one
+    ``epochs`` passes. With ``lr_schedule="cosine"`` the step size stays at ``lr`` and then decays
+    along half a cosine to zero over the last ``decay_fraction`` of the steps, so that the run ends
+    on a settled iterate; ``"constant"`` is the paper's plain Adam.
+    """
 
     lr: float = 1e-3
-    epochs: int = 3
-    batch_size: int = 64
-    alpha: float = 0.5
-    seed: int = 0
+    epochs: int = 2
+    batch_size: int = 32
+    min_steps: int = 200
     max_steps: int | None = None
-    bf16: bool = False
-    # "cosine": the step size decays to zero over the last ``decay_fraction`` of the run (less
-    # step-to-step noise in the weights the run ends with); "constant": the paper's plain Adam
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    # with "cosine": the step size stays at ``lr`` and then decays along half a cosine to zero over
-    # the last ``decay_fraction`` of the steps (1.0: over the whole run). A short decay keeps the
-    # constant step's progress and still ends the run on a settled iterate
-    decay_fraction: float = 1.0
-    # "tail": return the mean of the iterates of the last ``average_fraction`` of the steps
-    # (stochastic weight averaging, Izmailov et al. 2018) instead of the last iterate, whose
-    # accuracy on data unlike the adaptation batch swings by a point or more from step to step.
-    # Measured on MNIST shifts: it keeps the other shift's accuracy but, where the run is still
-    # adapting in its second half, costs up to 29 points on the adapted one (docs/m_pathway.md),
-    # so it is not the recipe
-    average: Literal["none", "tail"] = "none"
-    average_fraction: float = 0.5
+    alpha: float = 0.5
+    bf16: bool = True
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    decay_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = (
+            (0.0 < self.lr <= 1.0, "lr must be in (0, 1]"),
+            (1 <= self.epochs <= 1000, "epochs must be in [1, 1000]"),
+            (1 <= self.batch_size <= 4096, "batch_size must be in [1, 4096]"),
+            (0 <= self.min_steps <= 100_000, "min_steps must be in [0, 100000]"),
+            (self.max_steps is None or 1 <= self.max_steps <= 1_000_000, "max_steps must be in [1, 1000000]"),
+            (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1]"),
+            (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be 'constant' or 'cosine'"),
+            (0.0 < self.decay_fraction <= 1.0, "decay_fraction must be in (0, 1]"),
+            (0 <= self.seed < 2**31, "seed must be in [0, 2**31)"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def steps(self, n: int) -> int:
+        """Optimiser steps for ``n`` unlabelled inputs."""
+        total = max(self.epochs * max(1, math.ceil(n / self.batch_size)), self.min_steps)
+        return total if self.max_steps is None else min(total, self.max_steps)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting, by name (what a checkpoint's ``adapt_recipe`` stores)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: FinetuneConfig | None = None) -> FinetuneConfig:
+        """``base`` (default: the defaults) with the settings in ``data``; unknown names, a wrong
+        type or a value out of range raise ``ValueError``."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown recipe settings {unknown}; known: {sorted(known)}")
+        for name, value in data.items():
+            if not _recipe_type_ok(name, value):
+                raise ValueError(f"{name} has the wrong type: {value!r}")
+        return dataclasses.replace(base or cls(), **data)
+
+
+def _recipe_type_ok(name: str, value: Any) -> bool:
+    """Strict types for recipe settings: no booleans as numbers, no strings as numbers."""
+    if name == "bf16":
+        return isinstance(value, bool)
+    if name == "lr_schedule":
+        return isinstance(value, str)
+    if name == "max_steps" and value is None:
+        return True
+    if name in ("lr", "alpha", "decay_fraction"):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# the measurement model's recipe (paper section 4.2): its small tables adapt with plain Adam
+MEASUREMENT_RECIPE = FinetuneConfig(
+    lr=1e-3, epochs=20, batch_size=50, min_steps=0, alpha=0.9, bf16=False, lr_schedule="constant"
+)
 
 
 @dataclass(frozen=True)
@@ -175,56 +232,45 @@ def finetune(
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     n = test_x.shape[0]
-    per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    if not 0.0 < cfg.decay_fraction <= 1.0:
-        raise ValueError(f"decay_fraction must be in (0, 1], got {cfg.decay_fraction}")
+    total = cfg.steps(n)
     scheduler = (
         torch.optim.lr_scheduler.LambdaLR(optimizer, partial(step_size_factor, total, cfg.decay_fraction))
         if cfg.lr_schedule == "cosine"
         else None
     )
-    if not 0.0 < cfg.average_fraction <= 1.0:
-        raise ValueError(f"average_fraction must be in (0, 1], got {cfg.average_fraction}")
-    averaged = AveragedModel(cast(nn.Module, model)) if cfg.average == "tail" else None
-    first_averaged = total - max(1, round(total * cfg.average_fraction)) + 1  # 1-based step number
     report = FinetuneReport()
     model.train()  # type: ignore[attr-defined]
-    while report.steps < total:
-        order = rng.permutation(n)
-        for start in range(0, n, cfg.batch_size):
-            if report.steps >= total:
-                break
-            if should_stop is not None and should_stop():
-                report.cancelled = True
-                return report
-            idx = torch.from_numpy(order[start : start + cfg.batch_size])
-            clean_idx = torch.from_numpy(rng.integers(0, clean_x.shape[0], size=idx.shape[0]))
-            step = finetune_step(
-                model,
-                optimizer,
-                (clean_x[clean_idx], clean_y[clean_idx]),
-                test_x[idx],
-                cfg.alpha,
-                bf16=cfg.bf16,
-                clean_cond=index_cond(clean_cond, clean_idx),
-                test_cond=index_cond(test_cond, idx),
-            )
-            if scheduler is not None:
-                scheduler.step()
-            report.steps += 1
-            if averaged is not None and report.steps >= first_averaged:
-                averaged.update_parameters(cast(nn.Module, model))
-            report.history.append(step)
-            if on_progress is not None:
-                on_progress(report.steps / total, step)
-    if averaged is not None and int(averaged.n_averaged) > 0:
-        with torch.no_grad():
-            for p, mean in zip(params, collect_params(cast(CamaModel, averaged.module)), strict=True):
-                p.copy_(mean)
-    model.eval()  # type: ignore[attr-defined]
-    for p in model.parameters():
-        p.requires_grad_(False)
+    try:
+        while report.steps < total:
+            order = rng.permutation(n)
+            for start in range(0, n, cfg.batch_size):
+                if report.steps >= total:
+                    break
+                if should_stop is not None and should_stop():
+                    report.cancelled = True
+                    return report
+                idx = torch.from_numpy(order[start : start + cfg.batch_size])
+                clean_idx = torch.from_numpy(rng.integers(0, clean_x.shape[0], size=idx.shape[0]))
+                step = finetune_step(
+                    model,
+                    optimizer,
+                    (clean_x[clean_idx], clean_y[clean_idx]),
+                    test_x[idx],
+                    cfg.alpha,
+                    bf16=cfg.bf16,
+                    clean_cond=index_cond(clean_cond, clean_idx),
+                    test_cond=index_cond(test_cond, idx),
+                )
+                if scheduler is not None:
+                    scheduler.step()
+                report.steps += 1
+                report.history.append(step)
+                if on_progress is not None:
+                    on_progress(report.steps / total, step)
+    finally:
+        model.eval()  # type: ignore[attr-defined]
+        for p in model.parameters():
+            p.requires_grad_(False)
     return report
 
 
@@ -283,6 +329,10 @@ class GateDecision:
         }
 
 
+class AdaptationCancelledError(Exception):
+    """``should_stop()`` asked an adaptation to stop: nothing it changed is kept."""
+
+
 @torch.no_grad()
 def gate_evaluation(
     model: CamaModel,
@@ -292,20 +342,41 @@ def gate_evaluation(
     cfg: GateConfig,
     cond_canary: Any = None,
     cond_heldout: Any = None,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    chunk: int = 100,
 ) -> GateEvaluation:
     """Clean canary accuracy (eq. 6), mean held-out ELBO(x) (eq. 7), how far the held-out
     predictions' label histogram is from the prior (:func:`label_marginal_kl`) and their mean
-    posterior confidence max_c p(y_c|x) (eq. 6), with fixed noise."""
-    gen = torch.Generator(device=canary_x.device).manual_seed(cfg.seed)
-    pred = bayes_predict(model, canary_x, cond_canary, k=cfg.k, generator=gen)
+    posterior confidence max_c p(y_c|x) (eq. 6), with fixed noise.
+
+    ``should_stop()`` is asked between chunks of ``chunk`` inputs; when it says so,
+    :class:`AdaptationCancelledError` is raised.
+    """
+
+    def stop_point() -> None:
+        if should_stop is not None and should_stop():
+            raise AdaptationCancelledError
+
+    def predict(x: Tensor, cond: Any) -> Prediction:
+        gen = torch.Generator(device=x.device).manual_seed(cfg.seed)
+        parts = []
+        for i in range(0, x.shape[0], chunk):
+            stop_point()
+            parts.append(
+                bayes_predict(model, x[i : i + chunk], slice_cond(cond, i, i + chunk), k=cfg.k, generator=gen)
+            )
+        return Prediction.concat(parts)
+
+    pred = predict(canary_x, cond_canary)
     acc = float((pred.labels == canary_y).float().mean())
     gen = torch.Generator(device=heldout_x.device).manual_seed(cfg.seed)
-    elbos = [
-        marginal_elbo(model, heldout_x[i : i + 100], slice_cond(cond_heldout, i, i + 100), generator=gen)
-        for i in range(0, heldout_x.shape[0], 100)
-    ]
-    gen = torch.Generator(device=heldout_x.device).manual_seed(cfg.seed)
-    heldout_pred = bayes_predict(model, heldout_x, cond_heldout, k=cfg.k, generator=gen)
+    elbos = []
+    for i in range(0, heldout_x.shape[0], chunk):
+        stop_point()
+        sub = slice_cond(cond_heldout, i, i + chunk)
+        elbos.append(marginal_elbo(model, heldout_x[i : i + chunk], sub, generator=gen))
+    heldout_pred = predict(heldout_x, cond_heldout)
     return GateEvaluation(
         clean_accuracy=acc,
         heldout_elbo=float(torch.cat(elbos).mean()),
@@ -366,3 +437,134 @@ def promotion_gate(before: GateEvaluation, after: GateEvaluation, cfg: GateConfi
             f"{before.heldout_elbo:.2f} -> {after.heldout_elbo:.2f}"
         )
     return GateDecision(accepted=not reasons, before=before, after=after, reasons=tuple(reasons))
+
+
+# --- adapt, then judge ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Labelled clean data: eq. 8's replay term, or the gate's canary set."""
+
+    x: Tensor
+    y: Tensor
+    cond: Any = None
+
+
+@dataclass(frozen=True)
+class AdaptOutcome:
+    """What :func:`adapt_and_judge` did: the gate's decision and the fine-tuning run."""
+
+    decision: GateDecision
+    report: FinetuneReport
+    finetune_seconds: float
+    train_inputs: int
+    heldout_inputs: int
+
+    @property
+    def accepted(self) -> bool:
+        return self.decision.accepted
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for a job record or a version's manifest."""
+        before, after = self.decision.before, self.decision.after
+        out = {
+            "steps": float(self.report.steps),
+            "finetune_seconds": round(self.finetune_seconds, 3),
+            "train_inputs": float(self.train_inputs),
+            "heldout_inputs": float(self.heldout_inputs),
+            "canary_accuracy_before": before.clean_accuracy,
+            "canary_accuracy_after": after.clean_accuracy,
+            "heldout_elbo_before": before.heldout_elbo,
+            "heldout_elbo_after": after.heldout_elbo,
+            "heldout_label_kl_before": before.heldout_label_kl,
+            "heldout_label_kl_after": after.heldout_label_kl,
+            "heldout_confidence_before": before.heldout_confidence,
+            "heldout_confidence_after": after.heldout_confidence,
+        }
+        if self.report.history:
+            out["final_objective"] = self.report.history[-1].objective
+        return out
+
+
+HOLDOUT_FRACTION = 0.2  # of an unlabelled adaptation batch, held out for the gate by default
+
+
+def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(heldout, train)`` of an unlabelled batch of ``n``: a seeded permutation, its
+    first ``round(fraction * n)`` (at least 1) held out for the gate."""
+    if n < 2:
+        raise ValueError("an adaptation batch needs at least 2 inputs")
+    order = np.random.default_rng(seed).permutation(n)
+    n_hold = min(n - 1, max(1, round(fraction * n)))
+    return order[:n_hold], order[n_hold:]
+
+
+def adapt_and_judge(
+    model: CamaModel,
+    train_x: Tensor,
+    heldout_x: Tensor,
+    recipe: FinetuneConfig,
+    gate: GateConfig,
+    *,
+    replay: Labelled,
+    canary: Labelled,
+    train_cond: Any = None,
+    heldout_cond: Any = None,
+    keep_refused: bool = False,
+    on_progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> AdaptOutcome:
+    """Gate evidence before, selective fine-tuning on ``train_x`` (eq. 8), evidence after, and the
+    promotion gate's decision: the one adapt-then-judge sequence of the service and the evaluations.
+
+    The model is changed in place. A refused adaptation is undone (the model restored bit for bit)
+    unless ``keep_refused``; a cancelled one (``should_stop()``, asked between steps and between
+    chunks of the gate's evaluations) is undone and raises :class:`AdaptationCancelledError`.
+    ``on_progress(fraction)`` reports progress in [0, 1].
+    """
+    state = snapshot(model)
+    gate_share = 0.08  # the progress share of each gate evaluation
+
+    def progress(fraction: float) -> None:
+        if on_progress is not None:
+            on_progress(fraction)
+
+    def evaluate() -> GateEvaluation:
+        return gate_evaluation(
+            model, canary.x, canary.y, heldout_x, gate, canary.cond, heldout_cond, should_stop=should_stop
+        )
+
+    try:
+        before = evaluate()
+        progress(gate_share)
+        t0 = time.perf_counter()
+        report = finetune(
+            model,
+            replay.x,
+            replay.y,
+            train_x,
+            recipe,
+            on_progress=lambda f, _: progress(gate_share + (1 - 2 * gate_share) * f),
+            should_stop=should_stop,
+            clean_cond=replay.cond,
+            test_cond=train_cond,
+        )
+        seconds = time.perf_counter() - t0
+        if report.cancelled:
+            raise AdaptationCancelledError
+        after = evaluate()
+    except BaseException:
+        reset(model, state)  # type: ignore[arg-type]
+        raise
+    decision = promotion_gate(before, after, gate)
+    if not decision.accepted and not keep_refused:
+        reset(model, state)  # type: ignore[arg-type]
+    progress(1.0)
+    return AdaptOutcome(
+        decision=decision,
+        report=report,
+        finetune_seconds=seconds,
+        train_inputs=int(train_x.shape[0]),
+        heldout_inputs=int(heldout_x.shape[0]),
+    )

@@ -184,9 +184,16 @@ def with_m_pathway(model: ImageCama, pathway: str, **overrides: Any) -> ImageCam
     """A copy of ``model`` with another m pathway; new mechanism networks start at the identity."""
     config = replace(model.config, m_pathway=pathway, **overrides)  # type: ignore[arg-type]
     new = ImageCama(config)
-    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     allowed = ("mechanisms.", "cleaner.")
-    if unexpected or any(not key.startswith(allowed) for key in missing):
+    target = new.state_dict()
+    # mechanisms whose shape changes (another set of transforms) start again at the identity
+    state = {
+        k: v
+        for k, v in model.state_dict().items()
+        if not (k.startswith(allowed) and k in target and target[k].shape != v.shape)
+    }
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if any(not key.startswith(allowed) for key in [*missing, *unexpected]):
         raise ValueError(f"incompatible state: missing={missing} unexpected={unexpected}")
     if pathway == "transform" and model.config.m_pathway != "transform":
         new.reinit_m_inference()

@@ -11,11 +11,14 @@ p(x|y,z,do(m=0)) produced from y and z:
 - ``photometric``: gain and offset ``g p + b``, 2 parameters;
 - ``outlier``: a mixture ``p + eps (u - p)`` with a corruption level u, which lets noise and
   outliers be explained by m instead of by y or z, 2 parameters;
+- ``field``: a spatially varying mixture ``p + w (u - p)`` whose weight ``w`` and level ``u``
+  are smooth maps (a 7x7 grid per map, bilinearly upsampled), which lets a local veil, band or
+  stain be explained by m: ``2 * 49`` parameters;
 - ``clean``: on the inference side only, an m-gated residual conv that q(z|x,y,m) applies after
   undoing warp and photometric change, 1 parameter.
 
 The inference network q(z|x,y,m) sees the observed image mapped back through the inverse of the
-invertible mechanisms (photometric, warp), so that z is inferred from a canonical image.
+invertible mechanisms (field, photometric, warp), so that z is inferred from a canonical image.
 """
 
 from __future__ import annotations
@@ -27,8 +30,17 @@ from torch import Tensor, nn
 from cama.config import Transform
 from cama.layers import mlp
 
-PARAM_SIZES: dict[Transform, int] = {"warp": 6, "blur": 2, "photometric": 2, "outlier": 2, "clean": 1}
+FIELD_GRID = 7
+PARAM_SIZES: dict[Transform, int] = {
+    "warp": 6,
+    "blur": 2,
+    "photometric": 2,
+    "outlier": 2,
+    "field": 2 * FIELD_GRID * FIELD_GRID,
+    "clean": 1,
+}
 PROB_EPS = 1e-6
+FIELD_MIN_KEEP = 0.05  # the field's inverse divides by 1 - w, kept at least this
 
 
 def bernoulli_mean(logits: Tensor) -> Tensor:
@@ -139,6 +151,32 @@ def _blur(img: Tensor, theta: Tensor, size: int) -> Tensor:
     return out
 
 
+def _upsample_matrix(n_out: int, n_in: int, like: Tensor) -> Tensor:
+    """``(n_out, n_in)`` bilinear interpolation weights (half-pixel centres, edges clamped).
+
+    Built in double precision from constants, so that ``U g U^T`` is the same plain arithmetic in
+    torch and in an exported graph (no framework-specific resize kernel).
+    """
+    rows = []
+    for i in range(n_out):
+        s = min(max((i + 0.5) * n_in / n_out - 0.5, 0.0), n_in - 1.0)
+        lo = int(s)
+        hi = min(lo + 1, n_in - 1)
+        row = [0.0] * n_in
+        row[lo] += 1.0 - (s - lo)
+        row[hi] += s - lo
+        rows.append(row)
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+def _field_maps(theta: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Field parameters ``(N, 2 * g * g)`` -> weight ``tanh`` and level ``sigmoid`` maps ``(N, 1, h, w)``."""
+    g = FIELD_GRID
+    grids = theta.view(-1, 2, g, g)
+    up = _upsample_matrix(h, g, theta) @ grids @ _upsample_matrix(w, g, theta).T  # (N, 2, h, w)
+    return torch.tanh(up[:, :1]), bernoulli_mean(up[:, 1:])
+
+
 def apply_mechanisms(p: Tensor, params: dict[Transform, Tensor], blur_kernel: int) -> Tensor:
     """Manipulate the canonical Bernoulli mean ``p (N, 1, 28, 28)`` with ``params`` ``(N, size)``."""
     if "warp" in params:
@@ -153,6 +191,9 @@ def apply_mechanisms(p: Tensor, params: dict[Transform, Tensor], blur_kernel: in
         eps = torch.tanh(params["outlier"][:, 0]).view(-1, 1, 1, 1)
         level = bernoulli_mean(params["outlier"][:, 1]).view(-1, 1, 1, 1)
         p = p + eps * (level - p)
+    if "field" in params:
+        weight, level_map = _field_maps(params["field"], p.shape[2], p.shape[3])
+        p = p + weight * (level_map - p)
     return p.clamp(PROB_EPS, 1.0 - PROB_EPS)
 
 
@@ -173,6 +214,9 @@ class Cleaner(nn.Module):
 
 def canonicalize(x: Tensor, params: dict[Transform, Tensor], cleaner: Cleaner | None) -> Tensor:
     """Map observed images ``(N, 1, 28, 28)`` back through the invertible mechanisms."""
+    if "field" in params:
+        weight, level_map = _field_maps(params["field"], x.shape[2], x.shape[3])
+        x = (x - weight * level_map) / (1.0 - weight).clamp_min(FIELD_MIN_KEEP)
     if "photometric" in params:
         gain = torch.exp(params["photometric"][:, 0]).view(-1, 1, 1, 1)
         offset = params["photometric"][:, 1].view(-1, 1, 1, 1)

@@ -208,6 +208,15 @@ class Prediction:
     probs: Tensor  # (B, C)
     labels: Tensor  # (B,)
 
+    @staticmethod
+    def concat(parts: list[Prediction]) -> Prediction:
+        """The predictions of consecutive chunks as one."""
+        return Prediction(
+            log_weights=torch.cat([p.log_weights for p in parts]),
+            probs=torch.cat([p.probs for p in parts]),
+            labels=torch.cat([p.labels for p in parts]),
+        )
+
 
 @torch.no_grad()
 def bayes_predict(

@@ -7,13 +7,16 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from cama.adapt import FinetuneConfig
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
+from training.eval_cache import recipe_id
 
 ENTRY_POINTS = {
     "training.train_cama",
@@ -235,7 +238,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert "mnist.vshift.0.3.cama_ft_v" in constant
     assert "mnist.vshift.0.3.dnn" not in constant  # figures without fine-tuning are reused
     entry = json.loads((out_constant / "mnist_eval.json").read_text())["mnist.vshift.0.3.cama_ft_v"]
-    constant_recipe = "batch_size=32,bf16=True,epochs=2,max_steps=2"
+    constant_recipe = recipe_id(replace(FinetuneConfig(), lr_schedule="constant", max_steps=2))
     assert entry["recipe"] == constant_recipe
     # the run's tables mark the figures of the other recipe (the first run's) with a dagger
     assert "†" not in (out_dir / "mnist.md").read_text()
@@ -268,7 +271,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert "| vshift | hshift | 0.3 |" in table
     assert "| hshift | hshift | 0.3 |" in table
     assert "| hshift | vshift | 0.3 |" in seeds.with_suffix(".md").read_text()
-    recipe = "batch_size=32,bf16=True,decay_fraction=0.2,epochs=2,lr_schedule=cosine,max_steps=2"
+    recipe = recipe_id(replace(FinetuneConfig(), max_steps=2))
     assert {entry["recipe"] for entry in spread.values()} == {recipe}
     # another recipe: measured anew, and its table pairs it with evaluate_mnist's seed 0 of that recipe
     constant_table = run(

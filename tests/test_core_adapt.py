@@ -19,6 +19,12 @@ def make(pathway: str) -> ImageCama:
     return with_m_pathway(model, pathway) if pathway == "transform" else model
 
 
+def recipe(**settings: object) -> adapt.FinetuneConfig:
+    """A small recipe for tiny models: no step floor, float32, constant step unless asked."""
+    base = {"min_steps": 0, "bf16": False, "lr_schedule": "constant"}
+    return adapt.FinetuneConfig.from_dict({**base, **settings})
+
+
 def data(n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, 1, 28, 28, generator=gen), torch.randint(0, 10, (n,), generator=gen)
@@ -59,7 +65,7 @@ def test_finetune_reports_progress_and_can_be_cancelled():
     model = make("transform")
     x, y = data(32)
     seen: list[float] = []
-    cfg = adapt.FinetuneConfig(epochs=2, batch_size=8, lr=1e-3)
+    cfg = recipe(epochs=2, batch_size=8, lr=1e-3)
     report = adapt.finetune(model, x, y, x, cfg, on_progress=lambda f, s: seen.append(f))
     assert report.steps == 8
     assert not report.cancelled
@@ -79,7 +85,7 @@ def test_step_size_schedule(schedule):
     model = make("transform")
     x, y = data(32)
     lrs: list[float] = []
-    cfg = adapt.FinetuneConfig(epochs=2, batch_size=8, lr=1e-3, lr_schedule=schedule)
+    cfg = recipe(epochs=2, batch_size=8, lr=1e-3, lr_schedule=schedule, decay_fraction=1.0)
     adapt.finetune(model, x, y, x, cfg, on_progress=lambda f, s: lrs.append(s.lr))
     assert len(lrs) == 8
     assert lrs[0] == pytest.approx(1e-3)
@@ -93,45 +99,112 @@ def test_cosine_decay_over_the_last_fraction_only():
     model = make("transform")
     x, y = data(32)
     lrs: list[float] = []
-    cfg = adapt.FinetuneConfig(epochs=2, batch_size=8, lr=1e-3, lr_schedule="cosine", decay_fraction=0.5)
+    cfg = recipe(epochs=2, batch_size=8, lr=1e-3, lr_schedule="cosine", decay_fraction=0.5)
     adapt.finetune(model, x, y, x, cfg, on_progress=lambda f, s: lrs.append(s.lr))
     # 8 steps, the last 4 decay: constant through step 4 (0-based), then 1e-3 (1 + cos(pi j / 4)) / 2
     expected = [1e-3] * 5 + [1e-3 * (1 + math.cos(math.pi * j / 4)) / 2 for j in (1, 2, 3)]
     assert lrs == [pytest.approx(v) for v in expected]
     with pytest.raises(ValueError, match="decay_fraction"):
-        adapt.finetune(model, x, y, x, adapt.FinetuneConfig(lr_schedule="cosine", decay_fraction=0.0))
+        recipe(lr_schedule="cosine", decay_fraction=0.0)
 
 
-def test_tail_averaging_returns_the_mean_of_the_last_iterates():
+def test_step_budget_does_not_shrink_with_the_batch():
+    cfg = adapt.FinetuneConfig(epochs=2, batch_size=32, min_steps=200)
+    assert cfg.steps(4500) == 2 * 141  # a large batch: epochs decide
+    assert cfg.steps(400) == 200  # a small one: the floor decides
+    assert cfg.steps(80) == 200
+    assert adapt.FinetuneConfig(min_steps=200, max_steps=50).steps(4500) == 50
     model = make("transform")
-    before = adapt.snapshot(model)
-    selected = {id(p) for p in adapt.collect_params(model)}
-    params = adapt.collect_params(model)
-    x, y = data(32)
-    iterates: list[list[torch.Tensor]] = []
-    cfg = adapt.FinetuneConfig(epochs=2, batch_size=8, lr=1e-2, average="tail", average_fraction=0.5)
-    report = adapt.finetune(
-        model, x, y, x, cfg, on_progress=lambda f, s: iterates.append([p.detach().clone() for p in params])
+    x, y = data(8)
+    report = adapt.finetune(model, x, y, x, recipe(epochs=1, batch_size=4, min_steps=7))
+    assert report.steps == 7  # four passes over 8 inputs, the last one cut short
+
+
+def test_recipe_from_dict_is_strict():
+    base = adapt.FinetuneConfig()
+    assert adapt.FinetuneConfig.from_dict({}) == base
+    assert adapt.FinetuneConfig.from_dict(base.as_dict()) == base
+    assert adapt.FinetuneConfig.from_dict({"lr": 1}).lr == 1  # an int is a number
+    for bad, message in (
+        ({"lr": "0.01"}, "wrong type"),
+        ({"epochs": True}, "wrong type"),
+        ({"bf16": 1}, "wrong type"),
+        ({"epochs": 2.0}, "wrong type"),
+        ({"lr": 5.0}, "lr must be"),
+        ({"decay_fraction": 0.0}, "decay_fraction"),
+        ({"lr_schedule": "linear"}, "lr_schedule"),
+        ({"unknown": 1}, "unknown recipe settings"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            adapt.FinetuneConfig.from_dict(bad)
+    measurement = adapt.MEASUREMENT_RECIPE
+    assert adapt.FinetuneConfig.from_dict({"epochs": 3}, base=measurement).alpha == measurement.alpha
+
+
+def test_adapt_and_judge_keeps_an_accepted_model_and_undoes_a_refused_one():
+    x, y = data(24)
+    replay, canary = adapt.Labelled(x, y), adapt.Labelled(*data(12, 3))
+    cfg = recipe(epochs=1, batch_size=8, lr=1e-2)
+    lenient = adapt.GateConfig(
+        k=2, max_clean_drop=1.0, min_elbo_gain=-1e9, max_label_kl_rise=None, max_confidence_drop=None
     )
-    assert report.steps == 8
-    assert len(iterates) == 8
-    for i, p in enumerate(params):  # steps 5..8 of 8 are averaged; the last iterate is not returned
-        expected = torch.stack([it[i] for it in iterates[4:]]).mean(dim=0)
-        torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
-    assert any(not torch.equal(p, it) for p, it in zip(params, iterates[-1], strict=True))
-    after = model.state_dict()
-    for name, p in model.named_parameters():
-        if id(p) not in selected:
-            assert torch.equal(after[name], before[name]), f"{name} changed"
-    with pytest.raises(ValueError, match="average_fraction"):
-        adapt.finetune(make("transform"), x, y, x, adapt.FinetuneConfig(average="tail", average_fraction=0.0))
+    model = make("transform")
+    state = adapt.snapshot(model)
+    outcome = adapt.adapt_and_judge(model, x[:16], x[16:], cfg, lenient, replay=replay, canary=canary)
+    assert outcome.accepted
+    assert outcome.report.steps == 2
+    assert outcome.train_inputs == 16
+    assert outcome.heldout_inputs == 8
+    assert outcome.metrics()["steps"] == 2.0
+    assert any(not torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+    strict = adapt.GateConfig(k=2, min_elbo_gain=1e9)  # nothing can pass
+    model = make("transform")
+    outcome = adapt.adapt_and_judge(model, x[:16], x[16:], cfg, strict, replay=replay, canary=canary)
+    assert not outcome.accepted
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # undone exactly
+    outcome = adapt.adapt_and_judge(
+        model, x[:16], x[16:], cfg, strict, replay=replay, canary=canary, keep_refused=True
+    )
+    assert not outcome.accepted
+    assert any(not torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_adapt_and_judge_stops_during_the_first_gate_evaluation():
+    x, y = data(24)
+    model = make("transform")
+    state = adapt.snapshot(model)
+    asked = iter(range(1000))
+    with pytest.raises(adapt.AdaptationCancelledError):
+        adapt.adapt_and_judge(
+            model,
+            x[:16],
+            x[16:],
+            recipe(epochs=1, batch_size=8),
+            adapt.GateConfig(k=2),
+            replay=adapt.Labelled(x, y),
+            canary=adapt.Labelled(*data(300, 3)),
+            should_stop=lambda: next(asked) >= 1,  # the second chunk of the canary's 300
+        )
+    assert next(asked) == 2  # stopped at once: nothing else was asked
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_holdout_split():
+    held, train = adapt.holdout_split(10, 0.2, seed=0)
+    assert len(held) == 2
+    assert len(train) == 8
+    assert sorted([*held, *train]) == list(range(10))
+    assert adapt.holdout_split(2, 0.9, seed=0)[1].size == 1  # never everything held out
+    with pytest.raises(ValueError, match="at least 2"):
+        adapt.holdout_split(1, 0.2, seed=0)
 
 
 def test_reset_restores_the_state_exactly():
     model = make("transform")
     state = adapt.snapshot(model)
     x, y = data(8)
-    adapt.finetune(model, x, y, x, adapt.FinetuneConfig(epochs=1, batch_size=4, lr=1e-2))
+    adapt.finetune(model, x, y, x, recipe(epochs=1, batch_size=4, lr=1e-2))
     assert any(not torch.equal(v, state[k]) for k, v in model.state_dict().items())
     adapt.reset(model, state)
     for k, v in model.state_dict().items():

@@ -67,7 +67,7 @@ def stack(tmp_path_factory, redis_ns):
         "models": ["tiny"],
         "token": TOKEN,
         "redis_url": REDIS_URL,
-        "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.01},
+        "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.01, "min_steps": 0},
         "gate_margin": 1.0,
         "gate_min_elbo_gain": -1e9,
         "gate_max_label_kl_rise": 1e9,

@@ -27,7 +27,7 @@ from app.testing import (
 
 TOKEN = "e" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-RECIPE = {"epochs": 1, "batch_size": 16, "lr": 0.01}
+RECIPE = {"epochs": 1, "batch_size": 16, "lr": 0.01, "min_steps": 0}
 
 
 def start(tmp_path_factory, name: str, **settings: object) -> tuple[ServiceProcess, ModelRegistry]:

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cama.adapt import MEASUREMENT_RECIPE
 from cama.checkpoint import load_checkpoint
 from cama.measurement_model import MeasurementCama
 from training import check_measurement_gate, evaluate_measurement, measurement_oracles, train_measurement
@@ -204,7 +205,7 @@ def test_gate_check_runs_the_shipped_and_the_paper_recipe(
         train_measurement.main(["--synthetic", "--seed", "3", "--out", str(out), "--tiny", "--dry-run"]) == 0
     )
     _, meta = load_checkpoint(out)
-    assert meta.provenance["adapt_recipe"]["alpha"] == train_measurement.ADAPT_RECIPE.alpha
+    assert meta.provenance["adapt_recipe"] == MEASUREMENT_RECIPE.as_dict()
     report_path = tmp_path / "gate.json"
     check_measurement_gate.main(["--checkpoint", str(out), "--shifts", "3", "--out", str(report_path)])
     report = json.loads(report_path.read_text())

@@ -253,7 +253,7 @@ def test_selective_finetuning_leaves_other_parameters_bit_identical(pathway: str
         for n, p in model.named_parameters():
             grads[n] = grads.get(n, False) or p.grad is not None
 
-    cfg = adapt.FinetuneConfig(epochs=2, batch_size=8, lr=1e-2)
+    cfg = adapt.FinetuneConfig(epochs=2, batch_size=8, lr=1e-2, min_steps=0, bf16=False)
     report = adapt.finetune(
         model, x, labels, test_x + 2.0, cfg, on_progress=spy, clean_cond=cond, test_cond=test_cond
     )

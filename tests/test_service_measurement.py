@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from app.testing import ServiceProcess, build_store, make_measurement_seed_dir, wait_job
+from cama.adapt import FinetuneConfig
 from cama.checkpoint import load_checkpoint
 
 TOKEN = "m" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SHIPPED_RECIPE = {"alpha": 0.8, "epochs": 2, "lr": 2e-3}
+SHIPPED_RECIPE = {"alpha": 0.8, "epochs": 2, "lr": 2e-3, "min_steps": 0, "bf16": False}
 
 
 @pytest.fixture(scope="module")
@@ -90,4 +91,4 @@ def test_adaptation_with_parents_and_coparents(service):
     assert (recipe["alpha"], recipe["lr"], recipe["epochs"], recipe["batch_size"]) == (0.8, 2e-3, 1, 16)
     # and the adapted version keeps shipping it, for the next adaptation
     _, meta = load_checkpoint(service.store / "meas" / "2" / "checkpoint.pt")
-    assert meta.provenance["adapt_recipe"] == SHIPPED_RECIPE
+    assert meta.provenance["adapt_recipe"] == FinetuneConfig.from_dict(SHIPPED_RECIPE).as_dict()

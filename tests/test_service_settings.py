@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from pydantic import ValidationError
 
 from app.adaptation import finetune_config
 from app.core.config import Settings
 from app.schemas import JobPublic
+from cama.adapt import MEASUREMENT_RECIPE, FinetuneConfig
 
 
 def test_development_defaults_are_the_embedded_mode(monkeypatch):
@@ -38,10 +41,19 @@ def test_environment_variables_including_nested_recipe(monkeypatch):
     s = Settings()
     assert s.models == ["mnist"]
     assert not s.embedded
-    assert s.finetune.lr == 0.003
-    assert s.finetune.epochs == 5
-    assert s.finetune.alpha == 0.5
+    assert s.finetune == {"lr": 0.003, "epochs": 5}  # only what the operator set
     assert s.gate_margin == 0.01
+    monkeypatch.delenv("CAMA_FINETUNE")
+    monkeypatch.setenv("CAMA_FINETUNE__LR", "0.002")
+    monkeypatch.setenv("CAMA_FINETUNE__BF16", "false")
+    assert Settings().finetune == {"lr": 0.002, "bf16": False}  # typed from the environment's strings
+    monkeypatch.setenv("CAMA_FINETUNE__LR", "7")
+    with pytest.raises(ValidationError, match="lr must be"):
+        Settings()
+    monkeypatch.delenv("CAMA_FINETUNE__LR")
+    monkeypatch.setenv("CAMA_FINETUNE__LEARNING_RATE", "0.1")
+    with pytest.raises(ValidationError, match="unknown finetune settings"):
+        Settings()
 
 
 def test_invalid_values_are_refused():
@@ -79,24 +91,18 @@ def _job(**finetune: object) -> JobPublic:
 
 
 def test_recipe_precedence_defaults_model_operator_job(monkeypatch):
-    shipped = {"alpha": 0.9, "epochs": 20, "batch_size": 50, "unknown_field": 1}
+    shipped = MEASUREMENT_RECIPE.as_dict()
     s = Settings()
-    cfg = finetune_config(s, _job(), None)
-    assert (cfg.alpha, cfg.epochs, cfg.batch_size) == (0.5, 3, 64)  # built-in defaults
-    cfg = finetune_config(s, _job(), shipped)
-    assert (cfg.alpha, cfg.epochs, cfg.batch_size, cfg.lr) == (0.9, 20, 50, 1e-3)  # the model's recipe
+    assert finetune_config(s, _job(), None) == FinetuneConfig()  # the core's recipe
+    assert finetune_config(s, _job(), shipped) == MEASUREMENT_RECIPE  # the model's recipe
+    cfg = finetune_config(s, _job(), {"alpha": 0.9})  # an older, partial recipe: the rest from the core
+    assert cfg == replace(FinetuneConfig(), alpha=0.9)
     monkeypatch.setenv("CAMA_FINETUNE__EPOCHS", "7")
     cfg = finetune_config(Settings(), _job(), shipped)
-    assert (cfg.alpha, cfg.epochs) == (0.9, 7)  # a field the operator set beats the model's
+    assert (cfg.alpha, cfg.epochs) == (0.9, 7)  # a setting the operator set beats the model's
     cfg = finetune_config(Settings(), _job(epochs=2, alpha=0.3), shipped)
-    assert (cfg.alpha, cfg.epochs) == (0.3, 2)  # the job's overrides beat everything
-    assert cfg.lr_schedule == "constant"
-    cfg = finetune_config(Settings(), _job(), {**shipped, "lr_schedule": "cosine"})
-    assert cfg.lr_schedule == "cosine"  # the model's recipe
-    monkeypatch.setenv("CAMA_FINETUNE__LR_SCHEDULE", "constant")
-    cfg = finetune_config(Settings(), _job(), {**shipped, "lr_schedule": "cosine"})
-    assert cfg.lr_schedule == "constant"  # the operator's
-    cfg = finetune_config(Settings(), _job(lr_schedule="cosine"), shipped)
-    assert cfg.lr_schedule == "cosine"  # the job's
-    cfg = finetune_config(Settings(), _job(lr_schedule="cosine", decay_fraction=0.2), shipped)
-    assert (cfg.lr_schedule, cfg.decay_fraction) == ("cosine", 0.2)
+    assert (cfg.alpha, cfg.epochs, cfg.batch_size) == (0.3, 2, 50)  # the job's overrides beat everything
+    cfg = finetune_config(Settings(), _job(lr_schedule="cosine", decay_fraction=0.5), shipped)
+    assert (cfg.lr_schedule, cfg.decay_fraction) == ("cosine", 0.5)
+    with pytest.raises(ValueError, match="unknown recipe settings"):
+        finetune_config(Settings(), _job(), {**shipped, "unknown_field": 1})

@@ -9,18 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cama.adapt import FinetuneConfig
-from training.evaluate_mnist import (
-    LEGACY_RECIPE,
-    Cache,
-    EvalConfig,
-    add_recipe_args,
-    recipe_from_args,
-    recipe_id,
-    same_recipe,
-    summary_tables,
-)
-from training.experiment import resolve_device
+from training.eval_cache import Cache, recipe_id
+from training.experiment import add_recipe_args, recipe_from_args, resolve_device
+from training.mnist_report import summary_tables
+from training.mnist_sections import EvalConfig, same_recipe
 from training.plots import plot_mnist
 from training.train_cama import epochs_within
 
@@ -77,40 +69,48 @@ def test_cache_reuses_a_cama_figure_only_for_the_checkpoint_it_scored(tmp_path: 
     assert Cache(tmp_path / "eval.json", force=False).data == reread.data  # written through
 
 
+RECIPE = (
+    "alpha=0.5,batch_size=32,bf16=True,decay_fraction=0.2,epochs=2,lr=0.001,lr_schedule=cosine,"
+    "max_steps=None,min_steps=200,seed=0"
+)
+CONSTANT = (
+    "alpha=0.5,batch_size=32,bf16=True,epochs=2,lr=0.001,lr_schedule=constant,"
+    "max_steps=None,min_steps=200,seed=0"
+)
+
+
 def test_cache_reuses_a_fine_tuned_figure_only_under_its_recipe(tmp_path: Path):
     recipe = recipe_id(EvalConfig().ft)
-    assert recipe == "batch_size=32,bf16=True,decay_fraction=0.2,epochs=2,lr_schedule=cosine"
-    # the step before it; decay_fraction does nothing under a constant step, so it is left out
+    assert recipe == RECIPE
+    # decay_fraction does nothing under a constant step, so it is left out
     constant = recipe_id(replace(EvalConfig().ft, lr_schedule="constant"))
-    assert constant == LEGACY_RECIPE == "batch_size=32,bf16=True,epochs=2"
-    tail = recipe_id(replace(EvalConfig().ft, average="tail"))
-    assert tail == "average=tail,batch_size=32,bf16=True,decay_fraction=0.2,epochs=2,lr_schedule=cosine"
+    assert constant == CONSTANT
     cache = Cache(tmp_path / "eval.json", force=False)
-    cache.put("mnist.vshift.0.3.cama_ft_v", {"value": 0.95, "model": "aaaa"})  # cached before recipes
-    assert cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", LEGACY_RECIPE)
+    cache.put("mnist.vshift.0.3.cama_ft_v", {"value": 0.95, "model": "aaaa", "recipe": constant})
+    assert cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", constant)
     assert not cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", recipe)
     assert cache.get("mnist.vshift.0.3.cama_ft_v", lambda: 0.96, model="aaaa", recipe=recipe) == 0.96
     assert cache.data["mnist.vshift.0.3.cama_ft_v"]["recipe"] == recipe
     assert cache.get("mnist.vshift.0.3.cama_ft_v", lambda: 0.5, model="aaaa", recipe=recipe) == 0.96
-    assert not cache.fresh("mnist.vshift.0.3.cama_ft_v", "aaaa", tail)
 
     # merging a parallel run seeded from the same old cache: its old-recipe copies do not replace
     # this run's new figures, and its new figures replace this cache's old ones
     other = {
-        "mnist.vshift.0.3.cama_ft_v": {"value": 0.95, "model": "aaaa"},  # old recipe: not taken
+        "mnist.vshift.0.3.cama_ft_v": {"value": 0.95, "model": "aaaa", "recipe": constant},  # not taken
         "mnist.hshift.0.3.cama_ft_h": {"value": 0.97, "model": "aaaa", "recipe": recipe},  # taken
     }
-    cache.put("mnist.hshift.0.3.cama_ft_h", {"value": 0.93, "model": "aaaa"})
+    cache.put("mnist.hshift.0.3.cama_ft_h", {"value": 0.93, "model": "aaaa", "recipe": constant})
     assert cache.merge(other, "aaaa", recipe) == 1
     assert cache.data["mnist.vshift.0.3.cama_ft_v"]["value"] == 0.96
     assert cache.data["mnist.hshift.0.3.cama_ft_h"]["value"] == 0.97
-    assert cache.merge({"mnist.vshift.0.3.cama_ft_v": {"value": 0.95, "model": "aaaa"}}, "aaaa") == 1
+    old = {"mnist.vshift.0.3.cama_ft_v": {"value": 0.95, "model": "aaaa", "recipe": constant}}
+    assert cache.merge(old, "aaaa") == 1
     assert cache.data["mnist.vshift.0.3.cama_ft_v"]["value"] == 0.95  # without a recipe: the last
 
     # saved fine-tuned weights: reused only if made with the same settings
-    saved = {k: v for k, v in EvalConfig().ft.__dict__.items() if k not in ("average", "average_fraction")}
-    assert same_recipe(saved, EvalConfig().ft)  # saved before the averaging option existed
-    assert not same_recipe(saved, FinetuneConfig(**{**EvalConfig().ft.__dict__, "average": "tail"}))
+    saved = EvalConfig().ft.as_dict()
+    assert same_recipe(saved, EvalConfig().ft)
+    assert not same_recipe({**saved, "lr_schedule": "constant"}, EvalConfig().ft)
     assert not same_recipe({**saved, "an_unknown_option": 1}, EvalConfig().ft)
     assert not same_recipe(None, EvalConfig().ft)
 
@@ -143,14 +143,11 @@ def test_summary_tables_place_each_figure_in_its_row_and_column():
 def test_recipe_options_change_the_evaluation_recipe():
     parser = argparse.ArgumentParser()
     add_recipe_args(parser)
-    assert recipe_from_args(parser.parse_args([])) == EvalConfig().ft
-    decay = recipe_id(recipe_from_args(parser.parse_args(["--ft-decay", "0.5"])))
-    assert decay == "batch_size=32,bf16=True,decay_fraction=0.5,epochs=2,lr_schedule=cosine"
-    assert recipe_id(recipe_from_args(parser.parse_args(["--ft-schedule", "constant"]))) == LEGACY_RECIPE
-    steps = recipe_id(recipe_from_args(parser.parse_args(["--ft-steps", "3", "--ft-average", "tail"])))
-    assert steps == (
-        "average=tail,batch_size=32,bf16=True,decay_fraction=0.2,epochs=2,lr_schedule=cosine,max_steps=3"
-    )
+    base = EvalConfig().ft
+    assert recipe_from_args(parser.parse_args([]), base) == base
+    assert recipe_from_args(parser.parse_args(["--ft-decay", "0.5"]), base).decay_fraction == 0.5
+    assert recipe_id(recipe_from_args(parser.parse_args(["--ft-schedule", "constant"]), base)) == CONSTANT
+    assert recipe_from_args(parser.parse_args(["--ft-steps", "3"]), base).max_steps == 3
 
 
 def test_figures_of_another_recipe_are_marked_in_the_tables(tmp_path: Path):
@@ -163,8 +160,8 @@ def test_figures_of_another_recipe_are_marked_in_the_tables(tmp_path: Path):
         "mnist.blur.1.cama_gate_accepted",
         "mnist.fig10.vshift.0.3.cama_aug_v_ft",
     ):
-        cache.put(key, {"value": 0.9, "model": "aaaa"})  # cached before recipes were recorded
-        assert cache.recipe_of(key) == LEGACY_RECIPE
+        cache.put(key, {"value": 0.9, "model": "aaaa", "recipe": CONSTANT})
+        assert cache.recipe_of(key) == CONSTANT
     for key in ("mnist.vshift.0.3.cama", "mnist.vshift.0.3.tent", "mnist.fig1.vshift.0.3.dnn_aug_v"):
         cache.put(key, {"value": 0.5})
         assert cache.recipe_of(key) is None  # measured without fine-tuning
@@ -172,7 +169,7 @@ def test_figures_of_another_recipe_are_marked_in_the_tables(tmp_path: Path):
     assert cache.recipe_of("mnist.hshift.0.3.cama_ft_h") == recipe
     # --again-ft: this checkpoint's fine-tuned figures go, the rest stay
     kept = Cache(tmp_path / "eval.json", force=False)
-    kept.put("mnist.fig10.vshift.0.3.cama_aug_v_ft", {"value": 0.9, "model": "cccc"})
+    kept.put("mnist.fig10.vshift.0.3.cama_aug_v_ft", {"value": 0.9, "model": "cccc", "recipe": CONSTANT})
     assert len(kept.forget_fine_tuned("aaaa")) == 5
     assert set(kept.data) == {
         "mnist.vshift.0.3.cama",

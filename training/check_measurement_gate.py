@@ -6,9 +6,9 @@
 For each shift S the checkpoint's own generator seed regenerates the 500 test rows, shifts the
 children by S (``X -> X + S sd(X)``) and treats them as one unlabelled ``/adapt`` batch, exactly
 as the service does (``app.adaptation``): 20% held out for the gate, the rest fine-tuned on with
-the clean replay rows (eq. 8), the gate (``cama.adapt.promotion_gate``, the service's default
+the clean replay rows (eq. 8), the gate (``cama.adapt.adapt_and_judge``, the service's default
 thresholds) judged on the checkpoint's labelled clean canary. Two recipes are compared: the one
-shipped with the checkpoint (``adapt_recipe``) and the paper-style alpha = 0.5. Accuracy on the
+shipped with the checkpoint (``adapt_recipe``) and the same with the paper's alpha = 0.5. Accuracy on the
 whole shifted batch (labels are known here, not to the service) is printed beside the decision.
 Writes ``docs/results/measurement_gate.json``.
 """
@@ -19,21 +19,28 @@ import argparse
 import copy
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cama.adapt import FinetuneConfig, GateConfig, finetune, gate_evaluation, promotion_gate
+from cama.adapt import (
+    HOLDOUT_FRACTION,
+    MEASUREMENT_RECIPE,
+    FinetuneConfig,
+    GateConfig,
+    Labelled,
+    adapt_and_judge,
+    holdout_split,
+)
 from cama.checkpoint import load_checkpoint
 from cama.measurement_model import MeasurementCama
 from training.measurement_data import make_dataset, to_frame
-from training.train_measurement import ADAPT_RECIPE, accuracy, as_tensors, load_encoding, replay_path
+from training.train_measurement import accuracy, as_tensors, load_encoding, replay_path
 
-PAPER_RECIPE = FinetuneConfig(lr=1e-3, epochs=10, batch_size=50, alpha=0.5)
-HOLDOUT_FRACTION = 0.2  # app.core.config.Settings.holdout_fraction
+PAPER_ALPHA = 0.5  # eq. 8's weight of the clean term in the paper's MNIST experiments
 
 
 def take(x: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor], idx: np.ndarray) -> tuple[Any, Any]:
@@ -50,40 +57,35 @@ def check(checkpoint: Path, shifts: list[float], recipes: dict[str, FinetuneConf
     encoding = load_encoding(meta.provenance)
     data = make_dataset(int(meta.provenance["generator_seed"]))
     saved = {k: torch.from_numpy(v) for k, v in np.load(replay_path(checkpoint)).items()}
-    canary_cond = (saved["canary_a"], saved["canary_c"])
-    replay_cond = (saved["replay_a"], saved["replay_c"])
+    canary = Labelled(saved["canary_x"], saved["canary_y"], (saved["canary_a"], saved["canary_c"]))
+    replay = Labelled(saved["replay_x"], saved["replay_y"], (saved["replay_a"], saved["replay_c"]))
     gate_cfg = GateConfig()
     rows = []
     for s in shifts:
         shifted = encoding.encode(to_frame(data.equations.shift_children(data.test, s)))
         x, cond = as_tensors(shifted)
         for name, recipe in recipes.items():
-            order = np.random.default_rng(recipe.seed).permutation(len(shifted))
-            n_hold = max(1, round(HOLDOUT_FRACTION * len(shifted)))
-            held_x, held_cond = take(x, cond, order[:n_hold])
-            fit_x, fit_cond = take(x, cond, order[n_hold:])
-
-            def judge(m: MeasurementCama, held_x: Any = held_x, held_cond: Any = held_cond) -> Any:
-                return gate_evaluation(
-                    m, saved["canary_x"], saved["canary_y"], held_x, gate_cfg, canary_cond, held_cond
-                )
-
+            held_idx, fit_idx = holdout_split(len(shifted), HOLDOUT_FRACTION, recipe.seed)
+            held_x, held_cond = take(x, cond, held_idx)
+            fit_x, fit_cond = take(x, cond, fit_idx)
             adapted = copy.deepcopy(model)
-            finetune(
+            decision = adapt_and_judge(
                 adapted,
-                saved["replay_x"],
-                saved["replay_y"],
                 fit_x,
+                held_x,
                 recipe,
-                clean_cond=replay_cond,
-                test_cond=fit_cond,
-            )
-            decision = promotion_gate(judge(model), judge(adapted), gate_cfg)
+                gate_cfg,
+                replay=replay,
+                canary=canary,
+                train_cond=fit_cond,
+                heldout_cond=held_cond,
+                keep_refused=True,  # scored either way; the service would keep the old model
+            ).decision
             rows.append(
                 {
                     "shift": s,
                     "recipe": name,
-                    "finetune": asdict(recipe),
+                    "finetune": recipe.as_dict(),
                     "shifted_accuracy_before": accuracy(model, shifted, k=gate_cfg.k),
                     "shifted_accuracy_after": accuracy(adapted, shifted, k=gate_cfg.k),
                     "canary_before": decision.before.clean_accuracy,
@@ -116,10 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     _, meta = load_checkpoint(args.checkpoint)
     shipped = meta.provenance.get("adapt_recipe")
-    recipes = {
-        "shipped": replace(ADAPT_RECIPE, **shipped) if shipped else ADAPT_RECIPE,
-        "paper": PAPER_RECIPE,
-    }
+    shipped_recipe = FinetuneConfig.from_dict(shipped) if shipped else MEASUREMENT_RECIPE
+    recipes = {"shipped": shipped_recipe, "paper": replace(shipped_recipe, alpha=PAPER_ALPHA)}
     rows = check(args.checkpoint, args.shifts, recipes)
     command = "python -m training.check_measurement_gate " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)

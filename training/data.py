@@ -12,6 +12,7 @@ import hashlib
 import os
 import struct
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,3 +184,24 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+VAL_FRACTION = 0.05  # of the training set, held out for model selection (the paper's protocol)
+
+
+def validation_split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Hold out ``fraction`` of the training set (seeded) for model selection."""
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_val = round(fraction * len(train))
+    val_idx, tr_idx = order[:n_val], order[n_val:]
+    return Split(train.x[tr_idx], train.y[tr_idx]), Split(train.x[val_idx], train.y[val_idx])
+
+
+def batches(
+    split: Split, batch_size: int, rng: np.random.Generator
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled mini-batches of a split."""
+    order = rng.permutation(len(split))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield split.x[idx], split.y[idx]

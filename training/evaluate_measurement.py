@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cama.adapt import FinetuneConfig, finetune
+from cama.adapt import MEASUREMENT_RECIPE, FinetuneConfig, finetune
 from cama.measurement_model import (
     CoparentMechanism,
     MeasurementCama,
@@ -49,7 +49,7 @@ from training.baselines import DNN, DNNConfig
 from training.measurement_data import GeneratorConfig, Sample, make_dataset, schema_dict, to_frame
 from training.measurement_schema import Encoded, Encoding, TableSchema
 from training.metrics import update_metrics
-from training.train_measurement import ADAPT_RECIPE, TrainConfig, accuracy, as_tensors, train
+from training.train_measurement import TrainConfig, accuracy, as_tensors, train
 
 RESULTS = Path("docs/results")
 
@@ -75,7 +75,7 @@ class EvalConfig:
     tiny: bool = False
     coparent_mechanism: CoparentMechanism = "mlp"  # MeasurementCamaConfig's (a model-class ablation)
     train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: FinetuneConfig = ADAPT_RECIPE  # the recipe the service uses for the model
+    finetune: FinetuneConfig = MEASUREMENT_RECIPE  # the recipe the service uses for the model
     dnn: DNNTrainConfig = field(default_factory=DNNTrainConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
             k=2,
             tiny=True,
             train=TrainConfig(epochs=1, val_every=1, val_k=2),
-            finetune=FinetuneConfig(epochs=1, batch_size=250),
+            finetune=replace(MEASUREMENT_RECIPE, epochs=1, batch_size=250),
             dnn=DNNTrainConfig(epochs=2),
         )
     if args.replot:

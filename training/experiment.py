@@ -6,11 +6,11 @@ and accuracy is reported on the other 50%. The split is a seeded permutation of 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import time
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -67,12 +67,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cama_accuracy(
-    model: ImageCama, split: Split, k: int, *, seed: int = 0, limit: int | None = None, chunk: int = 50
+    model: ImageCama,
+    split: Split,
+    k: int,
+    *,
+    seed: int = 0,
+    limit: int | None = None,
+    chunk: int = 50,
+    bf16: bool = True,
 ) -> float:
     """Bayes-rule (eq. 6) accuracy with K importance samples per class, fixed noise seed.
 
-    Runs on the model's device (bf16 autocast); the noise generator lives on that device too, so
-    a CPU and a CUDA run draw different (equally valid) importance samples.
+    Runs on the model's device (bf16 autocast unless ``bf16=False``); the noise generator lives on
+    that device too, so a CPU and a CUDA run draw different (equally valid) importance samples.
     """
     model.eval()
     device = model_device(model)
@@ -80,7 +87,7 @@ def cama_accuracy(
     gen = torch.Generator(device=device).manual_seed(seed)
     if device.type == "cuda":
         chunk = max(chunk, 500)
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         pred = bayes_predict(model, torch.from_numpy(x).to(device), k=k, chunk=chunk, generator=gen)
     return float((pred.labels.cpu().numpy() == y).mean())
 
@@ -108,6 +115,23 @@ def zero_m_inference(model: ImageCama) -> None:
         last.bias[: model.dim_m] = 0.0
 
 
+def start_model(
+    clean: ImageCama, pathway: str, *, reinit_q_m: bool = True, zero_q_m: bool = False
+) -> ImageCama:
+    """A copy of ``clean`` with ``pathway``, ready to be fine-tuned.
+
+    ``reinit_q_m``: a do(m=0)-trained additive model's q(m|x) was never trained and gets the same
+    symmetry-breaking start as the transform pathway; a model trained with eq. 5 keeps its own.
+    ``zero_q_m`` (the ablation): start from a zero q(m|x) mean instead, the same m for every x.
+    """
+    model = variant(clean, pathway)
+    if zero_q_m:
+        zero_m_inference(model)
+    elif pathway == "additive" and reinit_q_m:
+        model.reinit_m_inference()  # the same fair start as the transform pathway gets
+    return model
+
+
 def finetuned(
     clean: ImageCama,
     pathway: str,
@@ -116,34 +140,36 @@ def finetuned(
     cfg: FinetuneConfig,
     *,
     log_every: int = 50,
-    reinit_q_m: bool = True,
-    zero_q_m: bool = False,
-    on_step: Callable[[ImageCama, float], None] | None = None,
 ) -> tuple[ImageCama, float]:
-    """A fine-tuned copy (eq. 8, NN_M^p and NN_M^q only) and the seconds it took.
-
-    ``reinit_q_m``: a do(m=0)-trained additive model's q(m|x) was never trained and gets the same
-    symmetry-breaking start as the transform pathway; a model trained with eq. 5 keeps its own.
-    ``zero_q_m`` (the ablation): start from a zero q(m|x) mean instead, the same m for every x.
-    ``on_step(model, fraction)`` runs after every step (e.g. to keep the iterates).
-    """
-    model = variant(clean, pathway)
-    if zero_q_m:
-        zero_m_inference(model)
-    elif pathway == "additive" and reinit_q_m:
-        model.reinit_m_inference()  # the same fair start as the transform pathway gets
+    """A fine-tuned copy (eq. 8, NN_M^p and NN_M^q only, no gate) and the seconds it took."""
+    model = start_model(clean, pathway)
     t0 = time.perf_counter()
 
-    steps = [0]
-
     def progress(fraction: float, step: object) -> None:
-        steps[0] += 1
-        if log_every and steps[0] % log_every == 0:
+        if log_every and round(fraction * cfg.steps(len(adapt_x))) % log_every == 0:
             print(f"  ft {fraction:6.1%} {step}", flush=True)
-        if on_step is not None:
-            on_step(model, fraction)
 
     device = model_device(model)
     clean_x, clean_y = replay[0].to(device), replay[1].to(device)
     finetune(model, clean_x, clean_y, torch.from_numpy(adapt_x).to(device), cfg, on_progress=progress)
     return model, time.perf_counter() - t0
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """The options that change the adaptation recipe of an evaluation (``--ft-*``)."""
+    parser.add_argument("--ft-steps", type=int, default=None, help="cap fine-tuning steps (smoke runs)")
+    parser.add_argument(
+        "--ft-schedule", choices=["constant", "cosine"], default=None, help="fine-tuning step size schedule"
+    )
+    parser.add_argument(
+        "--ft-decay",
+        type=float,
+        default=None,
+        help="with --ft-schedule cosine: decay over this last fraction of the run (decay_fraction)",
+    )
+
+
+def recipe_from_args(args: argparse.Namespace, base: FinetuneConfig) -> FinetuneConfig:
+    """``base`` with the ``--ft-*`` options of :func:`add_recipe_args` applied."""
+    changes = {"max_steps": args.ft_steps, "lr_schedule": args.ft_schedule, "decay_fraction": args.ft_decay}
+    return replace(base, **{k: v for k, v in changes.items() if v is not None})

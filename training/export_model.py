@@ -23,8 +23,7 @@ import numpy as np
 from app.artifacts import export_checkpoint
 from app.data import save_serving_data
 from app.registry import ModelRegistry
-from training.data import load_mnist
-from training.train_cama import TrainConfig, validation_split
+from training.data import VAL_FRACTION, load_mnist, validation_split
 
 
 def mnist_serving_data(
@@ -32,7 +31,7 @@ def mnist_serving_data(
 ) -> Path:
     """Canary: the first ``n_canary`` of the 5% validation split; replay: ``n_replay`` training images."""
     mnist = load_mnist(data_dir)
-    train, val = validation_split(mnist.train, TrainConfig.val_fraction, seed=0)
+    train, val = validation_split(mnist.train, VAL_FRACTION, seed=0)
     replay_idx = np.sort(np.random.default_rng(seed).choice(len(train), size=n_replay, replace=False))
 
     def as_uint8(x: np.ndarray) -> np.ndarray:

@@ -2,8 +2,7 @@
 
     python -m training.ft_seed_spread --device cuda --ranges 0.2 0.3 --seeds 1 2
     python -m training.ft_seed_spread --merge a.json b.json     # join parallel runs, print the table
-    python -m training.ft_seed_spread --ft-schedule cosine --ft-decay 0.2 --out cand.json \
-        --evaluated docs/results/candidate_wsd/mnist_eval.json          # another fine-tuning recipe
+    python -m training.ft_seed_spread --ft-schedule constant --out constant.json   # another recipe
 
 ``evaluate_mnist`` fine-tunes once per (shift, range) with seed 0. This command repeats exactly
 that fine-tuning (the transform m pathway, eq. 8 on the unlabelled adapt half minus the gate's
@@ -32,17 +31,17 @@ import torch
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
 from training.data import load_mnist
-from training.evaluate_mnist import (
-    RANGES,
-    SHIFTS,
-    Cache,
-    EvalConfig,
+from training.eval_cache import Cache, entry_recipe, recipe_id
+from training.experiment import (
     add_recipe_args,
-    entry_recipe,
+    cama_accuracy,
+    finetuned,
+    manipulated_halves,
     recipe_from_args,
-    recipe_id,
+    replay_set,
+    resolve_device,
 )
-from training.experiment import cama_accuracy, finetuned, manipulated_halves, replay_set, resolve_device
+from training.mnist_sections import RANGES, SHIFTS, EvalConfig
 
 OUT = Path("docs/results/mnist_ft_seeds.json")
 
@@ -58,7 +57,7 @@ def measure(args: argparse.Namespace, cache: Cache, digest: str) -> None:
     if not isinstance(clean, ImageCama):
         raise SystemExit(f"{args.checkpoint} is not an image CAMA checkpoint")
     clean = clean.to(device)
-    ft = recipe_from_args(args)
+    ft = recipe_from_args(args, EvalConfig().ft)
     cfg = EvalConfig(k=args.k, score_limit=args.score_limit, ft=ft)
     recipe = recipe_id(ft)
     mnist = load_mnist(args.data_dir)
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ranges and args.seeds:
         measure(args, cache, digest)
     evaluated = json.loads(args.evaluated.read_text()) if args.evaluated.exists() else {}
-    recipe = recipe_id(recipe_from_args(args))
+    recipe = recipe_id(recipe_from_args(args, EvalConfig().ft))
     lines = table(cache, evaluated, digest, recipe)
     print("\n".join(lines))
     intro = [
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         "of `evaluate_mnist` (`mnist_eval.json`), the other seeds repeat that fine-tuning with another",
         "seed (`mnist_ft_seeds.json`). Last column: mean over all seeds minus the model without",
         "fine-tuning, in points. Written by `python -m training.ft_seed_spread` (see its docstring).",
-        f"Fine-tuning recipe (settings that differ from `FinetuneConfig`'s defaults): `{recipe}`.",
+        f"Adaptation recipe: `{recipe}`.",
         "",
     ]
     (args.table or args.out.with_suffix(".md")).write_text("\n".join([*intro, *lines]) + "\n")

@@ -133,3 +133,106 @@ def named(name: str, level: float) -> Manipulation:
     if name not in table:
         raise ValueError(f"unknown manipulation {name!r}; known: {sorted(table)}")
     return table[name]
+
+
+# --- the generic family of eq. 5's manipulated copies ----------------------------------------
+
+
+def _smooth_fields(n: int, size: int, grid: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` random smooth maps in [0, 1], ``(n, 1, size, size)``: uniform noise on a coarse grid,
+    bilinearly upsampled."""
+    coarse = torch.from_numpy(rng.random((n, 1, grid, grid)).astype(np.float32))
+    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False).numpy()
+
+
+def random_affine(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rotation up to 30 degrees, scale 0.75-1.25, shear up to 0.3, shift up to a quarter of the
+    image, each image its own draw, zero fill."""
+    n = x.shape[0]
+    angle = np.deg2rad(rng.uniform(-30.0, 30.0, n))
+    scale = rng.uniform(0.75, 1.25, n)
+    shear = rng.uniform(-0.3, 0.3, n)
+    tx, ty = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)  # normalised coordinates
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    matrices = np.stack([cos, -sin + shear * cos, tx, sin, cos + shear * sin, ty], axis=1)
+    out: np.ndarray = _affine_resample(x, matrices.reshape(-1, 2, 3))
+    return out
+
+
+def random_photometric(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``offset + gain * x`` with offset in [0, 0.5] and gain in [0.3, 1 - offset]: brightness and
+    contrast, each image its own draw."""
+    n = x.shape[0]
+    offset = rng.uniform(0.0, 0.5, (n, 1, 1, 1)).astype(x.dtype)
+    gain = (0.3 + rng.random((n, 1, 1, 1)) * (0.7 - offset)).astype(x.dtype)
+    out: np.ndarray = np.clip(offset + gain * x, 0.0, 1.0).astype(x.dtype)
+    return out
+
+
+def random_illumination(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random veil ``x + a F (1 - x)`` (F a smooth map in [0, 1], a in [0.2, 0.9])."""
+    n = x.shape[0]
+    grid = int(rng.integers(2, 6))
+    strength = rng.uniform(0.2, 0.9, (n, 1, 1, 1)).astype(x.dtype)
+    veil = _smooth_fields(n, x.shape[-1], grid, rng) * strength
+    out: np.ndarray = np.clip(x + veil * (1.0 - x), 0.0, 1.0).astype(x.dtype)
+    return out
+
+
+def random_noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise (std 0.05-0.4) or salt and pepper (2-20% of the pixels), per image."""
+    n = x.shape[0]
+    std = rng.uniform(0.05, 0.4, (n, 1, 1, 1))
+    gauss = np.clip(x + rng.normal(0.0, 1.0, x.shape) * std, 0.0, 1.0)
+    fraction = rng.uniform(0.02, 0.2, (n, 1, 1, 1))
+    mask = rng.random(x.shape) < fraction
+    salt = np.where(mask, (rng.random(x.shape) < 0.5).astype(x.dtype), x)
+    use_gauss = rng.random((n, 1, 1, 1)) < 0.5
+    return np.where(use_gauss, gauss, salt).astype(x.dtype)
+
+
+def random_blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An isotropic Gaussian blur of width 0.5-1.5 pixels (one width per batch)."""
+    out: np.ndarray = gaussian_blur(x, float(rng.uniform(0.5, 1.5))).astype(x.dtype)
+    return out
+
+
+def random_occlusion(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One to three rectangles of 1-10 by 1-10 pixels set to a random grey level (cutout)."""
+    out = x.copy()
+    n, size = x.shape[0], x.shape[-1]
+    for i in range(n):
+        for _ in range(int(rng.integers(1, 4))):
+            h, w = rng.integers(1, 11, 2)
+            top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+            out[i, :, top : top + h, left : left + w] = rng.random()
+    return out
+
+
+GENERIC_FAMILY: tuple[tuple[str, Manipulation, float], ...] = (
+    ("affine", random_affine, 0.5),
+    ("blur", random_blur, 0.2),
+    ("photometric", random_photometric, 0.25),
+    ("illumination", random_illumination, 0.25),
+    ("occlusion", random_occlusion, 0.2),
+    ("noise", random_noise, 0.3),
+)
+
+
+def generic(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Eq. 5's manipulated copies: each image gets each family of ``GENERIC_FAMILY`` with its
+    probability, in that order, and at least one of them.
+
+    Generic families of image augmentation (geometry, blur, photometric change, a smooth veil,
+    cutout, noise) with wide ranges; none is modelled on a benchmark's corruptions.
+    """
+    n = x.shape[0]
+    chosen = np.stack([rng.random(n) < p for _, _, p in GENERIC_FAMILY], axis=1)
+    none = ~chosen.any(axis=1)
+    chosen[none, rng.integers(0, len(GENERIC_FAMILY), int(none.sum()))] = True
+    out = x.copy()
+    for j, (_, apply, _) in enumerate(GENERIC_FAMILY):
+        rows = np.flatnonzero(chosen[:, j])
+        if rows.size:
+            out[rows] = apply(out[rows], rng)
+    return out.astype(x.dtype)

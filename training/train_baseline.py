@@ -31,10 +31,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from training.baselines import build_baseline, load_baseline, save_baseline
-from training.data import Mnist, Split, load_mnist
+from training.data import Mnist, Split, batches, load_mnist, validation_split
 from training.manipulations import named
 from training.tent import BATCHNORM_TYPES, setup_tent
-from training.train_cama import batches, validation_split
 
 ArrayLike = np.ndarray | Tensor
 

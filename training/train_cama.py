@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,12 +23,12 @@ import torch
 from tqdm import tqdm
 
 from cama.checkpoint import load_checkpoint, save_checkpoint, sha256_file
-from cama.config import ImageCamaConfig
+from cama.config import KNOWN_TRANSFORMS, ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
-from cama.objectives import augmented_objective, bayes_predict, intervention_elbo
-from training.data import Split, load_mnist
-from training.experiment import resolve_device
-from training.manipulations import named
+from cama.objectives import augmented_objective, intervention_elbo
+from training.data import VAL_FRACTION, Split, batches, load_mnist, validation_split
+from training.experiment import cama_accuracy, resolve_device
+from training.manipulations import Manipulation, generic, named
 
 
 @dataclass(frozen=True)
@@ -40,9 +39,9 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
-    val_fraction: float = 0.05
+    val_fraction: float = VAL_FRACTION
     val_k: int = 2
-    augment: str | None = None  # "vshift" / "hshift": eq. 5 with manipulated copies
+    augment: str | None = None  # "vshift" / "hshift" / "generic": eq. 5 with manipulated copies
     aug_range: float = 0.5
     lam: float = 0.5
     bf16: bool = False
@@ -50,32 +49,15 @@ class TrainConfig:
     time_budget_s: float | None = None  # shorten the run (and its cosine schedule) to fit this budget
 
 
-def validation_split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """Hold out ``fraction`` of the training set (seeded) for model selection."""
-    order = np.random.default_rng(seed).permutation(len(train))
-    n_val = round(fraction * len(train))
-    val_idx, tr_idx = order[:n_val], order[n_val:]
-    return Split(train.x[tr_idx], train.y[tr_idx]), Split(train.x[val_idx], train.y[val_idx])
+def manipulation_for(name: str, level: float) -> Manipulation:
+    """The manipulation of eq. 5's second term: ``generic`` (``training.manipulations.generic``,
+    no level) or a named one at ``level``."""
+    return generic if name == "generic" else named(name, level)
 
 
-def batches(
-    split: Split, batch_size: int, rng: np.random.Generator
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Shuffled mini-batches of a split."""
-    order = rng.permutation(len(split))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        yield split.x[idx], split.y[idx]
-
-
-def accuracy(model: ImageCama, split: Split, k: int, seed: int = 0) -> float:
-    """Bayes-rule (eq. 6) accuracy on a split (on the model's device)."""
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    chunk = 500 if device.type == "cuda" else 100
-    pred = bayes_predict(model, torch.from_numpy(split.x).to(device), k=k, chunk=chunk, generator=gen)
-    return float((pred.labels.cpu().numpy() == split.y).mean())
+def manipulated_split(split: Split, name: str, level: float, seed: int) -> Split:
+    """``split`` manipulated once, seeded: the validation set of a model trained with eq. 5."""
+    return Split(manipulation_for(name, level)(split.x, np.random.default_rng(seed)), split.y)
 
 
 def epochs_within(budget_s: float, first_epoch_s: float, planned: int) -> int:
@@ -109,7 +91,10 @@ def train(
         start_epoch, best, epoch_times = state["epoch"], state["best"], state["epoch_times"]
         epochs = int(state.get("epochs", cfg.epochs))
         print(f"resumed at epoch {start_epoch} of {epochs} (best val acc {best:.4f})")
-    manipulate = named(cfg.augment, cfg.aug_range) if cfg.augment else None
+    manipulate = manipulation_for(cfg.augment, cfg.aug_range) if cfg.augment else None
+    val_manipulated = (
+        manipulated_split(val_split, cfg.augment, cfg.aug_range, cfg.seed + 1) if cfg.augment else None
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     metrics: dict[str, float] = {}
     epoch = start_epoch
@@ -125,11 +110,11 @@ def train(
         )
         for xb, yb in bar:
             x, y = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
+            xm = None if manipulate is None else torch.from_numpy(manipulate(xb, rng)).to(device)
             with autocast:
-                if manipulate is None:
+                if xm is None:
                     objective = intervention_elbo(model, x, y).mean()
                 else:
-                    xm = torch.from_numpy(manipulate(xb, rng)).to(device)
                     objective = augmented_objective(model, (x, y), (xm, y), cfg.lam)
             loss = -objective
             opt.zero_grad(set_to_none=True)
@@ -144,21 +129,27 @@ def train(
             epochs = epochs_within(cfg.time_budget_s, epoch_times[0] * 1.15, cfg.epochs)  # 15%: validation
             sched.T_max = epochs * steps_per_epoch  # the cosine decay now ends with the shortened run
             print(f"time budget {cfg.time_budget_s:.0f}s: {epochs} epochs", flush=True)
-        val_acc = accuracy(
-            model, val_split if not cfg.dry_run else Split(val_split.x[:64], val_split.y[:64]), cfg.val_k
-        )
-        print(
-            f"epoch {epoch + 1}: train {epoch_times[-1]:.1f}s  val acc (K={cfg.val_k}) {val_acc:.4f}",
-            flush=True,
-        )
+        limit = 64 if cfg.dry_run else None
+        val_acc = cama_accuracy(model, Split(val_split.x[:limit], val_split.y[:limit]), cfg.val_k, bf16=False)
         metrics = {
             "val_accuracy": val_acc,
             "epoch": float(epoch + 1),
             "epochs": float(epochs),
             "train_epoch_seconds": float(np.median(epoch_times)),
         }
-        if val_acc > best:
-            best = val_acc
+        # a model trained with eq. 5 is selected on the mean of its clean and manipulated accuracy
+        score = val_acc
+        if val_manipulated is not None:
+            manip = Split(val_manipulated.x[:limit], val_manipulated.y[:limit])
+            metrics["val_accuracy_manipulated"] = cama_accuracy(model, manip, cfg.val_k, bf16=False)
+            score = (val_acc + metrics["val_accuracy_manipulated"]) / 2
+        print(
+            f"epoch {epoch + 1}: train {epoch_times[-1]:.1f}s  val acc (K={cfg.val_k}) {val_acc:.4f}"
+            + (f", manipulated {metrics['val_accuracy_manipulated']:.4f}" if val_manipulated else ""),
+            flush=True,
+        )
+        if score > best:
+            best = score
             save_checkpoint(
                 out, model, provenance={**(provenance or {}), "train_config": cfg.__dict__}, metrics=metrics
             )
@@ -191,13 +182,18 @@ def convert(source: Path, pathway: str, out: Path) -> None:
     print(f"{out}: m_pathway={pathway} sha256={digest}")
 
 
-def warm_start(source: Path, pathway: str | None) -> ImageCama:
-    """The image CAMA stored in ``source``, to continue training from (its m pathway unless given)."""
+def warm_start(source: Path, pathway: str | None, transforms: tuple[str, ...] | None = None) -> ImageCama:
+    """The image CAMA stored in ``source``, to continue training from (its m pathway and
+    mechanisms unless given; new mechanisms start at the identity)."""
     model, _ = load_checkpoint(source)
     if not isinstance(model, ImageCama):
         raise SystemExit(f"--init-from {source}: not an image CAMA checkpoint")
-    if pathway is not None and pathway != model.config.m_pathway:
-        model = with_m_pathway(model, pathway, q_m_logvar_init=ImageCamaConfig.q_m_logvar_init)
+    pathway = pathway or model.config.m_pathway
+    overrides: dict[str, object] = {} if transforms is None else {"transforms": tuple(transforms)}
+    if pathway != model.config.m_pathway or overrides.get("transforms", model.config.transforms) != (
+        model.config.transforms
+    ):
+        model = with_m_pathway(model, pathway, q_m_logvar_init=ImageCamaConfig.q_m_logvar_init, **overrides)
     return model
 
 
@@ -213,7 +209,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--val-k", type=int, default=TrainConfig.val_k)
-    parser.add_argument("--augment", choices=["vshift", "hshift"], default=None)
+    parser.add_argument(
+        "--augment",
+        choices=["vshift", "hshift", "generic"],
+        default=None,
+        help="eq. 5 with manipulated copies: a shift of --aug-range, or the generic family",
+    )
+    parser.add_argument(
+        "--transforms",
+        nargs="+",
+        choices=KNOWN_TRANSFORMS,
+        default=None,
+        help="mechanisms of the transform m pathway (default: the config's)",
+    )
     parser.add_argument("--aug-range", type=float, default=TrainConfig.aug_range)
     parser.add_argument("--lam", type=float, default=TrainConfig.lam)
     parser.add_argument(
@@ -279,10 +287,12 @@ def main(argv: list[str] | None = None) -> None:
         "device": device.type,
     }
     if args.init_from is not None:
-        model = warm_start(args.init_from, args.m_pathway).to(device)
+        model = warm_start(args.init_from, args.m_pathway, args.transforms).to(device)
         provenance |= {"init_from": str(args.init_from), "init_sha256": sha256_file(args.init_from)}
     else:
         base = ImageCamaConfig.tiny() if args.tiny else ImageCamaConfig()
+        if args.transforms is not None:
+            base = replace(base, transforms=tuple(args.transforms))
         model = ImageCama(replace(base, m_pathway=args.m_pathway or "additive")).to(device)
     result = train(
         model,

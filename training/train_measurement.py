@@ -15,7 +15,7 @@ the same structural equations (the gate's 0.5-point margin needs more than the p
 validation rows, of which one is 2 points). The checkpoint's provenance holds the table's
 schema, class names and standardisation statistics, so that ``predict`` applies the same
 transform, and ``adapt_recipe``: the fine-tuning recipe (eq. 8) the service uses for this model
-unless the operator or the job says otherwise (``ADAPT_RECIPE``).
+unless the operator or the job says otherwise (``cama.adapt.MEASUREMENT_RECIPE``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from cama.adapt import FinetuneConfig
+from cama.adapt import MEASUREMENT_RECIPE
 from cama.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from cama.measurement_model import MeasurementCama, MeasurementCamaConfig
 from cama.objectives import bayes_predict, intervention_elbo
@@ -52,7 +52,6 @@ from training.measurement_schema import (
 #: seed 0's model, alpha 0.5 cost 1.1-2.0 points on the 1000-row clean canary, so the service's
 #: 0.5-point gate refused every child-shift adaptation; alpha 0.9 with 20 epochs kept the canary
 #: within 0.3 points (docs/measurement.md, ``python -m training.check_measurement_gate``).
-ADAPT_RECIPE = FinetuneConfig(lr=1e-3, epochs=20, batch_size=50, alpha=0.9)
 
 
 @dataclass(frozen=True)
@@ -201,7 +200,7 @@ def fit_and_save(
             "canary_size": len(canary_data),
             "replay_file": replay.name,
             "replay_sha256": replay_sha,
-            "adapt_recipe": asdict(ADAPT_RECIPE),
+            "adapt_recipe": MEASUREMENT_RECIPE.as_dict(),
         },
         metrics=metrics,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.data import Inputs
 from app.errors import InputError, ServiceError, TooLargeError, validation_body
 from app.inputs import files_to_inputs, images_to_inputs, records_to_inputs
-from app.schemas import AdaptRequest, FinetuneOverrides, InputsRequest, PredictRequest
+from app.schemas import AdaptRequest, InputsRequest, PredictRequest
 
 R = TypeVar("R", bound=InputsRequest)
 
@@ -36,7 +36,7 @@ class ParsedInputs:
     inputs: Inputs
     k: int | None = None
     seed: int | None = None
-    finetune: FinetuneOverrides | None = None
+    finetune: dict[str, Any] | None = None
 
 
 def _validated(model_cls: type[R], payload: bytes | dict[str, object]) -> R:

@@ -7,28 +7,31 @@ model store (as TorchServe does with its key file), so management endpoints are 
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cama.adapt import HOLDOUT_FRACTION, FinetuneConfig
 
 WEAK_TOKENS = frozenset({"changeme", "change-me", "secret", "token", "password", "test", "admin"})
 
 
-class FinetuneSettings(BaseModel):
-    """The default recipe of an adaptation job (fields of ``cama.adapt.FinetuneConfig``)."""
+def operator_recipe(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The recipe settings an operator set (``CAMA_FINETUNE__<FIELD>``), typed by
+    :class:`cama.adapt.FinetuneConfig`'s fields (environment strings are converted) and checked
+    against its ranges; unknown names are refused."""
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(FinetuneConfig)})
+    if unknown:
+        raise ValueError(f"unknown finetune settings {unknown}")
+    typed = _RECIPE.validate_python(overrides)  # lax: "0.01" -> 0.01, ranges checked
+    return {name: getattr(typed, name) for name in overrides}
 
-    lr: float = Field(default=1e-3, gt=0, le=1.0)
-    epochs: int = Field(default=3, ge=1, le=100)
-    batch_size: int = Field(default=64, ge=1, le=4096)
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-    seed: int = 0
-    max_steps: int | None = Field(default=None, ge=1)
-    bf16: bool = False
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    decay_fraction: float = Field(default=1.0, gt=0.0, le=1.0)  # cosine: decay over this last part
+
+_RECIPE: TypeAdapter[FinetuneConfig] = TypeAdapter(FinetuneConfig)
 
 
 class Settings(BaseSettings):
@@ -76,7 +79,8 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=1 << 20, ge=64)
 
     # adaptation and its promotion gate
-    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+    # recipe settings that override every model's own (``adapt_recipe``); empty: each model's recipe
+    finetune: dict[str, Any] = Field(default_factory=dict)
     gate_margin: float = Field(default=0.005, description="largest allowed clean-accuracy drop (fraction)")
     gate_min_elbo_gain: float = 0.0
     gate_max_label_kl_rise: float | None = Field(
@@ -86,8 +90,13 @@ class Settings(BaseSettings):
         default=0.2, ge=0.0, description="largest allowed fall of the held-out mean confidence max_c p(y_c|x)"
     )
     gate_k: int = Field(default=10, ge=1)
-    holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    holdout_fraction: float = Field(default=HOLDOUT_FRACTION, gt=0.0, lt=1.0)
     min_adapt_inputs: int = Field(default=10, ge=2)
+
+    @field_validator("finetune")
+    @classmethod
+    def _typed_recipe(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return operator_recipe(value)
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Self:
