@@ -37,8 +37,7 @@ from cama.adapt import (
     FinetuneConfig,
     GateConfig,
     Labelled,
-    adapt_and_judge,
-    holdout_split,
+    adapt_batch,
 )
 from cama.checkpoint import load_checkpoint
 
@@ -180,9 +179,7 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
     cfg = finetune_config(settings, job, shipped_recipe)
     ctx.jobs.update(job.id, base_version=base, finetune={**job.finetune, **cfg.as_dict()})
 
-    heldout_idx, train_idx = holdout_split(len(batch), settings.holdout_fraction, cfg.seed)
-    heldout_x, heldout_cond = _tensors(batch.take(heldout_idx), device)
-    train_x, train_cond = _tensors(batch.take(train_idx), device)
+    batch_x, batch_cond = _tensors(batch, device)
     canary_x, canary_cond = _tensors(data.canary, device)
     replay_x, replay_cond = _tensors(data.replay, device)
     gate_cfg = GateConfig(
@@ -191,18 +188,18 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
         max_label_kl_rise=settings.gate_max_label_kl_rise,
         max_confidence_drop=settings.gate_max_confidence_drop,
         k=settings.gate_k,
+        screen=settings.screen_margin,
     )
     try:
-        outcome = adapt_and_judge(
+        outcome = adapt_batch(
             model,  # type: ignore[arg-type]
-            train_x,
-            heldout_x,
+            batch_x,
             cfg,
             gate_cfg,
             replay=Labelled(replay_x, torch.from_numpy(data.replay_y).to(device), replay_cond),
             canary=Labelled(canary_x, torch.from_numpy(data.canary_y).to(device), canary_cond),
-            train_cond=train_cond,
-            heldout_cond=heldout_cond,
+            batch_cond=batch_cond,
+            holdout_fraction=settings.holdout_fraction,
             on_progress=lambda f: progress.report(P_GATE_AFTER * f),
             should_stop=progress.should_stop,
         )

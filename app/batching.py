@@ -44,6 +44,7 @@ class MicroBatcher:
         max_wait_s: float,
         chunk_inputs: int | None = None,
         backend: Backend = "onnx",
+        screen: float | None = None,
         on_batch: Callable[[int, int], None] | None = None,
         name: str = "model",
     ) -> None:
@@ -52,6 +53,7 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.chunk_inputs = chunk_inputs or max_inputs
         self.backend: Backend = backend
+        self.screen = screen
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._carry: _Pending | None = None
@@ -134,10 +136,10 @@ class MicroBatcher:
         if self._on_batch is not None:
             self._on_batch(len(inputs), len(batch))
         if len(inputs) <= self.chunk_inputs:
-            return version.log_weights(inputs, noise, self.backend)
+            return version.log_weights(inputs, noise, self.backend, screen=self.screen)
         parts = []  # a large request runs in bounded chunks (memory), still on this one version
         for start in range(0, len(inputs), self.chunk_inputs):
             idx = slice(start, start + self.chunk_inputs)
             part = NoiseArrays(noise.m[:, idx], noise.z[:, :, idx])
-            parts.append(version.log_weights(inputs.take(idx), part, self.backend))
+            parts.append(version.log_weights(inputs.take(idx), part, self.backend, screen=self.screen))
         return np.concatenate(parts)

@@ -67,6 +67,7 @@ class ModelServer:
                 max_wait_s=s.batch_max_wait_ms / 1000.0 if s.batching else 0.0,
                 chunk_inputs=s.batch_max_inputs,
                 backend=s.backend,
+                screen=s.screen_margin,
                 on_batch=self._batch_observer(slot.name),
                 name=slot.name,
             )

@@ -18,7 +18,7 @@ from torch import nn
 from app.data import INPUT_NAMES, Inputs
 from app.registry import CorruptVersionError, Manifest, ModelRegistry
 from cama.checkpoint import CheckpointError, load_checkpoint
-from cama.objectives import Noise, bayes_log_weights
+from cama.objectives import Noise, bayes_log_weights, screened_log_weights
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,24 @@ class LoadedVersion:
         z = rng.standard_normal((self.num_classes, k, n, self.dim_z), dtype=np.float32)
         return NoiseArrays(m, z)
 
-    def log_weights(self, inputs: Inputs, noise: NoiseArrays, backend: Backend = "onnx") -> np.ndarray:
-        """Eq. 6 per-class log-weights ``(B, C)`` with the given noise."""
+    def log_weights(
+        self, inputs: Inputs, noise: NoiseArrays, backend: Backend = "onnx", *, screen: float | None = None
+    ) -> np.ndarray:
+        """Eq. 6 per-class log-weights ``(B, C)`` with the given noise; with ``screen`` (nats), all K
+        samples only for the inputs the first sample leaves undecided
+        (:func:`cama.objectives.screened_log_weights`)."""
+        if screen is None:
+            return self._log_weights(inputs, noise, backend)
+
+        def rows(idx: torch.Tensor | None, part: Noise) -> torch.Tensor:
+            sub = inputs if idx is None else inputs.take(idx.numpy())
+            arrays = NoiseArrays(np.ascontiguousarray(part.m.numpy()), np.ascontiguousarray(part.z.numpy()))
+            return torch.from_numpy(self._log_weights(sub, arrays, backend))
+
+        full = Noise(torch.from_numpy(noise.m), torch.from_numpy(noise.z))
+        return screened_log_weights(rows, full, screen).numpy()
+
+    def _log_weights(self, inputs: Inputs, noise: NoiseArrays, backend: Backend) -> np.ndarray:
         if backend == "torch":
             return self.log_weights_torch(inputs, noise)
         feed = {**inputs.named(), "noise_m": noise.m, "noise_z": noise.z}

@@ -20,7 +20,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cama.objectives import Prediction, bayes_predict, finetune_objective, marginal_elbo, slice_cond
+from cama.objectives import (
+    SCREEN_MARGIN,
+    Prediction,
+    bayes_predict,
+    finetune_objective,
+    index_cond,
+    marginal_elbo,
+    slice_cond,
+)
 from cama.protocol import CamaModel, all_classes
 
 
@@ -125,17 +133,6 @@ class FinetuneReport:
     steps: int = 0
     cancelled: bool = False
     history: list[StepResult] = field(default_factory=list)
-
-
-def index_cond(cond: Any, idx: Tensor) -> Any:
-    """The rows ``idx`` of ``cond`` (a tensor, a tuple of tensors, or None)."""
-    if cond is None:
-        return None
-    if isinstance(cond, Tensor):
-        return cond[idx]
-    if isinstance(cond, tuple):
-        return tuple(index_cond(part, idx) for part in cond)
-    raise TypeError(f"unsupported cond type {type(cond).__name__}")
 
 
 def collect_params(model: CamaModel) -> list[nn.Parameter]:
@@ -285,7 +282,8 @@ class GateConfig:
     nats (:func:`label_marginal_kl`; a batch whose true labels are far from p(y), e.g. all one
     class, needs it relaxed or off) and their mean confidence max_c p(y_c|x) falls by at most
     ``max_confidence_drop``: an adaptation that explains the batch without the label (random
-    noise images, say) leaves the posterior flat."""
+    noise images, say) leaves the posterior flat. Predictions use the served path: eq. 6 with
+    ``k`` samples behind the first-sample screen of ``screen`` nats (None: all K everywhere)."""
 
     max_clean_drop: float = 0.005
     min_elbo_gain: float = 0.0
@@ -293,6 +291,7 @@ class GateConfig:
     max_confidence_drop: float | None = 0.2  # None switches the lost-label-information check off
     k: int = 10
     seed: int = 0
+    screen: float | None = SCREEN_MARGIN
 
 
 @dataclass(frozen=True)
@@ -363,8 +362,9 @@ def gate_evaluation(
         parts = []
         for i in range(0, x.shape[0], chunk):
             stop_point()
+            sub = slice_cond(cond, i, i + chunk)
             parts.append(
-                bayes_predict(model, x[i : i + chunk], slice_cond(cond, i, i + chunk), k=cfg.k, generator=gen)
+                bayes_predict(model, x[i : i + chunk], sub, k=cfg.k, generator=gen, screen=cfg.screen)
             )
         return Prediction.concat(parts)
 
@@ -567,4 +567,39 @@ def adapt_and_judge(
         finetune_seconds=seconds,
         train_inputs=int(train_x.shape[0]),
         heldout_inputs=int(heldout_x.shape[0]),
+    )
+
+
+def adapt_batch(
+    model: CamaModel,
+    batch_x: Tensor,
+    recipe: FinetuneConfig,
+    gate: GateConfig,
+    *,
+    replay: Labelled,
+    canary: Labelled,
+    batch_cond: Any = None,
+    holdout_fraction: float = HOLDOUT_FRACTION,
+    on_progress: Callable[[float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> AdaptOutcome:
+    """What ``POST /adapt`` does with one unlabelled batch: hold out ``holdout_fraction`` of it for
+    the gate (:func:`holdout_split`, seeded by the recipe), adapt on the rest and judge
+    (:func:`adapt_and_judge`); a refused adaptation leaves the model as it was."""
+    held, train = (
+        torch.from_numpy(i) for i in holdout_split(batch_x.shape[0], holdout_fraction, recipe.seed)
+    )
+    held, train = held.to(batch_x.device), train.to(batch_x.device)
+    return adapt_and_judge(
+        model,
+        batch_x[train],
+        batch_x[held],
+        recipe,
+        gate,
+        replay=replay,
+        canary=canary,
+        train_cond=index_cond(batch_cond, train),
+        heldout_cond=index_cond(batch_cond, held),
+        on_progress=on_progress,
+        should_stop=should_stop,
     )

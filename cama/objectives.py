@@ -8,6 +8,7 @@ prediction replayable and lets an exported graph take its noise as an input.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,15 +176,25 @@ def bayes_log_weights(
     k: int = 10,
     noise: Noise | None = None,
     generator: torch.Generator | None = None,
+    screen: float | None = None,
 ) -> Tensor:
     """Eq. 6, per-class log importance weights ``log (1/K) sum_k p(x|y_c,z_k,m)p(y_c)p(z_k)/q(z_k|x,y_c,m)``.
 
     m ~ q(m|x) once per sample k and shared by every class; z_c^k ~ q(z|x, y_c, m).
     Returns ``(B, C)``: un-normalised log p(x, y_c), usable as logits (also for attacks).
+    ``screen`` (nats): the first-sample screen of :func:`screened_log_weights`.
     """
     b = x.shape[0]
     if noise is None:
         noise = sample_noise(model, b, k, generator=generator, device=x.device)
+    if screen is not None:
+
+        def rows(idx: Tensor | None, part: Noise) -> Tensor:
+            if idx is None:
+                return bayes_log_weights(model, x, cond, noise=part)
+            return bayes_log_weights(model, x[idx], index_cond(cond, idx), noise=part)
+
+        return screened_log_weights(rows, noise, screen)
     k = noise.m.shape[0]
     mu_m, logvar_m = model.infer_m(x, cond)  # (B, dM)
     m = reparameterize(mu_m, logvar_m, noise.m)  # (K, B, dM)
@@ -198,6 +209,57 @@ def bayes_log_weights(
         - log_normal(z, mu_z, logvar_z)
     )  # (C, K, B)
     return (torch.logsumexp(log_w, dim=1) - math.log(k)).transpose(0, 1)
+
+
+# The first-sample screen's default margin (nats), chosen on the MNIST validation split
+# (``python -m benchmarks.predict --calibrate``): below it a later importance sample has moved the
+# label; above it none did.
+SCREEN_MARGIN = 15.0
+
+
+def undecided(first: Tensor, margin: float) -> Tensor:
+    """Rows ``(B,)`` whose best and second-best first-sample log-weights are within ``margin``."""
+    if first.shape[1] < 2:
+        return torch.zeros(first.shape[0], dtype=torch.bool, device=first.device)
+    top2 = torch.topk(first, 2, dim=1).values
+    return (top2[:, 0] - top2[:, 1]) < margin
+
+
+def screened_log_weights(
+    rows: Callable[[Tensor | None, Noise], Tensor], noise: Noise, margin: float
+) -> Tensor:
+    """Eq. 6 that spends the K importance samples only where the label is not settled.
+
+    Stage 1 estimates every class's log-weight with the first sample of ``noise`` (K = 1). An input
+    whose best class leads the second by at least ``margin`` nats is answered there; every other
+    input is answered with all K samples of the same noise, i.e. exactly as
+    :func:`bayes_log_weights`. The label differs from the K-sample one only if the later samples
+    raise another class's estimate by more than ``margin`` relative to the leader's: a
+    K-sample estimate is at least its first sample's weight minus log K, and the margin is chosen
+    on validation data so that this happens for none of its inputs. ``rows(idx, noise)`` computes
+    eq. 6's log-weights ``(B', C)`` for the rows ``idx`` (None: all) with ``noise`` (any backend).
+    """
+    first_noise = Noise(m=noise.m[:1], z=noise.z[:, :1])
+    out = rows(None, first_noise)
+    if noise.m.shape[0] == 1:
+        return out
+    idx = torch.nonzero(undecided(out, margin)).flatten()
+    if idx.numel():
+        part = Noise(m=noise.m[:, idx], z=noise.z[:, :, idx])
+        out = out.clone()
+        out[idx] = rows(idx, part).to(out.dtype)
+    return out
+
+
+def index_cond(cond: Any, idx: Tensor) -> Any:
+    """The rows ``idx`` of ``cond`` (a tensor, a tuple of tensors, or None)."""
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond[idx]
+    if isinstance(cond, tuple):
+        return tuple(index_cond(part, idx) for part in cond)
+    raise TypeError(f"unsupported cond type {type(cond).__name__}")
 
 
 @dataclass(frozen=True)
@@ -227,12 +289,18 @@ def bayes_predict(
     k: int = 10,
     chunk: int = 100,
     generator: torch.Generator | None = None,
+    screen: float | None = None,
 ) -> Prediction:
-    """Eq. 6, p(y|x) = softmax_c log-weights, in chunks of ``chunk`` inputs to bound memory."""
+    """Eq. 6, p(y|x) = softmax_c log-weights, in chunks of ``chunk`` inputs to bound memory
+    (``screen``: :func:`screened_log_weights`' margin)."""
     logits = []
     for start in range(0, x.shape[0], chunk):
         sub_cond = slice_cond(cond, start, start + chunk)
-        logits.append(bayes_log_weights(model, x[start : start + chunk], sub_cond, k=k, generator=generator))
+        logits.append(
+            bayes_log_weights(
+                model, x[start : start + chunk], sub_cond, k=k, generator=generator, screen=screen
+            )
+        )
     log_w = torch.cat(logits)
     probs = torch.softmax(log_w, dim=1)
     return Prediction(log_weights=log_w, probs=probs, labels=probs.argmax(1))

@@ -22,6 +22,7 @@ from training.baselines import (
     DNNConfig,
     SmallCNN,
     build_baseline,
+    evaluate_accuracy,
     load_baseline,
     save_baseline,
 )
@@ -29,7 +30,6 @@ from training.data import DataError, Mnist, Split, load_mnist
 from training.train_baseline import (
     TrainConfig,
     augmented_batch,
-    evaluate_accuracy,
     evaluate_checkpoint,
     main,
     tent_halves,

@@ -19,8 +19,8 @@ from training.tent import (
     forward_and_adapt,
     setup_tent,
     softmax_entropy,
+    tent_accuracy,
 )
-from training.train_baseline import tent_accuracy
 
 
 @pytest.fixture(autouse=True, scope="module")

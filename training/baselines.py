@@ -17,6 +17,7 @@ import pickle
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -268,3 +269,31 @@ def load_baseline(
         schema_version=version,
     )
     return model, meta
+
+
+ArrayLike = np.ndarray | Tensor
+
+
+def as_tensor(x: ArrayLike) -> Tensor:
+    """A tensor view of an array (or the tensor itself)."""
+    return x if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: ArrayLike, batch_size: int = 1000) -> np.ndarray:
+    """Predicted labels ``(N,)`` of the model in eval mode (its mode is restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    xt = as_tensor(x)
+    labels = [
+        model(xt[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, xt.shape[0], batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(labels).numpy()
+
+
+def evaluate_accuracy(model: nn.Module, x: ArrayLike, y: ArrayLike, batch_size: int = 1000) -> float:
+    """Accuracy of the model (eval mode: dropout off, BatchNorm on running statistics)."""
+    labels = as_tensor(y).numpy()
+    return float((predict(model, x, batch_size) == labels).mean())

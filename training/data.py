@@ -168,22 +168,76 @@ def download_mnist(
     return target
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m training.data --download [--data-dir DIR]``: fetch and verify MNIST."""
-    import argparse
+MNISTC_CORRUPTIONS = (
+    "shot_noise",
+    "impulse_noise",
+    "glass_blur",
+    "motion_blur",
+    "shear",
+    "scale",
+    "rotate",
+    "brightness",
+    "translate",
+    "stripe",
+    "fog",
+    "spatter",
+    "dotted_line",
+    "zigzag",
+    "canny_edges",
+)
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--download", action="store_true")
-    args = parser.parse_args(argv)
-    if args.download:
-        print(download_mnist(args.data_dir))
-    mnist = load_mnist(args.data_dir)
-    print(f"train {len(mnist.train)}  test {len(mnist.test)}  sha256 {mnist.checksum[:16]}")
+
+@dataclass(frozen=True)
+class MnistC:
+    """MNIST-C's test corruptions (Mu & Gilmer 2019): per corruption the 10,000 MNIST test images,
+    float32 in [0, 1] ``(N, 1, 28, 28)``, in MNIST's order; their labels; the files' SHA-256."""
+
+    images: dict[str, np.ndarray]
+    y: np.ndarray
+    checksum: str
+
+    def split(self, corruption: str) -> Split:
+        return Split(self.images[corruption], self.y)
 
 
-if __name__ == "__main__":
-    main()
+def load_mnist_c(data_dir: str | os.PathLike[str] | None = None) -> MnistC:
+    """Load MNIST-C's test split from ``<dir>/mnist_c_test.npz`` (``y_test`` and one array per
+    corruption) or from the benchmark's own layout ``<dir>/mnist_c/<corruption>/test_images.npy``
+    and ``test_labels.npy`` (the distributed archive, unpacked)."""
+    root = resolve_data_dir(data_dir)
+    npz = root / "mnist_c_test.npz"
+    if npz.exists():
+        with np.load(npz) as d:
+            missing = [c for c in MNISTC_CORRUPTIONS if c not in d]
+            if missing:
+                raise DataError(f"{npz}: no arrays for {missing}")
+            images = {c: _images(d[c]) for c in MNISTC_CORRUPTIONS}
+            y = d["y_test"].astype(np.int64)
+        return MnistC(images, y, _sha256([npz]))
+    folder = root / "mnist_c"
+    if folder.is_dir():
+        files = [
+            folder / c / name for c in MNISTC_CORRUPTIONS for name in ("test_images.npy", "test_labels.npy")
+        ]
+        absent = [str(p) for p in files if not p.exists()]
+        if absent:
+            raise DataError(f"MNIST-C is incomplete under {folder}: missing {absent[:3]}")
+        images = {c: _images(np.load(folder / c / "test_images.npy")) for c in MNISTC_CORRUPTIONS}
+        y = np.load(folder / MNISTC_CORRUPTIONS[0] / "test_labels.npy").astype(np.int64)
+        return MnistC(images, y, _sha256(files))
+    raise DataError(
+        f"no MNIST-C under {root}: expected mnist_c_test.npz or mnist_c/<corruption>/test_images.npy "
+        f"(set {DATA_DIR_ENV} or --data-dir)"
+    )
+
+
+def _images(arr: np.ndarray) -> np.ndarray:
+    """uint8 ``(N, 28, 28)`` or ``(N, 28, 28, 1)`` -> float32 in [0, 1], ``(N, 1, 28, 28)``."""
+    if arr.ndim == 4:
+        arr = arr[..., 0]
+    if arr.ndim != 3 or arr.shape[1:] != (28, 28):
+        raise DataError(f"expected 28x28 images, got shape {arr.shape}")
+    return (arr.astype(np.float32) / 255.0)[:, None, :, :]
 
 
 VAL_FRACTION = 0.05  # of the training set, held out for model selection (the paper's protocol)
@@ -205,3 +259,21 @@ def batches(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         yield split.x[idx], split.y[idx]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m training.data --download [--data-dir DIR]``: fetch and verify MNIST."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--download", action="store_true")
+    args = parser.parse_args(argv)
+    if args.download:
+        print(download_mnist(args.data_dir))
+    mnist = load_mnist(args.data_dir)
+    print(f"train {len(mnist.train)}  test {len(mnist.test)}  sha256 {mnist.checksum[:16]}")
+
+
+if __name__ == "__main__":
+    main()

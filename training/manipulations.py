@@ -129,6 +129,7 @@ def named(name: str, level: float) -> Manipulation:
         "contrast": lambda x, rng: contrast(x, level, (1.0 - level) / 2.0),
         "rotation": lambda x, rng: rotation(x, level, rng),
         "blur": lambda x, rng: gaussian_blur(x, level),
+        "generic": generic,  # the family of eq. 5 copies; no level
     }
     if name not in table:
         raise ValueError(f"unknown manipulation {name!r}; known: {sorted(table)}")

@@ -161,7 +161,7 @@ class Evaluator:
         return cama_accuracy(model, split, self.cfg.k, limit=self.cfg.score_limit)
 
     def dnn(self, name: str, split: Split, *, limit: bool = True) -> float:
-        from training.train_baseline import evaluate_accuracy
+        from training.baselines import evaluate_accuracy
 
         scored = self.limit(split) if limit else split
         return evaluate_accuracy(self.baseline(name), scored.x, scored.y)
@@ -170,7 +170,7 @@ class Evaluator:
         self, adapt: Split | None, score: Split, *, limit: bool = True, arch: str = "bncnn", lr: float = 1e-3
     ) -> float:
         """TENT online over the adapt half (if any), then the score half; accuracy on the score half."""
-        from training.train_baseline import tent_accuracy
+        from training.tent import tent_accuracy
 
         adapt_x = None if adapt is None else self.limit(adapt).x
         scored = self.limit(score) if limit else score

@@ -11,8 +11,11 @@ from __future__ import annotations
 from copy import deepcopy
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+
+from training.baselines import ArrayLike, as_tensor
 
 ModelState = dict[str, Any]
 OptimizerState = dict[str, Any]
@@ -135,3 +138,48 @@ class Tent(nn.Module):
     def reset(self) -> None:
         """Restore the model and optimizer to their states at construction, exactly."""
         load_model_and_optimizer(self.model, self.optimizer, self.model_state, self.optimizer_state)
+
+
+def tent_accuracy(
+    model: nn.Module,
+    x: ArrayLike,
+    y: ArrayLike,
+    batch_size: int = 128,
+    seed: int = 0,
+    *,
+    lr: float = 1e-3,
+    adapt_x: ArrayLike | None = None,
+    online: bool = True,
+) -> float:
+    """Accuracy of TENT on ``(x, y)``, starting from a copy of the clean ``model``.
+
+    Batches are visited in a seeded random order; each batch is predicted by the model adapted on
+    the batches before it (plus its own forward pass), then one entropy step is taken on it. With
+    ``adapt_x`` (unlabelled), TENT first runs one online pass over ``adapt_x`` and then goes on
+    over ``x``; with ``online=False`` it stops adapting after ``adapt_x`` and scores ``x`` with
+    its parameters frozen (BatchNorm still on each test batch's statistics). ``model`` itself is
+    not modified.
+    """
+    tent = setup_tent(deepcopy(model), lr=lr)
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    if adapt_x is not None:
+        xa = as_tensor(adapt_x)
+        order = torch.from_numpy(rng.permutation(xa.shape[0]))
+        for start in range(0, xa.shape[0], batch_size):
+            tent(xa[order[start : start + batch_size]].to(device))
+    xt, labels = as_tensor(x), as_tensor(y).numpy()
+    order = torch.from_numpy(rng.permutation(xt.shape[0]))
+    correct = 0
+    for start in range(0, xt.shape[0], batch_size):
+        idx = order[start : start + batch_size]
+        logits: Tensor
+        if online:
+            logits = tent(xt[idx].to(device))
+        else:
+            with torch.no_grad():
+                logits = tent.model(xt[idx].to(device))
+        pred = logits.argmax(1).cpu().numpy()
+        correct += int((pred == labels[idx.numpy()]).sum())
+    return correct / max(1, xt.shape[0])

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import time
-from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,12 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from training.baselines import build_baseline, load_baseline, save_baseline
+from training.baselines import build_baseline, evaluate_accuracy, load_baseline, save_baseline
 from training.data import Mnist, Split, batches, load_mnist, validation_split
 from training.manipulations import named
-from training.tent import BATCHNORM_TYPES, setup_tent
-
-ArrayLike = np.ndarray | Tensor
+from training.tent import BATCHNORM_TYPES, tent_accuracy
 
 # The TENT evaluation protocol: manipulated test set, adapt on one half, report the other.
 TENT_PROBES: tuple[tuple[str, float], ...] = (("vshift", 0.3), ("noise", 0.3))
@@ -51,69 +48,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     val_fraction: float = 0.05
-    augment: str | None = None  # "vshift" / "hshift": each batch plus a manipulated copy
+    augment: str | None = None  # "vshift" / "hshift" / "generic": each batch plus a manipulated copy
     aug_range: float = 0.5
     dry_run: bool = False
-
-
-def _tensor(x: ArrayLike) -> Tensor:
-    return x if isinstance(x, Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: ArrayLike, batch_size: int = 1000) -> np.ndarray:
-    """Predicted labels ``(N,)`` of the model in eval mode (its mode is restored afterwards)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    xt = _tensor(x)
-    labels = [
-        model(xt[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, xt.shape[0], batch_size)
-    ]
-    model.train(was_training)
-    return torch.cat(labels).numpy()
-
-
-def evaluate_accuracy(model: nn.Module, x: ArrayLike, y: ArrayLike, batch_size: int = 1000) -> float:
-    """Accuracy of the model (eval mode: dropout off, BatchNorm on running statistics)."""
-    labels = _tensor(y).numpy()
-    return float((predict(model, x, batch_size) == labels).mean())
-
-
-def tent_accuracy(
-    model: nn.Module,
-    x: ArrayLike,
-    y: ArrayLike,
-    batch_size: int = 128,
-    seed: int = 0,
-    *,
-    lr: float = 1e-3,
-    adapt_x: ArrayLike | None = None,
-) -> float:
-    """Accuracy of online TENT on ``(x, y)``, starting from a copy of the clean ``model``.
-
-    Batches are visited in a seeded random order; each batch is predicted by the model adapted on
-    the batches before it (plus its own forward pass), then one entropy step is taken on it. With
-    ``adapt_x`` (unlabelled), TENT first runs one online pass over ``adapt_x`` and then goes on
-    over ``x``. ``model`` itself is not modified.
-    """
-    tent = setup_tent(deepcopy(model), lr=lr)
-    device = next(model.parameters()).device
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    if adapt_x is not None:
-        xa = _tensor(adapt_x)
-        order = torch.from_numpy(rng.permutation(xa.shape[0]))
-        for start in range(0, xa.shape[0], batch_size):
-            tent(xa[order[start : start + batch_size]].to(device))
-    xt, labels = _tensor(x), _tensor(y).numpy()
-    order = torch.from_numpy(rng.permutation(xt.shape[0]))
-    correct = 0
-    for start in range(0, xt.shape[0], batch_size):
-        idx = order[start : start + batch_size]
-        pred = tent(xt[idx].to(device)).argmax(1).cpu().numpy()
-        correct += int((pred == labels[idx.numpy()]).sum())
-    return correct / max(1, xt.shape[0])
 
 
 def augmented_batch(
@@ -266,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--augment", choices=["vshift", "hshift"], default=None)
+    parser.add_argument("--augment", choices=["vshift", "hshift", "generic"], default=None)
     parser.add_argument("--aug-range", type=float, default=TrainConfig.aug_range)
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--threads", type=int, default=None)

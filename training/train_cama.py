@@ -28,7 +28,7 @@ from cama.image_model import ImageCama, with_m_pathway
 from cama.objectives import augmented_objective, intervention_elbo
 from training.data import VAL_FRACTION, Split, batches, load_mnist, validation_split
 from training.experiment import cama_accuracy, resolve_device
-from training.manipulations import Manipulation, generic, named
+from training.manipulations import named
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,9 @@ class TrainConfig:
     time_budget_s: float | None = None  # shorten the run (and its cosine schedule) to fit this budget
 
 
-def manipulation_for(name: str, level: float) -> Manipulation:
-    """The manipulation of eq. 5's second term: ``generic`` (``training.manipulations.generic``,
-    no level) or a named one at ``level``."""
-    return generic if name == "generic" else named(name, level)
-
-
 def manipulated_split(split: Split, name: str, level: float, seed: int) -> Split:
     """``split`` manipulated once, seeded: the validation set of a model trained with eq. 5."""
-    return Split(manipulation_for(name, level)(split.x, np.random.default_rng(seed)), split.y)
+    return Split(named(name, level)(split.x, np.random.default_rng(seed)), split.y)
 
 
 def epochs_within(budget_s: float, first_epoch_s: float, planned: int) -> int:
@@ -91,7 +85,7 @@ def train(
         start_epoch, best, epoch_times = state["epoch"], state["best"], state["epoch_times"]
         epochs = int(state.get("epochs", cfg.epochs))
         print(f"resumed at epoch {start_epoch} of {epochs} (best val acc {best:.4f})")
-    manipulate = manipulation_for(cfg.augment, cfg.aug_range) if cfg.augment else None
+    manipulate = named(cfg.augment, cfg.aug_range) if cfg.augment else None
     val_manipulated = (
         manipulated_split(val_split, cfg.augment, cfg.aug_range, cfg.seed + 1) if cfg.augment else None
     )

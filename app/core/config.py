@@ -15,7 +15,8 @@ from typing import Any, Literal, Self
 from pydantic import Field, SecretStr, TypeAdapter, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cama.adapt import HOLDOUT_FRACTION, FinetuneConfig
+from cama.adapt import HOLDOUT_FRACTION, FinetuneConfig, GateConfig
+from cama.objectives import SCREEN_MARGIN
 
 WEAK_TOKENS = frozenset({"changeme", "change-me", "secret", "token", "password", "test", "admin"})
 
@@ -32,6 +33,7 @@ def operator_recipe(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 _RECIPE: TypeAdapter[FinetuneConfig] = TypeAdapter(FinetuneConfig)
+_GATE = GateConfig()  # the gate's defaults are the core's
 
 
 class Settings(BaseSettings):
@@ -67,6 +69,9 @@ class Settings(BaseSettings):
     k: int = Field(default=10, ge=1)
     max_k: int = Field(default=100, ge=1)
     torch_threads: int | None = Field(default=None, ge=1)
+    # the first-sample screen (nats): all K importance samples only where the first leaves the
+    # label undecided (cama.objectives.screened_log_weights); null: all K for every input
+    screen_margin: float | None = Field(default=SCREEN_MARGIN, ge=0.0)
     batching: bool = True
     batch_max_inputs: int = Field(default=64, ge=1)
     batch_max_wait_ms: float = Field(default=5.0, ge=0)
@@ -81,15 +86,21 @@ class Settings(BaseSettings):
     # adaptation and its promotion gate
     # recipe settings that override every model's own (``adapt_recipe``); empty: each model's recipe
     finetune: dict[str, Any] = Field(default_factory=dict)
-    gate_margin: float = Field(default=0.005, description="largest allowed clean-accuracy drop (fraction)")
-    gate_min_elbo_gain: float = 0.0
+    gate_margin: float = Field(
+        default=_GATE.max_clean_drop, description="largest allowed clean-accuracy drop (fraction)"
+    )
+    gate_min_elbo_gain: float = _GATE.min_elbo_gain
     gate_max_label_kl_rise: float | None = Field(
-        default=0.1, ge=0.0, description="largest allowed rise of the held-out label-histogram KL (nats)"
+        default=_GATE.max_label_kl_rise,
+        ge=0.0,
+        description="largest allowed rise of the held-out label-histogram KL (nats)",
     )
     gate_max_confidence_drop: float | None = Field(
-        default=0.2, ge=0.0, description="largest allowed fall of the held-out mean confidence max_c p(y_c|x)"
+        default=_GATE.max_confidence_drop,
+        ge=0.0,
+        description="largest allowed fall of the held-out mean confidence max_c p(y_c|x)",
     )
-    gate_k: int = Field(default=10, ge=1)
+    gate_k: int = Field(default=_GATE.k, ge=1)
     holdout_fraction: float = Field(default=HOLDOUT_FRACTION, gt=0.0, lt=1.0)
     min_adapt_inputs: int = Field(default=10, ge=2)
 

@@ -1,0 +1,267 @@
+"""What a CAMA prediction costs, path by path, and through HTTP (eq. 6's Bayes rule).
+
+    python -m benchmarks.predict                     # models/mnist_cama.pt, 2 threads, every path
+    python -m benchmarks.predict --no-http --agreement-limit 2000     # quicker
+    python -m benchmarks.predict --calibrate         # the screen's margin, on the validation split
+
+Paths, each given the same importance-sampling noise (drawn from a seed per batch of 100):
+
+- ``eager_fp32``: torch, eager, float32, K samples for every class (``cama.objectives``);
+- ``reference``: ONNX Runtime, float32, K samples for every class: the exported graph;
+- ``screened``: the same graph behind the first-sample screen
+  (``cama.objectives.screened_log_weights``): K = 1 for every input, all K only where the label
+  is not settled by ``--screen`` nats;
+- ``served``: what ``POST /predict`` runs (``app.serving.LoadedVersion.log_weights`` with the
+  service's default settings), measured again under its own name.
+
+Images/s are timed on the first ``--n-speed`` test images (batches of 100); label agreement with
+``reference`` and accuracy on the first ``--agreement-limit`` (default all 10,000). The HTTP part
+starts ``python -m app`` on loopback with the same threads and measures one client sending single
+images (p50/p99 latency) and ``--clients`` concurrent clients (images/s); ``perf.http.efficiency``
+is that throughput over the served path's raw images/s in this run.
+
+``--calibrate`` prints, for margins from 0 to 40 nats, how many validation inputs (5% of the
+training set, never the test set) the screen answers with one sample and how many of those get
+another label than K samples would give: the margin is chosen there.
+
+Writes ``benchmarks/results/predict.json`` and the ``perf.predict.*`` / ``perf.http.*`` keys of
+``docs/results/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from app.data import Inputs
+from app.serving import LoadedVersion, load_version
+from app.testing import ServiceProcess, build_store
+from cama.objectives import SCREEN_MARGIN
+from training.data import load_mnist, validation_split
+from training.metrics import update_metrics
+
+RESULTS = Path("benchmarks/results")
+BATCH = 100
+Path_ = Callable[[Inputs, Any], np.ndarray]
+
+
+def paths(version: LoadedVersion, screen: float) -> dict[str, Path_]:
+    """Every prediction path by name: ``(inputs, noise) -> log-weights (B, C)``."""
+    return {
+        "eager_fp32": lambda x, n: version.log_weights(x, n, "torch"),
+        "reference": lambda x, n: version.log_weights(x, n, "onnx"),
+        "screened": lambda x, n: version.log_weights(x, n, "onnx", screen=screen),
+        "served": lambda x, n: version.log_weights(x, n, "onnx", screen=SCREEN_MARGIN),
+    }
+
+
+def labels(version: LoadedVersion, run: Path_, x: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    """Labels for every image, and the seconds the path took (batches of ``BATCH``)."""
+    out, seconds = [], 0.0
+    for start in range(0, len(x), BATCH):
+        inputs = Inputs(x[start : start + BATCH])
+        noise = version.noise(len(inputs), k, seed=start)
+        t0 = time.perf_counter()
+        log_w = run(inputs, noise)
+        seconds += time.perf_counter() - t0
+        out.append(log_w.argmax(1))
+    return np.concatenate(out), seconds
+
+
+def measure_paths(
+    version: LoadedVersion, x: np.ndarray, y: np.ndarray, args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """Images/s, agreement with ``reference`` and accuracy for each path."""
+    runs = paths(version, args.screen)
+    for run in runs.values():  # warm-up: sessions, allocators, thread pools
+        labels(version, run, x[:BATCH], args.k)
+    results: dict[str, dict[str, float]] = {}
+    ref_labels = None
+    for name in ("reference", *[n for n in runs if n != "reference"]):
+        n_agree = args.agreement_limit if name != "eager_fp32" else min(args.agreement_limit, args.eager_limit)
+        speed_x = x[: args.n_speed]
+        _, seconds = labels(version, runs[name], speed_x, args.k)
+        got, _ = labels(version, runs[name], x[:n_agree], args.k)
+        if ref_labels is None:
+            ref_labels = got
+        results[name] = {
+            "img_per_s": len(speed_x) / seconds,
+            "agreement": float((got == ref_labels[:n_agree]).mean()),
+            "accuracy": float((got == y[:n_agree]).mean()),
+            "n_agreement": float(n_agree),
+        }
+        r = results[name]
+        print(
+            f"{name:12s} {r['img_per_s']:9.1f} img/s  agreement {r['agreement']:.4f}  "
+            f"accuracy {r['accuracy']:.4f}  (n={n_agree})",
+            flush=True,
+        )
+    return results
+
+
+def calibrate(version: LoadedVersion, x: np.ndarray, k: int) -> list[dict[str, float]]:
+    """Per margin: the share of inputs the first sample settles and how many of those it gets wrong
+    (another label than all K samples give)."""
+    first, full = [], []
+    for start in range(0, len(x), BATCH):
+        inputs = Inputs(x[start : start + BATCH])
+        noise = version.noise(len(inputs), k, seed=start)
+        full.append(version.log_weights(inputs, noise, "onnx"))
+        first.append(version.log_weights(inputs, type(noise)(noise.m[:1], noise.z[:, :1]), "onnx"))
+    lw1, lwk = np.concatenate(first), np.concatenate(full)
+    top2 = np.sort(lw1, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    changed = lw1.argmax(1) != lwk.argmax(1)
+    rows = []
+    for m in (0, 2, 5, 8, 10, 12, 15, 20, 25, 30, 40):
+        settled = margin >= m
+        rows.append(
+            {
+                "margin": float(m),
+                "settled": float(settled.mean()),
+                "settled_changed": float((settled & changed).sum()),
+                "inputs": float(len(x)),
+            }
+        )
+        print(f"margin {m:5.1f}  settled by one sample {settled.mean():.4f}  of those changed by K: "
+              f"{int((settled & changed).sum())} / {len(x)}")
+    return rows
+
+
+def http_load(url: str, images: list[list[list[float]]], clients: int, seconds: float) -> dict[str, float]:
+    """``clients`` threads each posting one image at a time for ``seconds``: images/s and latency."""
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            j = i
+            while time.monotonic() < stop:
+                body = {"model": "mnist", "images": [images[j % len(images)]]}
+                t0 = time.perf_counter()
+                r = c.post("/predict", json=body)
+                dt = time.perf_counter() - t0
+                with lock:
+                    if r.status_code == 200:
+                        latencies.append(dt)
+                    else:
+                        errors[0] += 1
+                j += clients
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    lat = np.array(latencies) * 1000
+    return {
+        "img_per_s": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "requests": float(len(latencies)),
+        "errors": float(errors[0]),
+    }
+
+
+def measure_http(store: Path, x: np.ndarray, args: argparse.Namespace, log: Path) -> dict[str, Any]:
+    """The service on loopback: one client (latency) and concurrent clients (throughput)."""
+    images = [img[0].tolist() for img in x[:256]]
+    svc = ServiceProcess(
+        log, model_store=str(store), seed_dir=str(store / ".none"), models=["mnist"], torch_threads=args.threads
+    )
+    try:
+        svc.wait_ready(timeout=300)
+        http_load(svc.url, images, 1, 3.0)  # warm-up
+        single = http_load(svc.url, images, 1, args.http_seconds)
+        concurrent = http_load(svc.url, images, args.clients, args.http_seconds)
+    finally:
+        svc.stop()
+    for name, r in (("one client", single), (f"{args.clients} clients", concurrent)):
+        print(
+            f"HTTP {name:10s} {r['img_per_s']:8.1f} img/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms"
+            f"  errors {int(r['errors'])}",
+            flush=True,
+        )
+    return {"single": single, "concurrent": concurrent}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, default=Path("models/mnist_cama.pt"))
+    parser.add_argument("--serving-data", type=Path, default=Path("models/mnist_serving_data.npz"))
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--screen", type=float, default=SCREEN_MARGIN, help="the screened path's margin")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-speed", type=int, default=1000, help="images timed per path")
+    parser.add_argument("--agreement-limit", type=int, default=10000)
+    parser.add_argument("--eager-limit", type=int, default=10000, help="agreement images for eager_fp32")
+    parser.add_argument("--no-http", action="store_true")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--http-seconds", type=float, default=20.0)
+    parser.add_argument("--calibrate", action="store_true")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    parser.add_argument("--no-metrics", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    mnist = load_mnist(args.data_dir)
+    with tempfile.TemporaryDirectory(prefix="cama-predict-") as tmp:
+        seed_dir = Path(tmp) / "seed"
+        seed_dir.mkdir()
+        (seed_dir / "mnist_cama.pt").symlink_to(args.checkpoint.resolve())
+        (seed_dir / "mnist_serving_data.npz").symlink_to(args.serving_data.resolve())
+        registry = build_store(Path(tmp) / "store", seed_dir, ["mnist"])
+        version = load_version(registry, "mnist", 1, threads=args.threads)
+        if args.calibrate:
+            _, val = validation_split(mnist.train, 0.05, 0)
+            rows = calibrate(version, val.x, args.k)
+            args.results_dir.mkdir(parents=True, exist_ok=True)
+            (args.results_dir / "predict_calibration.json").write_text(json.dumps(rows, indent=2) + "\n")
+            return
+        results = measure_paths(version, mnist.test.x, mnist.test.y, args)
+        http = None if args.no_http else measure_http(registry.root, mnist.test.x, args, Path(tmp) / "api.log")
+    report: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint),
+        "k": args.k,
+        "screen": args.screen,
+        "served_screen": SCREEN_MARGIN,
+        "threads": args.threads,
+        "machine": platform.processor() or platform.machine(),
+        "paths": results,
+        "http": http,
+    }
+    metrics: dict[str, float] = {}
+    for name, r in results.items():
+        for key in ("img_per_s", "agreement", "accuracy"):
+            metrics[f"perf.predict.{name}.{key}"] = r[key]
+    metrics["perf.predict.speedup"] = results["served"]["img_per_s"] / results["reference"]["img_per_s"]
+    print(f"served / reference: {metrics['perf.predict.speedup']:.2f}x")
+    if http is not None:
+        metrics["perf.http.img_per_s"] = http["concurrent"]["img_per_s"]
+        metrics["perf.http.efficiency"] = http["concurrent"]["img_per_s"] / results["served"]["img_per_s"]
+        metrics["perf.http.p99_ms_single"] = http["single"]["p99_ms"]
+        print(f"HTTP efficiency: {metrics['perf.http.efficiency']:.2f}")
+    report["metrics"] = metrics
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "predict.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not args.no_metrics:
+        update_metrics(metrics)
+
+
+if __name__ == "__main__":
+    main()
