@@ -15,8 +15,8 @@ PY="${PY:-.venv/bin/python}"
 export CAMA_DATA_DIR="${CAMA_DATA_DIR:-../shared/data}"
 export COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-cama-smoke-$$}"
 export CAMA_IMAGE_TAG="${CAMA_IMAGE_TAG:-smoke}"
-CAMA_TOKEN="$(openssl rand -hex 24)"
-REDIS_PASSWORD="$(openssl rand -hex 24)"
+CAMA_TOKEN="$("$PY" -c 'import secrets; print(secrets.token_hex(24))')"
+REDIS_PASSWORD="$("$PY" -c 'import secrets; print(secrets.token_hex(24))')"
 CAMA_PORT="${CAMA_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 export CAMA_TOKEN REDIS_PASSWORD CAMA_PORT
 LOG_DIR=logs/compose_smoke
@@ -31,6 +31,7 @@ else
     exit 1
 fi
 docker info >/dev/null || { echo "no Docker engine answers (start dockerd)" >&2; exit 1; }
+"$PY" -c 'from training.data import load_mnist; load_mnist()' || exit 1  # the client's batch, before building
 
 START=$EPOCHREALTIME
 since() { awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'; }
@@ -49,6 +50,8 @@ teardown() {
     fi
 }
 trap teardown EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # 1. the base: the registry's when it answers, else one built here
 if [ -z "${BASE_IMAGE:-}" ]; then

@@ -15,6 +15,8 @@ SECURITY="${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}"
 command -v mmdebstrap >/dev/null || { echo "mmdebstrap is missing: apt-get install mmdebstrap" >&2; exit 1; }
 tarball="$(mktemp --suffix=.tar)"
 trap 'rm -f "$tarball"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # shellcheck disable=SC2016  # $1 is the hook's argument (the new root), expanded by mmdebstrap
 mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates \
