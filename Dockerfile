@@ -2,7 +2,10 @@
 #   docker build -t cama-serve .                                  # CPU (default)
 #   docker build -t cama-serve:cuda --build-arg DEVICE=cuda \
 #       --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 .
-# PIP_EXTRA_INDEX_URL may name a CPU-only torch wheel index to keep the CPU image small.
+# Wheels put in wheels/ win over the index (a CPU-only torch keeps the CPU image free of CUDA);
+# PIP_EXTRA_INDEX_URL may name a CPU-only torch index instead. Without a registry, build the base
+# locally (scripts/docker_base.sh) and pass --build-arg BASE_IMAGE=cama-base:bookworm.
+# The service installs without the `[train]` extra (matplotlib, pandas, pyarrow, tqdm).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS build
@@ -15,12 +18,13 @@ RUN if ! command -v python3 >/dev/null; then \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
+COPY wheels/ /wheels/
 COPY pyproject.toml ./
 COPY cama ./cama
 COPY training ./training
 COPY app ./app
 COPY worker ./worker
-RUN pip install . \
+RUN pip install --find-links /wheels . \
     && if [ "$DEVICE" = "cuda" ]; then pip uninstall -y onnxruntime && pip install onnxruntime-gpu; fi
 
 FROM ${BASE_IMAGE} AS runtime

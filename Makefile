@@ -77,3 +77,9 @@ e2e-mnist: install
 
 compose-config:
 	CAMA_TOKEN=$${CAMA_TOKEN:-dummy-token-for-config-check} REDIS_PASSWORD=$${REDIS_PASSWORD:-dummy} docker-compose config
+
+# docker compose up for real: build (the base too where no registry answers), start redis + api +
+# worker, one /predict, one /adapt to a new active version, tear down (scripts/compose_smoke.sh).
+.PHONY: compose-smoke
+compose-smoke: install
+	PY=$(BIN)/python scripts/compose_smoke.sh

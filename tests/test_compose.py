@@ -1,11 +1,17 @@
-"""The deployment files, checked statically (no Docker engine here); the e2e tests run the same commands."""
+"""The deployment files, checked statically; ``make compose-smoke`` runs them for real with a Docker engine.
+
+The e2e tests run the same commands as processes.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -14,6 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
+SMOKE = ROOT / "scripts" / "compose_smoke.sh"
+TRAIN_ONLY = {"matplotlib", "pandas", "pyarrow", "tqdm"}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +65,17 @@ def test_secrets_are_required_from_the_environment(compose):
     assert compose["services"]["worker"]["environment"] == env
 
 
+def test_every_image_is_built_here_and_the_api_is_published_on_loopback(compose):
+    services = compose["services"]
+    redis = services["redis"]
+    assert redis["build"]["dockerfile"] == "redis.Dockerfile"  # no registry image: Debian's redis-server
+    assert (ROOT / redis["build"]["context"] / "redis.Dockerfile").is_file()
+    assert redis["image"].startswith("cama-redis:")
+    for name in ("redis", "api"):  # one Debian base for both, a local one where no registry answers
+        assert "BASE_IMAGE" in services[name]["build"]["args"], name
+    assert services["api"]["ports"] == ["${CAMA_BIND:-127.0.0.1}:${CAMA_PORT:-8000}:8000"]
+
+
 def test_dockerfile_one_image_cpu_default_cuda_option():
     text = DOCKERFILE.read_text()
     assert "ARG DEVICE=cpu" in text
@@ -68,6 +87,93 @@ def test_dockerfile_one_image_cpu_default_cuda_option():
     assert "HEALTHCHECK" in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "model_store", "models/*.state", ".git"} <= set(ignored)
+
+
+def test_the_image_prefers_local_wheels_and_installs_without_the_training_extra():
+    text = DOCKERFILE.read_text()
+    assert "COPY wheels/ /wheels/" in text
+    assert re.search(r"^RUN pip install --find-links /wheels \. ", text, re.M)  # no [train], no [dev]
+    assert (ROOT / "wheels" / "README.md").is_file()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = {re.split(r"[<>=\[ ]", dep)[0].lower() for dep in project["dependencies"]}
+    assert not base & TRAIN_ONLY, base & TRAIN_ONLY
+    train = {re.split(r"[<>=\[ ]", dep)[0].lower() for dep in project["optional-dependencies"]["train"]}
+    assert train == TRAIN_ONLY
+    assert "cama-serve[train]" in project["optional-dependencies"]["dev"]
+
+
+BLOCK_AND_IMPORT = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):  # as in the image, where the [train] extra is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Absent())
+import app.main, worker.tasks
+"""
+
+
+def test_the_service_imports_without_the_training_extra():
+    """What the image runs (the API and the worker) must import with matplotlib, pandas, ... absent."""
+    code = f"BLOCKED = {sorted(TRAIN_ONLY)!r}\n{BLOCK_AND_IMPORT}"
+    env = {**os.environ, "CAMA_REDIS_URL": "redis://127.0.0.1:6379/0"}  # the worker needs one; never used
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    # the blocker itself works: pandas (installed here, with the dev extra) cannot be imported under it
+    probe = subprocess.run(
+        [sys.executable, "-c", code + "import pandas\n"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert probe.returncode != 0
+    assert "No module named 'pandas'" in probe.stderr
+
+
+def test_compose_smoke_script_builds_runs_and_always_tears_down():
+    text = SMOKE.read_text()
+    assert subprocess.run(["bash", "-n", str(SMOKE)], check=False).returncode == 0
+    assert re.search(r"^trap teardown EXIT$", text, re.M)
+    assert "down --volumes --remove-orphans" in text
+    assert "scripts/docker_base.sh" in text  # a base built here when no registry answers
+    assert "compose build" in text
+    assert "compose up -d" in text
+    assert re.search(
+        r"^compose-smoke:.*\n\t.*scripts/compose_smoke\.sh", (ROOT / "Makefile").read_text(), re.M
+    )
+
+
+def makefile_commands(target: str) -> list[str]:
+    """The recipe lines of one Makefile target, with ``$(BIN)/`` resolved to ``.venv/bin/``."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = lines.index(f"{target}:") + 1
+    commands = []
+    for line in lines[start:]:
+        if not line.startswith("\t"):
+            break
+        commands.append(line.strip().replace("$(BIN)/", ".venv/bin/"))
+    return commands
+
+
+def test_pre_commit_runs_what_make_lint_and_typecheck_run():
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    hooks = [hook for repo in config["repos"] for hook in repo["hooks"]]
+    entries = [shlex.split(hook["entry"]) for hook in hooks]
+    for command in makefile_commands("lint") + makefile_commands("typecheck"):
+        words = [w for w in shlex.split(command) if w != "."]  # make checks the tree, pre-commit its files
+        assert any(entry[: len(words)] == words for entry in entries), command
+    assert all(hook["language"] == "system" for hook in hooks)  # the venv's tools, the pinned versions
 
 
 def docker_compose() -> str | None:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One device call: two warm restarts of the clean CAMA, then the full MNIST evaluation of the
-# result in 8 processes, merged into one cache. SMOKE=1 runs the same steps tiny (CPU check).
+# Two warm restarts of the clean CAMA, then the full MNIST evaluation of the result in 8
+# processes on one GPU, merged into one cache (docs/gpu.md). OUT: where logs, caches and the
+# picked checkpoint go. SMOKE=1 runs the same steps tiny (a CPU check, with DEV=cpu).
 # RESTARTS=0 skips the restarts (evaluate the shipped model); EVX adds evaluate_mnist options to
-# every evaluation process, e.g. EVX="--ft-average tail" to measure every fine-tuned figure with
-# another fine-tuning recipe (cached figures of another recipe are measured again). AGAIN_FT=1
-# measures every fine-tuned figure again on this device (--again-ft in the 8 processes only).
+# every evaluation process; AGAIN_FT=1 measures every fine-tuned figure again on this device
+# (--again-ft in the 8 processes only). LIMIT: seconds the whole run may take.
 set -u
 T0=$(date +%s)
 LIMIT=${LIMIT:-585}
@@ -17,7 +17,7 @@ LOG="$OUT/run.log"
 exec > >(tee -a "$LOG") 2>&1
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 TQDM_MININTERVAL=30
 PY=${PY:-python3}
-# MNIST: $CAMA_DATA_DIR, or the archive a device session carries (scripts/gpu/README.md)
+# MNIST: $CAMA_DATA_DIR, or the archive gpu/mnist_idx.tar.xz where it exists (docs/gpu.md)
 if [ -f gpu/mnist_idx.tar.xz ]; then
   mkdir -p /tmp/data && tar xJf gpu/mnist_idx.tar.xz -C /tmp/data && export CAMA_DATA_DIR=/tmp/data
 fi
