@@ -89,7 +89,9 @@ def measure_paths(
     results: dict[str, dict[str, float]] = {}
     ref_labels = None
     for name in ("reference", *[n for n in runs if n != "reference"]):
-        n_agree = args.agreement_limit if name != "eager_fp32" else min(args.agreement_limit, args.eager_limit)
+        n_agree = (
+            args.agreement_limit if name != "eager_fp32" else min(args.agreement_limit, args.eager_limit)
+        )
         speed_x = x[: args.n_speed]
         _, seconds = labels(version, runs[name], speed_x, args.k)
         got, _ = labels(version, runs[name], x[:n_agree], args.k)
@@ -134,8 +136,10 @@ def calibrate(version: LoadedVersion, x: np.ndarray, k: int) -> list[dict[str, f
                 "inputs": float(len(x)),
             }
         )
-        print(f"margin {m:5.1f}  settled by one sample {settled.mean():.4f}  of those changed by K: "
-              f"{int((settled & changed).sum())} / {len(x)}")
+        print(
+            f"margin {m:5.1f}  settled by one sample {settled.mean():.4f}  of those changed by K: "
+            f"{int((settled & changed).sum())} / {len(x)}"
+        )
     return rows
 
 
@@ -182,7 +186,11 @@ def measure_http(store: Path, x: np.ndarray, args: argparse.Namespace, log: Path
     """The service on loopback: one client (latency) and concurrent clients (throughput)."""
     images = [img[0].tolist() for img in x[:256]]
     svc = ServiceProcess(
-        log, model_store=str(store), seed_dir=str(store / ".none"), models=["mnist"], torch_threads=args.threads
+        log,
+        model_store=str(store),
+        seed_dir=str(store / ".none"),
+        models=["mnist"],
+        torch_threads=args.threads,
     )
     try:
         svc.wait_ready(timeout=300)
@@ -201,7 +209,9 @@ def measure_http(store: Path, x: np.ndarray, args: argparse.Namespace, log: Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", type=Path, default=Path("models/mnist_cama.pt"))
     parser.add_argument("--serving-data", type=Path, default=Path("models/mnist_serving_data.npz"))
     parser.add_argument("--data-dir", default=None)
@@ -234,7 +244,9 @@ def main(argv: list[str] | None = None) -> None:
             (args.results_dir / "predict_calibration.json").write_text(json.dumps(rows, indent=2) + "\n")
             return
         results = measure_paths(version, mnist.test.x, mnist.test.y, args)
-        http = None if args.no_http else measure_http(registry.root, mnist.test.x, args, Path(tmp) / "api.log")
+        http = (
+            None if args.no_http else measure_http(registry.root, mnist.test.x, args, Path(tmp) / "api.log")
+        )
     report: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "k": args.k,

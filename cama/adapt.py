@@ -580,12 +580,14 @@ def adapt_batch(
     canary: Labelled,
     batch_cond: Any = None,
     holdout_fraction: float = HOLDOUT_FRACTION,
+    keep_refused: bool = False,
     on_progress: Callable[[float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> AdaptOutcome:
     """What ``POST /adapt`` does with one unlabelled batch: hold out ``holdout_fraction`` of it for
     the gate (:func:`holdout_split`, seeded by the recipe), adapt on the rest and judge
-    (:func:`adapt_and_judge`); a refused adaptation leaves the model as it was."""
+    (:func:`adapt_and_judge`); a refused adaptation leaves the model as it was (unless
+    ``keep_refused``: an evaluation that scores what the gate refused)."""
     held, train = (
         torch.from_numpy(i) for i in holdout_split(batch_x.shape[0], holdout_fraction, recipe.seed)
     )
@@ -600,6 +602,7 @@ def adapt_batch(
         canary=canary,
         train_cond=index_cond(batch_cond, train),
         heldout_cond=index_cond(batch_cond, held),
+        keep_refused=keep_refused,
         on_progress=on_progress,
         should_stop=should_stop,
     )

@@ -23,6 +23,7 @@ ENTRY_POINTS = {
     "training.train_baseline",
     "training.evaluate_mnist",
     "training.ft_seed_spread",
+    "training.evaluate_mnistc",
     "training.data",
 }
 
@@ -298,3 +299,63 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert "mnist.vshift.0.3.cama_ft_v" not in cache  # the first model's figure is gone
     assert "mnist.vshift.0.3.dnn" in cache
     assert torch.load(next((tmp_path / "ft").rglob("ft_*.pt")), weights_only=False)["info"]["gate"]
+
+    # eq. 5 with the generic family and the field mechanism, then MNIST-C through /adapt's code path
+    generic = tmp_path / "generic.pt"
+    transforms = ("warp", "blur", "photometric", "outlier", "field", "clean")
+    run(
+        "training.train_cama",
+        *("--init-from", str(served), "--transforms", *transforms, "--augment", "generic"),
+        *("--dry-run", "--train-limit", "400", "--out", str(generic)),
+    )
+    generic_model, generic_meta = load_checkpoint(generic)
+    assert "field" in generic_model.config.transforms
+    assert "val_accuracy_manipulated" in generic_meta.metrics
+    mnistc_out = tmp_path / "mnistc"
+    text = run(
+        "training.evaluate_mnistc",
+        *(
+            "--checkpoint",
+            str(generic),
+            "--dnn",
+            str(dnn),
+            "--bncnn-gap",
+            str(bncnn),
+            "--bncnn-flat",
+            str(bncnn),
+        ),
+        *("--corruptions", "fog", "--ns", "20", "--score-limit", "16", "--validation-limit", "40"),
+        *("--out-dir", str(mnistc_out)),
+    )
+    assert "mnistc.fog.cama_ft.n20" in text
+    metrics = json.loads((mnistc_out / "metrics.json").read_text())
+    for key in (
+        "mnistc.fog.dnn.n20",
+        "mnistc.fog.bncnn_flat.n20",
+        "mnistc.fog.tent_flat.n20",
+        "mnistc.fog.tent_gap_online.n20",
+        "mnistc.fog.cama.n20",
+        "mnistc.fog.cama_ft.n20",
+        "mnistc.fog.clean_after_ft.n20",
+        "mnistc.clean.cama",
+    ):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["mnistc.fog.gate_accepted.n20"] in (0.0, 1.0)
+    assert "| fog |" in (mnistc_out / "mnistc.md").read_text()
+    assert (mnistc_out / "mnistc.png").stat().st_size > 1000
+    again = run(
+        "training.evaluate_mnistc",
+        *(
+            "--checkpoint",
+            str(generic),
+            "--dnn",
+            str(dnn),
+            "--bncnn-gap",
+            str(bncnn),
+            "--bncnn-flat",
+            str(bncnn),
+        ),
+        *("--corruptions", "fog", "--ns", "20", "--score-limit", "16", "--validation-limit", "40"),
+        *("--out-dir", str(mnistc_out)),
+    )
+    assert "mnistc.fog.cama_ft.n20" not in again  # every figure reused from the cache

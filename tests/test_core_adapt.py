@@ -10,7 +10,7 @@ import torch
 from cama import adapt
 from cama.config import ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
-from cama.mechanisms import MechanismNetwork
+from cama.mechanisms import MechanismNetwork, apply_mechanisms, canonicalize
 
 
 def make(pathway: str) -> ImageCama:
@@ -282,3 +282,22 @@ def test_gate_evaluation_is_deterministic():
     b = adapt.gate_evaluation(model, x, y, x, cfg)
     assert a == b
     assert 0.0 <= a.clean_accuracy <= 1.0
+
+
+def test_field_mechanism_is_the_identity_at_zero_and_smooth():
+    from cama.mechanisms import FIELD_GRID, _upsample_matrix
+
+    up = _upsample_matrix(28, FIELD_GRID, torch.zeros(1, dtype=torch.float64))
+    torch.testing.assert_close(up.sum(1), torch.ones(28, dtype=torch.float64))  # each row interpolates
+    p = torch.rand(2, 1, 28, 28) * 0.9 + 0.05
+    zero = {"field": torch.zeros(2, 2 * FIELD_GRID * FIELD_GRID)}
+    torch.testing.assert_close(apply_mechanisms(p, zero, 5), p)
+    theta = torch.zeros(2, 2 * FIELD_GRID * FIELD_GRID)
+    theta[:, : FIELD_GRID * FIELD_GRID] = 3.0  # weight near 1 everywhere ...
+    theta[:, FIELD_GRID * FIELD_GRID :] = 4.0  # ... towards a bright level
+    veiled = apply_mechanisms(p, {"field": theta}, 5)
+    assert float(veiled.min()) > 0.9  # the veil explains a bright image whatever the digit
+    theta[:, : FIELD_GRID * FIELD_GRID] = 1.0  # a weight of tanh(1) = 0.76: invertible
+    veiled = apply_mechanisms(p, {"field": theta}, 5)
+    back = canonicalize(veiled, {"field": theta}, None)  # the inference side undoes the mixture
+    torch.testing.assert_close(back, p, atol=1e-4, rtol=1e-4)

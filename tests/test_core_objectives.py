@@ -153,3 +153,36 @@ def test_transform_pathway_starts_as_the_clean_model(batch):
         a = O.bayes_log_weights(clean, x, noise=noise)
         b = O.bayes_log_weights(transformed, x, noise=noise)
     torch.testing.assert_close(a, b, atol=5e-3, rtol=1e-5)
+
+
+def test_screened_prediction_spends_k_samples_only_where_the_label_is_open(batch):
+    """Stage 1 is the first sample for every input; an undecided input gets exactly eq. 6's K."""
+    model = tiny_model("transform")
+    x, _ = batch
+    noise = O.sample_noise(model, x.shape[0], 4, generator=torch.Generator().manual_seed(3))
+    first = O.Noise(noise.m[:1], noise.z[:, :1])
+    with torch.no_grad():
+        full = O.bayes_log_weights(model, x, noise=noise)
+        one = O.bayes_log_weights(model, x, noise=first)
+        everything = O.bayes_log_weights(model, x, noise=noise, screen=float("inf"))
+        nothing = O.bayes_log_weights(model, x, noise=noise, screen=0.0)
+        top2 = torch.topk(one, 2, dim=1).values
+        middle = float((top2[:, 0] - top2[:, 1]).median())
+        mixed = O.bayes_log_weights(model, x, noise=noise, screen=middle)
+    torch.testing.assert_close(everything, full)  # an infinite margin: all K for every input
+    torch.testing.assert_close(nothing, one)  # a zero margin: the first sample settles everything
+    open_rows = O.undecided(one, middle)
+    assert 0 < int(open_rows.sum()) < x.shape[0]
+    torch.testing.assert_close(mixed[open_rows], full[open_rows])
+    torch.testing.assert_close(mixed[~open_rows], one[~open_rows])
+    # the first sample's estimate is never more than log K above the K-sample one
+    assert bool((one - full <= math.log(4) + 1e-4).all())
+
+
+def test_screened_prediction_with_a_generator_draws_the_same_noise(batch):
+    model = tiny_model("transform")
+    x, _ = batch
+    a = O.bayes_predict(model, x, k=3, generator=torch.Generator().manual_seed(5), screen=float("inf"))
+    b = O.bayes_predict(model, x, k=3, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a.log_weights, b.log_weights)
+    assert not bool(O.undecided(torch.zeros(3, 1), 1.0).any())  # one class: nothing to decide

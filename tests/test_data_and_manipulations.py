@@ -160,3 +160,45 @@ def test_other_manipulations_stay_in_range_and_do_what_they_say():
     assert white.max() <= 1
     with pytest.raises(ValueError, match="unknown manipulation"):
         M.named("teleport", 1.0)
+
+
+def test_mnist_c_loads_from_the_npz_and_from_the_benchmark_layout(tmp_path):
+    data = D.load_mnist_c()  # $CAMA_DATA_DIR
+    assert set(data.images) == set(D.MNISTC_CORRUPTIONS)
+    mnist = D.load_mnist()
+    np.testing.assert_array_equal(data.y, mnist.test.y)  # the test images in MNIST's order
+    for name in ("fog", "shear"):
+        x = data.images[name]
+        assert x.shape == (10000, 1, 28, 28)
+        assert x.dtype == np.float32
+        assert float(x.min()) >= 0.0
+        assert float(x.max()) <= 1.0
+        assert not np.array_equal(x, mnist.test.x)
+    assert len(data.checksum) == 64
+    # the benchmark's own layout (the distributed archive, unpacked): a slice of the same arrays
+    for name in D.MNISTC_CORRUPTIONS:
+        folder = tmp_path / "mnist_c" / name
+        folder.mkdir(parents=True)
+        np.save(
+            folder / "test_images.npy", np.round(data.images[name][:5, 0, :, :, None] * 255).astype(np.uint8)
+        )
+        np.save(folder / "test_labels.npy", data.y[:5])
+    unpacked = D.load_mnist_c(tmp_path)
+    np.testing.assert_allclose(unpacked.images["fog"], data.images["fog"][:5], atol=1e-6)
+    with pytest.raises(D.DataError, match="no MNIST-C"):
+        D.load_mnist_c(tmp_path / "empty")
+
+
+def test_generic_family_manipulates_every_image_within_range():
+    x = np.zeros((64, 1, 28, 28), np.float32)
+    x[:, :, 8:20, 12:16] = 1.0  # a bar, so that geometry changes the image too
+    a = M.generic(x, np.random.default_rng(0))
+    b = M.generic(x, np.random.default_rng(0))
+    np.testing.assert_array_equal(a, b)  # seeded
+    assert a.shape == x.shape
+    assert a.dtype == np.float32
+    assert float(a.min()) >= 0.0
+    assert float(a.max()) <= 1.0
+    changed = np.abs(a - x).reshape(64, -1).max(1) > 0
+    assert changed.all()  # at least one family acts on every image
+    assert M.named("generic", 0.0) is M.generic

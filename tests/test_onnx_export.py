@@ -142,3 +142,58 @@ def test_warp_grid_is_affine_grid_and_the_same_in_onnx_runtime(tmp_path):
     torch.testing.assert_close(warped[0], img[0].clamp(PROB_EPS, 1 - PROB_EPS), rtol=0, atol=2e-6)
     (onnx_warped,) = _ort_run(_Warp(), (img, theta), tmp_path / "warp.onnx")
     np.testing.assert_allclose(onnx_warped, warped.numpy(), rtol=0, atol=1e-6)
+
+
+def test_field_mechanism_exports_with_parity(tmp_path):
+    """The spatial field mechanism (a fixed bilinear upsampling as matrix products) in ONNX Runtime."""
+    from cama.config import ImageCamaConfig
+    from cama.export import export_onnx
+    from cama.image_model import ImageCama, with_m_pathway
+    from cama.objectives import Noise, bayes_log_weights
+
+    torch.manual_seed(0)
+    transforms = ("warp", "blur", "photometric", "outlier", "field", "clean")
+    model = with_m_pathway(ImageCama(ImageCamaConfig.tiny()), "transform", transforms=transforms)
+    with torch.no_grad():
+        assert model.mechanisms is not None
+        model.mechanisms.head.weight.normal_(0.0, 0.05)
+        model.q_m_mlp[-1].weight.normal_(0.0, 0.05)
+    model.eval()
+    images, _ = digit_like_images(5, seed=3)
+    x = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+    path = export_onnx(model, tmp_path / "field.onnx", x)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(1)
+    noise_m = torch.randn(3, 5, model.dim_m, generator=gen)
+    noise_z = torch.randn(model.num_classes, 3, 5, model.dim_z, generator=gen)
+    with torch.no_grad():
+        expected = bayes_log_weights(model, x, noise=Noise(noise_m, noise_z)).numpy()
+    got = session.run(
+        ["log_weights"], {"x": x.numpy(), "noise_m": noise_m.numpy(), "noise_z": noise_z.numpy()}
+    )[0]
+    assert float(np.abs(got - expected).max()) < TOLERANCE_NATS
+    np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+
+
+def test_served_screen_matches_the_torch_screen(tiny_template):
+    """``LoadedVersion.log_weights(screen=...)`` is the core's screened rule on ONNX Runtime."""
+    from cama.objectives import Noise, bayes_log_weights
+
+    _, store = tiny_template
+    version = load_version(ModelRegistry(store), "tiny", 1)
+    images, _ = digit_like_images(12, seed=4)
+    inputs = Inputs(images[:, None].astype(np.float32) / 255.0)
+    noise = version.noise(len(inputs), 5, seed=9)
+    first = version.log_weights(inputs, type(noise)(noise.m[:1], noise.z[:, :1]), "onnx")
+    top2 = np.sort(first, axis=1)[:, -2:]
+    margin = float(np.median(top2[:, 1] - top2[:, 0]))
+    served = version.log_weights(inputs, noise, "onnx", screen=margin)
+    with torch.no_grad():
+        reference = bayes_log_weights(
+            version.model,
+            torch.from_numpy(inputs.x),
+            noise=Noise(torch.from_numpy(noise.m), torch.from_numpy(noise.z)),
+            screen=margin,
+        ).numpy()
+    assert float(np.abs(served - reference).max()) < TOLERANCE_NATS
+    np.testing.assert_array_equal(served.argmax(1), reference.argmax(1))

@@ -3,6 +3,7 @@
     python -m training.evaluate_mnistc                         # every corruption, n = 100, 500, 2000
     python -m training.evaluate_mnistc --corruptions fog stripe --ns 500
     python -m training.evaluate_mnistc --sections              # only rewrite table, plot and metrics
+    python -m training.evaluate_mnistc --suite validation      # the protocol on validation data
 
 Protocol, per corruption: the 10,000 corrupted test images are split into an adapt half and a
 scoring half (the seeded split of every MNIST figure, ``training.experiment.halves``); each method
@@ -24,7 +25,13 @@ Methods (keys ``mnistc.<corruption>.<method>.n<N>``, and ``mnistc.mean.<method>.
 - ``cama_ft``: the served CAMA after ``POST /adapt``'s own code path on the ``n`` images
   (``cama.adapt.adapt_batch``: a fifth held out for the gate, the checkpoint's ``adapt_recipe``,
   the service's default gate, replay and canary from ``--serving-data``); a refused job scores as
-  the unadapted model.
+  the unadapted model; ``cama_adapted`` scores what the job produced before the gate's verdict.
+
+``--suite validation`` runs the same protocol on ``training.manipulations``' named manipulations of
+the validation split of MNIST's training set (never the test set, never MNIST-C), plus a batch of
+uniform noise that the gate must refuse: the recipe's step budget and the gate's thresholds are
+chosen there (``--recipe`` overrides the checkpoint's recipe), and its outputs are
+``mnistc_val_eval.json``, ``mnistc_val.md`` and ``mnistc_val.png``.
 
 Also ``mnistc.clean_after_ft.min.n500`` (the lowest clean accuracy, on the clean scoring half,
 after any of the 15 adaptations on 500 images), ``mnistc.adapt_seconds.median.n500`` (wall time of
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -53,7 +61,7 @@ from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
 from cama.objectives import SCREEN_MARGIN, bayes_predict
 from training.baselines import evaluate_accuracy, load_baseline
-from training.data import MNISTC_CORRUPTIONS, MnistC, Split, load_mnist, load_mnist_c, validation_split
+from training.data import MNISTC_CORRUPTIONS, Split, load_mnist, load_mnist_c, validation_split
 from training.eval_cache import Cache, MissingModelError, recipe_id
 from training.experiment import halves, resolve_device
 from training.manipulations import named
@@ -84,8 +92,10 @@ METHODS = (
     "tent_gap_online",
     "tent_flat_online",
     "cama",
+    "cama_adapted",
     "cama_ft",
 )
+POISONED = "uniform_noise"  # validation suite: images of uniform noise, which the gate must refuse
 PUBLISHED = {"CNN (Mu & Gilmer 2019)": 0.759, "test-time Hopfield layer (Sargolzaei & Rueda 2024)": 0.898}
 
 
@@ -94,7 +104,9 @@ class Setup:
     """The data, the models and the cache of one run."""
 
     args: argparse.Namespace
-    mnistc: MnistC
+    prefix: str  # "mnistc", or "mnistc_val" for the validation suite
+    sets: dict[str, np.ndarray]  # manipulated images by name, all with ``labels``
+    labels: np.ndarray
     clean_score: Split
     validation: Split
     cama: ImageCama
@@ -114,10 +126,16 @@ class Setup:
             self.baselines[name] = load_baseline(path)[0].to(self.device).eval()
         return self.baselines[name]
 
+    @property
+    def names(self) -> list[str]:
+        """The sets that count in the means (the validation suite's uniform noise is a poisoned
+        batch that the gate must refuse, not a manipulation to score)."""
+        return [name for name in self.sets if name != POISONED]
+
     def halves(self, corruption: str) -> tuple[Split, Split]:
         """(adapt half, scoring half) of one corruption."""
-        adapt_idx, score_idx = halves(Split(self.mnistc.images[corruption], self.mnistc.y))
-        x, y = self.mnistc.images[corruption], self.mnistc.y
+        x, y = self.sets[corruption], self.labels
+        adapt_idx, score_idx = halves(Split(x, y))
         n = self.args.score_limit
         return Split(x[adapt_idx], y[adapt_idx]), Split(x[score_idx][:n], y[score_idx][:n])
 
@@ -134,7 +152,8 @@ def served_accuracy(model: ImageCama, split: Split, *, k: int = 10, seed: int = 
 
 
 def adapt_like_the_service(s: Setup, adapt_x: np.ndarray) -> tuple[ImageCama, AdaptOutcome]:
-    """A copy of the served CAMA after ``POST /adapt``'s code path on ``adapt_x`` (unlabelled)."""
+    """A copy of the served CAMA after ``POST /adapt``'s code path on ``adapt_x`` (unlabelled),
+    kept also where the gate refuses it (the caller scores it as ``cama_adapted``)."""
     model = copy.deepcopy(s.cama)
     data = s.serving
     outcome = adapt_batch(
@@ -144,6 +163,7 @@ def adapt_like_the_service(s: Setup, adapt_x: np.ndarray) -> tuple[ImageCama, Ad
         s.gate,
         replay=Labelled(*(torch.from_numpy(a).to(s.device) for a in (data.replay.x, data.replay_y))),
         canary=Labelled(*(torch.from_numpy(a).to(s.device) for a in (data.canary.x, data.canary_y))),
+        keep_refused=True,
     )
     return model.eval(), outcome
 
@@ -151,7 +171,8 @@ def adapt_like_the_service(s: Setup, adapt_x: np.ndarray) -> tuple[ImageCama, Ad
 def tent_lr(s: Setup, arch: str) -> float:
     """TENT's step size for ``arch``: the best mean accuracy over ``TENT_VALIDATION`` on the
     validation split (adapt on its first 500 images, score the rest with the parameters frozen)."""
-    key = f"mnistc.tent_lr.{arch}"
+    n_adapt = min(500, len(s.validation) // 2)
+    key = f"mnistc.tent_lr.{arch}"  # the same choice for both suites
 
     def choose() -> float:
         val = s.validation
@@ -161,7 +182,13 @@ def tent_lr(s: Setup, arch: str) -> float:
         for lr in TENT_LRS:
             accs = [
                 tent_accuracy(
-                    s.baseline(arch), x[500:], val.y[500:], TENT_BATCH, lr=lr, adapt_x=x[:500], online=False
+                    s.baseline(arch),
+                    x[n_adapt:],
+                    val.y[n_adapt:],
+                    TENT_BATCH,
+                    lr=lr,
+                    adapt_x=x[:n_adapt],
+                    online=False,
                 )
                 for x in sets
             ]
@@ -176,7 +203,7 @@ def measure(s: Setup, corruption: str) -> None:
     """Every method of ``--methods`` on one corruption, for each ``n`` of ``--ns``."""
     c, methods = s.cache, set(s.args.methods)
     adapt, score = s.halves(corruption)
-    prefix = f"mnistc.{corruption}"
+    prefix = f"{s.prefix}.{corruption}"
     for method in ("dnn", "dnn_generic", "bncnn_gap", "bncnn_flat"):
         if method not in methods:
             continue
@@ -223,6 +250,7 @@ def measure_cama_ft(s: Setup, prefix: str, n: int, adapt_x: np.ndarray, score: S
     """``cama_ft`` (and, at n = 500, clean accuracy after it) through the service's code path."""
     c, recipe = s.cache, recipe_id(s.recipe)
     keys = [f"{prefix}.cama_ft.n{n}", f"{prefix}.clean_after_ft.n{n}", f"{prefix}.adapt_seconds.n{n}"]
+    keys.append(f"{prefix}.cama_adapted.n{n}")
     if all(c.fresh(k, s.digest, recipe) for k in keys):
         return
     t0 = time.perf_counter()
@@ -235,52 +263,66 @@ def measure_cama_ft(s: Setup, prefix: str, n: int, adapt_x: np.ndarray, score: S
         f"  {prefix} n={n}: {seconds:.0f}s, gate {'accepts' if accepted else 'REFUSES'} {reasons}", flush=True
     )
     c.put(keys[2], {"value": seconds, **info, "steps": outcome.report.steps})
-    c.put(f"{prefix}.gate_accepted.n{n}", {"value": float(accepted), **info, "reasons": reasons})
-    # a refused job leaves the served model in place (adapt_batch undid it): both scores are its own
-    c.get(keys[0], partial(served_accuracy, model, score), model=s.digest, recipe=recipe, n_adapt=n)
-    c.get(keys[1], partial(served_accuracy, model, s.clean_score), model=s.digest, recipe=recipe, n_adapt=n)
+    gate = outcome.decision.as_dict()
+    c.put(f"{prefix}.gate_accepted.n{n}", {"value": float(accepted), **info, "gate": gate})
+    adapted = c.get(keys[3], partial(served_accuracy, model, score), model=s.digest, recipe=recipe, n_adapt=n)
+    served = model if accepted else s.cama  # a refused job leaves the served model in place
+    if accepted:
+        c.put(keys[0], {"value": adapted, **info})
+    else:
+        c.get(keys[0], partial(served_accuracy, served, score), model=s.digest, recipe=recipe, n_adapt=n)
+    c.get(keys[1], partial(served_accuracy, served, s.clean_score), model=s.digest, recipe=recipe, n_adapt=n)
 
 
-def every_corruption(data: dict[str, float], pattern: str) -> list[float] | None:
-    """``data[pattern.format(c)]`` for the 15 corruptions, or None if one is missing."""
-    values = [data.get(pattern.format(c)) for c in MNISTC_CORRUPTIONS]
+def every_corruption(s: Setup, data: dict[str, float], pattern: str) -> list[float] | None:
+    """``data[pattern.format(c)]`` for every set of the suite, or None if one is missing."""
+    values = [data.get(pattern.format(c)) for c in s.names]
     return None if any(v is None for v in values) else [float(v) for v in values if v is not None]
 
 
 def outputs(s: Setup) -> dict[str, float]:
-    """Means over corruptions, summary keys, the table and the plot."""
-    data = {k: float(v["value"]) for k, v in s.cache.data.items() if k.startswith("mnistc.")}
+    """Means over the suite's sets, summary keys, the table and the plot."""
+    p = s.prefix
+    data = {k: float(v["value"]) for k, v in s.cache.data.items() if k.startswith(f"{p}.")}
     metrics = {k: v for k, v in data.items() if not k.startswith("mnistc.tent_lr.")}
     for n in NS:
         for method in METHODS:
-            values = every_corruption(data, "mnistc.{}." + f"{method}.n{n}")
+            values = every_corruption(s, data, f"{p}.{{}}.{method}.n{n}")
             if values is not None:
-                metrics[f"mnistc.mean.{method}.n{n}"] = float(np.mean(values))
-        accepted = every_corruption(data, "mnistc.{}." + f"gate_accepted.n{n}")
+                metrics[f"{p}.mean.{method}.n{n}"] = float(np.mean(values))
+        accepted = every_corruption(s, data, f"{p}.{{}}.gate_accepted.n{n}")
         if accepted is not None:
-            metrics[f"mnistc.gate_accepted.n{n}"] = float(np.sum(accepted))
-    clean = every_corruption(data, "mnistc.{}.clean_after_ft.n500")
-    if clean is not None:
-        metrics["mnistc.clean_after_ft.min.n500"] = min(clean)
-    seconds = every_corruption(data, "mnistc.{}.adapt_seconds.n500")
-    if seconds is not None:
-        metrics["mnistc.adapt_seconds.median.n500"] = float(np.median(seconds))
-    metrics["mnistc.clean.cama"] = s.cache.get(
-        "mnistc.clean.cama", partial(served_accuracy, s.cama, s.clean_score), model=s.digest
+            metrics[f"{p}.gate_accepted.n{n}"] = float(np.sum(accepted))
+        clean = every_corruption(s, data, f"{p}.{{}}.clean_after_ft.n{n}")
+        if clean is not None:
+            metrics[f"{p}.clean_after_ft.min.n{n}"] = min(clean)
+        seconds = every_corruption(s, data, f"{p}.{{}}.adapt_seconds.n{n}")
+        if seconds is not None:
+            metrics[f"{p}.adapt_seconds.median.n{n}"] = float(np.median(seconds))
+    metrics[f"{p}.clean.cama"] = s.cache.get(
+        f"{p}.clean.cama", partial(served_accuracy, s.cama, s.clean_score), model=s.digest
     )
     out = Path(s.args.out_dir)
-    update_metrics(metrics, out / "metrics.json")
-    (out / "mnistc.md").write_text(table(metrics, s) + "\n")
-    plot(metrics, out / "mnistc.png")
+    if p == "mnistc":
+        update_metrics(metrics, out / "metrics.json")
+    (out / f"{p}.md").write_text(table(metrics, s) + "\n")
+    plot(metrics, s, out / f"{p}.png")
     return metrics
 
 
 def table(m: dict[str, float], s: Setup) -> str:
-    """The MNIST-C table: one row per corruption, one column per method, at each n."""
+    """The suite's table: one row per set, one column per method, at each n."""
+    p = s.prefix
+    what = (
+        "each corruption of MNIST-C's test set"
+        if p == "mnistc"
+        else "each named manipulation (`training.manipulations`) of the validation split of MNIST's"
+        " training set"
+    )
     lines = [
-        "# MNIST-C",
+        "# MNIST-C" if p == "mnistc" else "# MNIST-C protocol on validation manipulations",
         "",
-        "Accuracy on the scoring half of each corruption of MNIST-C's test set; adaptation on the first",
+        f"Accuracy on the scoring half of {what}; adaptation on the first",
         "n unlabelled images of the other half. Written by",
         f"`{' '.join(['python -m training.evaluate_mnistc', *sys.argv[1:]])}`; the protocol is in",
         "that module's docstring. CAMA is the served checkpoint, answered as `POST /predict` answers;",
@@ -288,32 +330,32 @@ def table(m: dict[str, float], s: Setup) -> str:
         "",
     ]
     for n in NS:
-        cols = [c for c in METHODS if f"mnistc.mean.{c}.n{n}" in m]
+        cols = [c for c in METHODS if any(f"{p}.{name}.{c}.n{n}" in m for name in s.names)]
         if not cols:
             continue
-        lines += [
-            f"## n = {n}",
-            "",
-            "| corruption | " + " | ".join(cols) + " |",
-            "|---|" + "---:|" * len(cols),
-        ]
-        for corruption in MNISTC_CORRUPTIONS:
-            cells = [m.get(f"mnistc.{corruption}.{c}.n{n}") for c in cols]
+        lines += [f"## n = {n}", "", "| set | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for corruption in s.names:
+            cells = [m.get(f"{p}.{corruption}.{c}.n{n}") for c in cols]
+            if all(v is None for v in cells):
+                continue
             lines.append(
                 f"| {corruption} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |"
             )
-        lines.append(
-            "| **mean** | " + " | ".join(f"**{m[f'mnistc.mean.{c}.n{n}']:.3f}**" for c in cols) + " |"
-        )
-        if f"mnistc.gate_accepted.n{n}" in m:
-            lines.append(f"\nThe gate accepted {int(m[f'mnistc.gate_accepted.n{n}'])} of 15 adaptations.")
+        means = [m.get(f"{p}.mean.{c}.n{n}") for c in cols]
+        lines.append("| **mean** | " + " | ".join("" if v is None else f"**{v:.3f}**" for v in means) + " |")
+        if f"{p}.gate_accepted.n{n}" in m:
+            accepted = int(m[f"{p}.gate_accepted.n{n}"])
+            lines.append(f"\nThe gate accepted {accepted} of {len(s.names)} adaptations.")
+        poisoned = m.get(f"{p}.{POISONED}.gate_accepted.n{n}")
+        if poisoned is not None:
+            lines.append(f"\nA batch of uniform noise: {'ACCEPTED' if poisoned else 'refused'} by the gate.")
         lines.append("")
     lines += ["Published means over the 15 corruptions, for orientation (other protocols):", ""]
     lines += [f"- {name}: {value:.3f}" for name, value in PUBLISHED.items()]
     return "\n".join(lines)
 
 
-def plot(m: dict[str, float], path: Path) -> None:
+def plot(m: dict[str, float], s: Setup, path: Path) -> None:
     """Mean accuracy over the 15 corruptions against n, one line per method."""
     import matplotlib
 
@@ -322,13 +364,14 @@ def plot(m: dict[str, float], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in METHODS:
-        ns = [n for n in NS if f"mnistc.mean.{method}.n{n}" in m]
+        ns = [n for n in NS if f"{s.prefix}.mean.{method}.n{n}" in m]
         if ns:
-            ax.plot(ns, [m[f"mnistc.mean.{method}.n{n}"] for n in ns], marker="o", label=method)
+            ax.plot(ns, [m[f"{s.prefix}.mean.{method}.n{n}"] for n in ns], marker="o", label=method)
     ax.set_xscale("log")
     ax.set_xlabel("unlabelled images adapted on (n)")
-    ax.set_ylabel("mean accuracy over MNIST-C's 15 corruptions")
-    ax.legend(fontsize=7)
+    ax.set_ylabel(f"mean accuracy over the {len(s.names)} sets")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -348,12 +391,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bncnn-gap", dest="bncnn_gap", default="models/mnist_bncnn.pt")
     parser.add_argument("--bncnn-flat", dest="bncnn_flat", default="models/mnist_bncnn_flat.pt")
     parser.add_argument(
-        "--corruptions", nargs="*", choices=MNISTC_CORRUPTIONS, default=list(MNISTC_CORRUPTIONS)
+        "--suite",
+        choices=["mnistc", "validation"],
+        default="mnistc",
+        help="validation: the same protocol on training.manipulations' named manipulations of the"
+        " validation split (where the recipe and the gate are chosen); never MNIST-C",
+    )
+    parser.add_argument("--corruptions", nargs="*", default=None, help="the sets to measure (default all)")
+    parser.add_argument(
+        "--recipe", type=json.loads, default={}, help="recipe overrides (JSON) over the checkpoint's own"
     )
     parser.add_argument("--ns", nargs="+", type=int, default=list(NS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--sections", action="store_true", help="measure nothing; rewrite the outputs")
     parser.add_argument("--score-limit", type=int, default=None, help="score on the first N of each half")
+    parser.add_argument(
+        "--validation-limit", type=int, default=None, help="TENT's step size on the first N validation images"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out-dir", default=str(RESULTS))
@@ -366,22 +420,36 @@ def main(argv: list[str] | None = None) -> None:
     if not isinstance(cama, ImageCama):
         raise SystemExit(f"{args.checkpoint} is not an image CAMA checkpoint")
     mnist = load_mnist(args.data_dir)
-    _, score_idx = halves(mnist.test)
     _, val = validation_split(mnist.train, 0.05, 0)
-    cache = Cache(Path(args.out_dir) / "mnistc_eval.json", args.force)
+    if args.suite == "mnistc":
+        prefix, labels, clean = "mnistc", mnist.test.y, mnist.test
+        mnistc = load_mnist_c(args.data_dir)
+        sets = {c: mnistc.images[c] for c in MNISTC_CORRUPTIONS}
+    else:
+        prefix, labels, clean = "mnistc_val", val.y, val
+        rng = np.random.default_rng(1)
+        sets = {f"{name}_{level:g}": named(name, level)(val.x, rng) for name, level in TENT_VALIDATION}
+        sets[POISONED] = np.random.default_rng(2).random(val.x.shape).astype(np.float32)
+    unknown = set(args.corruptions or ()) - set(sets)
+    if unknown:
+        parser.error(f"unknown sets {sorted(unknown)}; known: {sorted(sets)}")
+    _, clean_idx = halves(clean)
+    cache = Cache(Path(args.out_dir) / f"{prefix}_eval.json", args.force)
     cache.context = {"device": args.device}
     if args.score_limit is not None:
         cache.context["n_score"] = args.score_limit
     s = Setup(
         args=args,
-        mnistc=load_mnist_c(args.data_dir),
-        clean_score=Split(
-            mnist.test.x[score_idx][: args.score_limit], mnist.test.y[score_idx][: args.score_limit]
-        ),
-        validation=val,
+        prefix=prefix,
+        sets=sets,
+        labels=labels,
+        clean_score=Split(clean.x[clean_idx][: args.score_limit], clean.y[clean_idx][: args.score_limit]),
+        validation=Split(val.x[: args.validation_limit], val.y[: args.validation_limit]),
         cama=cama.eval(),
         digest=sha256_file(args.checkpoint)[:12],
-        recipe=FinetuneConfig.from_dict(meta.provenance.get("adapt_recipe") or {}),
+        recipe=FinetuneConfig.from_dict(
+            args.recipe, base=FinetuneConfig.from_dict(meta.provenance.get("adapt_recipe") or {})
+        ),
         gate=GateConfig(),
         serving=ServingData.load(args.serving_data),
         cache=cache,
@@ -392,11 +460,11 @@ def main(argv: list[str] | None = None) -> None:
     if stale:
         print(f"dropped {len(stale)} figures measured on another checkpoint", flush=True)
     if not args.sections:
-        for corruption in args.corruptions:
+        for corruption in args.corruptions or list(s.sets):
             measure(s, corruption)
     metrics = outputs(s)
     for n in NS:
-        row = {m: metrics.get(f"mnistc.mean.{m}.n{n}") for m in METHODS}
+        row = {m: metrics.get(f"{prefix}.mean.{m}.n{n}") for m in METHODS}
         if any(v is not None for v in row.values()):
             print(f"n={n}: " + "  ".join(f"{m} {v:.3f}" for m, v in row.items() if v is not None))
 
