@@ -17,6 +17,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml ./
 COPY cama ./cama
+COPY store ./store
 COPY training ./training
 COPY app ./app
 COPY worker ./worker
@@ -38,6 +39,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     CAMA_SEED_DIR=/app/models
 WORKDIR /app
 COPY --chown=cama cama ./cama
+COPY --chown=cama store ./store
 COPY --chown=cama training ./training
 COPY --chown=cama app ./app
 COPY --chown=cama worker ./worker

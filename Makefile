@@ -22,7 +22,7 @@ lint:
 	$(BIN)/ruff format --check .
 
 typecheck:
-	$(BIN)/mypy cama training app worker
+	$(BIN)/mypy cama store training app worker benchmarks
 
 pytest:
 	$(BIN)/python -m pytest -q

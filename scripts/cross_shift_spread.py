@@ -34,6 +34,7 @@ import torch
 
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
+from cama.runtime import resolve_device
 from training.data import Split, load_mnist
 from training.evaluate_mnist import EvalConfig
 from training.experiment import (
@@ -41,7 +42,6 @@ from training.experiment import (
     finetuned,
     manipulated_halves,
     replay_set,
-    resolve_device,
     variant,
 )
 

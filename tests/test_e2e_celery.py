@@ -17,11 +17,9 @@ import numpy as np
 import pytest
 import redis
 
-from app.adaptation import JobContext, run_job
 from app.core.config import Settings
-from app.jobs import RedisJobStore
-from app.registry import ModelRegistry
-from app.testing import (
+from store.jobs import RedisJobStore
+from benchmarks.harness import (
     ContinuousClient,
     ServiceProcess,
     WorkerProcess,
@@ -33,6 +31,8 @@ from app.testing import (
     template_store,
     wait_job,
 )
+from store.adaptation import JobContext, run_job
+from store.registry import ModelRegistry
 
 TOKEN = "c" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.artifacts import seed_store
-from app.data import save_serving_data
-from app.registry import ModelRegistry
 from cama.checkpoint import save_checkpoint
 from cama.config import ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
 from cama.measurement_model import MeasurementCama, MeasurementCamaConfig
+from store.artifacts import seed_store
+from store.data import save_serving_data
+from store.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 
