@@ -77,3 +77,9 @@ e2e-mnist: install
 
 compose-config:
 	CAMA_TOKEN=$${CAMA_TOKEN:-dummy-token-for-config-check} REDIS_PASSWORD=$${REDIS_PASSWORD:-dummy} docker-compose config
+
+# The service's reliability suite (docs/service.md): fuzzing, bad inputs, memory, a killed worker,
+# hot-swaps, Redis down; about 25 minutes; writes benchmarks/results/reliability.json.
+.PHONY: reliability
+reliability: install
+	nice -n 10 $(BIN)/python -m benchmarks.reliability $(RELIABILITY_ARGS)

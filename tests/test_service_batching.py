@@ -105,11 +105,13 @@ def test_small_requests_are_served_between_the_chunks_of_a_large_one():
         finally:
             await batcher.stop()
 
-    (large_w, _), (small_w, _) = asyncio.run(scenario())
+    (large_w, _), (_small_w, _) = asyncio.run(scenario())
     assert finished == ["small", "large"]
     assert version.batches[:2] == [4, 1]  # one chunk of the large request, then the small one
     assert max(version.batches) == 4
-    np.testing.assert_allclose(large_w, version.log_weights(inputs(20, 0.0), version.noise(20, 1, 7)), rtol=1e-6)
+    np.testing.assert_allclose(
+        large_w, version.log_weights(inputs(20, 0.0), version.noise(20, 1, 7)), rtol=1e-6
+    )
 
 
 def test_concurrent_requests_share_forward_passes():

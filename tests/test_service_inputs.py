@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from app.inputs import files_to_inputs, images_to_inputs, records_to_inputs
+from app.schemas import MeasurementRecord
+from benchmarks.harness import bomb_png, png_base64
 from store.data import check_shapes
 from store.errors import InvalidInputError as InputError
 from store.errors import LimitExceededError as TooLargeError
-from app.schemas import MeasurementRecord
-from benchmarks.harness import png_base64
 
 LIMIT = 1 << 20
 
@@ -90,19 +88,6 @@ def test_records_and_their_shapes():
     assert reason_of(records_to_inputs, ragged) == "bad_shape"
     nan = [MeasurementRecord(a=[float("nan")] * 5, c=[0.2] * 5, x=[0.3] * 10)]
     assert reason_of(records_to_inputs, nan) == "non_finite"
-
-
-def bomb_png(side: int = 20000) -> bytes:
-    """A 1-bit ``side`` x ``side`` PNG of zeros: a few tens of kilobytes that decode to 400 megapixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    row = b"\x00" * (1 + side // 8)
-    packer = zlib.compressobj(9)
-    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_a_decompression_bomb_is_refused_without_decoding_it():

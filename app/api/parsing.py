@@ -33,7 +33,6 @@ from store.errors import InvalidInputError, LimitExceededError
 R = TypeVar("R", bound=InputsRequest)
 
 INPUT_FIELDS = ("images", "records", "rows")
-_ITEM_EVENTS = frozenset({"start_array", "start_map", "string", "number", "boolean", "null"})
 
 
 class RequestValidationFailedError(ServiceError):
@@ -77,37 +76,56 @@ def check_work(n_inputs: int, k: int, num_classes: int, max_work: int | None) ->
         )
 
 
-class _Prescan:
-    """Counts the inputs and reads ``model`` and ``k`` from JSON events as the body arrives."""
+MAX_DEPTH = 8  # a body nests at most: object > images > image > row > value (records: 4)
 
-    def __init__(
-        self, limits: Limits, check_model: Callable[[str], ServedModel], decoding: bool = True
-    ) -> None:
+
+class _Prescan:
+    """Counts the inputs and reads ``model`` and ``k`` from JSON events as the body arrives;
+    refuses nesting deeper than any valid body (``MAX_DEPTH``) at the first bracket too many."""
+
+    def __init__(self, limits: Limits, check_model: Callable[[str], ServedModel]) -> None:
         self.limits, self.check_model = limits, check_model
         self.count = 0
         self.model: str | None = None
         self.k: object = None
         self.served: ServedModel | None = None
         self._events = ijson.sendable_list()
-        self._parser = ijson.parse_coro(self._events, use_float=True)
+        self._parser = ijson.basic_parse_coro(self._events, use_float=True)
+        self._stack: list[list[str | None]] = []  # per open container: [kind, current key]
 
     def feed(self, chunk: bytes) -> None:
         try:
             self._parser.send(chunk)
         except ijson.JSONError as exc:
+            self._consume()  # what came before the bad byte is judged first (too many inputs)
             raise RequestValidationFailedError(f"malformed JSON: {exc}") from exc
-        for prefix, event, value in self._events:
-            if prefix in ("images.item", "records.item", "rows.item") and event in _ITEM_EVENTS:
+        self._consume()
+
+    def _consume(self) -> None:
+        stack = self._stack
+        for event, value in self._events:
+            if event == "map_key":
+                stack[-1][1] = str(value)
+                continue
+            if event in ("end_map", "end_array"):
+                stack.pop()
+                continue
+            top = stack[0][1] if stack and stack[0][0] == "map" else None
+            if len(stack) == 2 and stack[1][0] == "array" and top in INPUT_FIELDS:
                 self.count += 1
                 if self.count > self.limits.max_inputs:
                     raise LimitExceededError(
                         f"more than {self.limits.max_inputs} inputs", reason="too_many_inputs"
                     )
-            elif prefix == "model" and event == "string" and self.model is None:
+            elif len(stack) == 1 and top == "model" and event == "string" and self.model is None:
                 self.model = str(value)
                 self.served = self.check_model(self.model)  # an unknown model is reported first
-            elif prefix == "k" and event in ("number", "boolean", "string"):
+            elif len(stack) == 1 and top == "k":
                 self.k = value
+            if event in ("start_map", "start_array"):
+                if len(stack) >= MAX_DEPTH:
+                    raise RequestValidationFailedError(f"JSON nested deeper than {MAX_DEPTH} levels")
+                stack.append(["map" if event == "start_map" else "array", None])
         del self._events[:]
 
     def close(self) -> None:
