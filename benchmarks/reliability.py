@@ -229,6 +229,9 @@ def bad_inputs(work: Path) -> dict[str, Any]:
                 tried += 1
                 try:
                     status = send().status_code
+                except httpx.LocalProtocolError:  # the client refused to send it: not an answer
+                    tried -= 1
+                    return
                 except httpx.HTTPError as exc:
                     status = 599
                     details.append(f"{label}: {type(exc).__name__}")
