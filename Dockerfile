@@ -21,6 +21,7 @@ WORKDIR /src
 COPY wheels/ /wheels/
 COPY pyproject.toml ./
 COPY cama ./cama
+COPY store ./store
 COPY training ./training
 COPY app ./app
 COPY worker ./worker
@@ -42,6 +43,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     CAMA_SEED_DIR=/app/models
 WORKDIR /app
 COPY --chown=cama cama ./cama
+COPY --chown=cama store ./store
 COPY --chown=cama training ./training
 COPY --chown=cama app ./app
 COPY --chown=cama worker ./worker

@@ -22,7 +22,7 @@ lint:
 	$(BIN)/ruff format --check .
 
 typecheck:
-	$(BIN)/mypy cama training app worker
+	$(BIN)/mypy cama store training app worker benchmarks
 
 pytest:
 	$(BIN)/python -m pytest -q
@@ -83,3 +83,9 @@ compose-config:
 .PHONY: compose-smoke
 compose-smoke: install
 	PY=$(BIN)/python scripts/compose_smoke.sh
+
+# The service's reliability suite (docs/service.md): fuzzing, bad inputs, memory, a killed worker,
+# hot-swaps, Redis down; about 25 minutes; writes benchmarks/results/reliability.json.
+.PHONY: reliability
+reliability: install
+	nice -n 10 $(BIN)/python -m benchmarks.reliability $(RELIABILITY_ARGS)

@@ -1,11 +1,15 @@
-"""Micro-batching: concurrent requests for one model share one forward pass.
+"""Micro-batching and fair chunking: concurrent requests share forward passes, large ones take turns.
 
-The first queued request opens a batch; more join until ``max_wait`` has passed or the batch holds
-``max_inputs`` inputs (a request is never split across batches; one with a different K waits for
-the next batch; a batch larger than ``chunk_inputs`` runs as several bounded forward passes).
-The model version is captured once when the batch is formed, so every request in it, and every
-input of every request, is answered by that one version. Each request's noise comes from its own
-seed, so batching never changes an answer.
+The cost of a forward pass is its *work*, ``inputs x k x classes`` decoder passes (eq. 6). Small
+requests (work up to ``chunk_work``) are micro-batched: the first queued one opens a batch and
+others with the same K join until ``max_wait`` has passed or the batch holds ``max_inputs``
+inputs or ``chunk_work`` work. A larger request runs as chunks of at most ``chunk_work``, one
+chunk per turn: after each chunk it goes to the back of the queue, so small requests that arrived
+meanwhile are answered between its chunks, and the memory of a pass is bounded whatever the request.
+
+A request's version is captured when its first pass starts and kept for all its chunks, so every
+prediction of a response comes from one version. Each request's noise is drawn from its own seed
+before it is chunked, so batching and chunking never change an answer.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.data import Inputs
 from app.serving import Backend, LoadedVersion, NoiseArrays
+from store.data import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +35,14 @@ class _Pending:
     k: int
     seed: int
     future: asyncio.Future[tuple[np.ndarray, LoadedVersion]] = field(repr=False)
+    version: LoadedVersion | None = None  # captured at the first pass
+    noise: NoiseArrays | None = None
+    done: int = 0  # inputs answered so far (chunked requests)
+    parts: list[np.ndarray] = field(default_factory=list)
 
 
 class MicroBatcher:
-    """One per model: an asyncio queue drained by one loop that runs batches on one thread."""
+    """One per model: an asyncio queue drained by one loop that runs passes on one thread."""
 
     def __init__(
         self,
@@ -42,23 +50,26 @@ class MicroBatcher:
         *,
         max_inputs: int,
         max_wait_s: float,
-        chunk_inputs: int | None = None,
+        chunk_work: int | None = None,
         backend: Backend = "onnx",
         screen: float | None = None,
         on_batch: Callable[[int, int], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
         name: str = "model",
     ) -> None:
         self._current = current
         self.max_inputs = max_inputs
         self.max_wait_s = max_wait_s
-        self.chunk_inputs = chunk_inputs or max_inputs
+        self.chunk_work = chunk_work
         self.backend: Backend = backend
         self.screen = screen
         self._on_batch = on_batch
+        self._on_idle = on_idle
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._carry: _Pending | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self._task: asyncio.Task[None] | None = None
+        self._large_since_idle = False
 
     def start(self) -> None:
         if self._task is None:
@@ -78,19 +89,35 @@ class MicroBatcher:
         await self._queue.put(_Pending(inputs, k, seed, future))
         return await future
 
+    def _chunk_inputs(self, item: _Pending, num_classes: int) -> int:
+        """How many inputs of ``item`` one pass may take (at least one)."""
+        if self.chunk_work is None:
+            return max(self.max_inputs, len(item.inputs))
+        return max(1, self.chunk_work // (item.k * num_classes))
+
+    def _is_large(self, item: _Pending, num_classes: int) -> bool:
+        return item.done > 0 or len(item.inputs) > self._chunk_inputs(item, num_classes)
+
     async def _next(self) -> _Pending:
         if self._carry is not None:
             item, self._carry = self._carry, None
             return item
+        if self._queue.empty() and self._on_idle is not None and self._large_since_idle:
+            self._large_since_idle = False
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._on_idle)
         return await self._queue.get()
 
-    async def _collect(self) -> list[_Pending]:
-        """One batch: the first request, then compatible ones until the wait or the size runs out."""
+    async def _collect(self, num_classes: int) -> list[_Pending]:
+        """One batch of small requests: the first, then compatible ones until the wait or a size
+        runs out. A large request is a batch of its own (one chunk of it runs)."""
         first = await self._next()
+        if self._is_large(first, num_classes):
+            return [first]
         batch, size = [first], len(first.inputs)
+        limit = min(self.max_inputs, self._chunk_inputs(first, num_classes))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while size < self.max_inputs:
+        while size < limit:
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -101,7 +128,7 @@ class MicroBatcher:
                     item = await asyncio.wait_for(self._queue.get(), remaining)
                 except TimeoutError:
                     break
-            if item.k != first.k or size + len(item.inputs) > self.max_inputs:
+            if item.k != first.k or size + len(item.inputs) > limit or self._is_large(item, num_classes):
                 self._carry = item
                 break
             batch.append(item)
@@ -111,35 +138,71 @@ class MicroBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await self._collect()
+            try:
+                num_classes = self._current().num_classes
+            except Exception:
+                num_classes = 1
+            batch = await self._collect(num_classes)
             live = [p for p in batch if not p.future.done()]
             if not live:
                 continue
             try:
-                version = self._current()  # the one version that answers this whole batch
-                log_w = await loop.run_in_executor(self._executor, self._infer, version, live)
+                current = self._current()
+                for p in live:  # the one version that answers each request, fixed at its first pass
+                    p.version = p.version or current
+                first = live[0].version or current
+                if len(live) == 1 and self._is_large(live[0], first.num_classes):
+                    await self._run_chunk(live[0])
+                    continue
+                if any(p.version is not first for p in live):
+                    for p in live:  # a swap between joins: answer each on its own version
+                        await self._finish_small(loop, [p])
+                    continue
+                await self._finish_small(loop, live)
             except Exception as exc:
                 for p in live:
                     if not p.future.done():
                         p.future.set_exception(exc)
-                continue
-            start = 0
-            for p in live:
-                n = len(p.inputs)
-                if not p.future.done():
-                    p.future.set_result((log_w[start : start + n], version))
-                start += n
+
+    async def _finish_small(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        version = batch[0].version or self._current()
+        log_w = await loop.run_in_executor(self._executor, self._infer, version, batch)
+        start = 0
+        for p in batch:
+            n = len(p.inputs)
+            if not p.future.done():
+                p.future.set_result((log_w[start : start + n], version))
+            start += n
+
+    async def _run_chunk(self, item: _Pending) -> None:
+        """One chunk of a large request; then it queues again behind what arrived meanwhile."""
+        version = item.version or self._current()
+        self._large_since_idle = True
+        loop = asyncio.get_running_loop()
+        if item.noise is None:
+            item.noise = version.noise(len(item.inputs), item.k, item.seed)
+        n = self._chunk_inputs(item, version.num_classes)
+        idx = slice(item.done, min(item.done + n, len(item.inputs)))
+        noise = NoiseArrays(item.noise.m[:, idx], item.noise.z[:, :, idx])
+        part = await loop.run_in_executor(
+            self._executor, self._pass, version, item.inputs.take(idx), noise, 1
+        )
+        item.parts.append(part)
+        item.done = idx.stop
+        if item.future.done():
+            return  # the client went away: drop the rest
+        if item.done >= len(item.inputs):
+            item.future.set_result((np.concatenate(item.parts), version))
+            item.noise, item.parts = None, []
+            return
+        await self._queue.put(item)  # fair: behind every request that arrived during this chunk
+
+    def _pass(self, version: LoadedVersion, inputs: Inputs, noise: NoiseArrays, requests: int) -> np.ndarray:
+        if self._on_batch is not None:
+            self._on_batch(len(inputs), requests)
+        return version.log_weights(inputs, noise, self.backend, screen=self.screen)
 
     def _infer(self, version: LoadedVersion, batch: list[_Pending]) -> np.ndarray:
         inputs = Inputs.concat([p.inputs for p in batch])
         noise = NoiseArrays.concat([version.noise(len(p.inputs), p.k, p.seed) for p in batch])
-        if self._on_batch is not None:
-            self._on_batch(len(inputs), len(batch))
-        if len(inputs) <= self.chunk_inputs:
-            return version.log_weights(inputs, noise, self.backend, screen=self.screen)
-        parts = []  # a large request runs in bounded chunks (memory), still on this one version
-        for start in range(0, len(inputs), self.chunk_inputs):
-            idx = slice(start, start + self.chunk_inputs)
-            part = NoiseArrays(noise.m[:, idx], noise.z[:, :, idx])
-            parts.append(version.log_weights(inputs.take(idx), part, self.backend, screen=self.screen))
-        return np.concatenate(parts)
+        return self._pass(version, inputs, noise, len(batch))

@@ -1,4 +1,4 @@
-"""Domain errors with a machine-readable reason, and the handlers that turn every error into JSON.
+"""HTTP errors, the HTTP status of each domain error, and the handlers that turn every error into JSON.
 
 Every error body has the shape ``{"detail": {"reason": "<reason>", "message": "<text>"}}``.
 Bad input always maps to a 4xx; an unexpected exception is logged and answered with a JSON 500
@@ -15,11 +15,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from store.errors import (
+    ConflictError,
+    DomainError,
+    InvalidInputError,
+    LimitExceededError,
+    NotFoundError,
+    UnavailableError,
+)
+
 log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
-    """An error with an HTTP status and a machine-readable reason."""
+    """An error of the HTTP layer itself (auth, media type, multipart framing), with its status."""
 
     status_code = 400
     reason = "bad_request"
@@ -41,40 +50,28 @@ class ServiceError(Exception):
         self.headers = headers
 
 
-class InputError(ServiceError):
-    """The request's data cannot be used (shape, decoding, range, NaN/inf)."""
-
-    status_code = 422
-    reason = "invalid_input"
-
-
-class TooLargeError(ServiceError):
-    """Too many inputs or too large a body."""
-
-    status_code = 413
-    reason = "too_many_inputs"
-
-
-class NotFoundError(ServiceError):
-    status_code = 404
-    reason = "not_found"
-
-
-class UnavailableError(ServiceError):
-    """A dependency (a model, the job queue) is not available right now."""
-
-    status_code = 503
-    reason = "unavailable"
-
-
-class ConflictError(ServiceError):
-    status_code = 409
-    reason = "conflict"
-
-
 class AuthError(ServiceError):
     status_code = 401
     reason = "missing_token"
+
+
+# the HTTP status of each domain error class (the first match along the class's MRO wins)
+DOMAIN_STATUS: dict[type[DomainError], int] = {
+    InvalidInputError: 422,
+    LimitExceededError: 413,
+    NotFoundError: 404,
+    ConflictError: 409,
+    UnavailableError: 503,
+    DomainError: 400,
+}
+
+
+def status_of(exc: DomainError) -> int:
+    """The HTTP status for a domain error."""
+    for cls in type(exc).__mro__:
+        if cls in DOMAIN_STATUS:
+            return DOMAIN_STATUS[cls]
+    return 400
 
 
 def error_body(reason: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -95,6 +92,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse(error_body(exc.reason, exc.message), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse(error_body(exc.reason, exc.message), status_of(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -15,25 +15,21 @@ from collections.abc import AsyncIterator, Callable
 import torch
 from fastapi import FastAPI
 
-from app.adaptation import JobContext, run_job
 from app.api.main import api_router
 from app.api.openapi import install_openapi
-from app.artifacts import seed_store
+from app.api.parsing import Decoder
 from app.core.config import Settings, get_settings
 from app.errors import install_error_handlers
-from app.jobs import (
-    CeleryDispatcher,
-    JobService,
-    MemoryJobStore,
-    RedisJobStore,
-    ThreadDispatcher,
-    write_token_file,
-)
+from app.jobs import CeleryDispatcher, JobService, ThreadDispatcher, write_token_file
 from app.metrics import ServiceMetrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware
 from app.model_server import ModelServer
-from app.registry import ModelRegistry
 from app.state import AppState
+from store.adaptation import JobContext, run_job
+from store.artifacts import seed_store
+from store.jobs import MemoryJobStore, RedisJobStore
+from store.memory import limit_arenas
+from store.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +80,16 @@ def build_jobs(
     )
 
 
+async def reap(jobs: JobService, settings: Settings) -> None:
+    """Every ``reap_interval_s``: queue again (or fail) the jobs whose worker died."""
+    while True:
+        await asyncio.sleep(settings.reap_interval_s)
+        try:
+            await asyncio.to_thread(jobs.reap, settings.job_max_attempts)
+        except Exception as exc:  # Redis down: try again at the next interval
+            log.warning("reaping lost jobs failed: %s", exc)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -95,8 +101,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     server = ModelServer(registry, settings, metrics)
     jobs, notify = build_jobs(settings, registry, server)
     metrics.jobs.source = jobs.store.counts
-    app.state.cama = AppState(settings, registry, metrics, server, jobs, resolve_token(settings), notify)
+    app.state.cama = AppState(
+        settings,
+        registry,
+        metrics,
+        server,
+        jobs,
+        resolve_token(settings),
+        Decoder(settings.decode_slots),
+        notify,
+    )
     await server.start()
+    reaper = asyncio.get_running_loop().create_task(reap(jobs, settings)) if settings.redis_url else None
 
     async def seed() -> None:
         problems = await asyncio.to_thread(seed_store, registry, list(server.slots), settings.seed_dir)
@@ -111,6 +127,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         seeding.cancel()
+        if reaper is not None:
+            reaper.cancel()
         await server.stop()
         jobs.close()
 
@@ -118,6 +136,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app (nothing is loaded until the lifespan starts)."""
     settings = settings or get_settings()
+    if settings.malloc_arena_max is not None:
+        limit_arenas(settings.malloc_arena_max)
     app = FastAPI(title="cama-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = ServiceMetrics()

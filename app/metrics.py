@@ -9,11 +9,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from app.schemas import JobState
+from store.jobs import JOB_STATES
 
 log = logging.getLogger(__name__)
 
-JOB_STATES: tuple[JobState, ...] = ("queued", "running", "succeeded", "rejected", "failed", "cancelled")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 

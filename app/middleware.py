@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import TooLargeError
 from app.metrics import ServiceMetrics
+from store.errors import LimitExceededError
 
 
 class BodyLimitMiddleware:
@@ -35,7 +35,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise TooLargeError(f"request body exceeds {limit} bytes", reason="body_too_large")
+                    raise LimitExceededError(f"request body exceeds {limit} bytes", reason="body_too_large")
             return message
 
         await self.app(scope, limited, send)
@@ -52,8 +52,20 @@ async def _send_413(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The method as a metric label: the standard ones as they are, anything else ``other``."""
+    return method if method in METHODS else "other"
+
+
 class MetricsMiddleware:
-    """Count requests and time them per route template and model (routes set ``request.state.model``)."""
+    """Count requests and time them per route template and model (routes set ``request.state.model``).
+
+    Every label has a bounded set of values: routes are the app's templates (``unmatched``
+    otherwise), methods the standard ones (``other`` otherwise), models those the process serves.
+    """
 
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
         self.app = app
@@ -79,7 +91,7 @@ class MetricsMiddleware:
             self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
             model = str((scope.get("state") or {}).get("model", ""))
-            method = scope["method"]
+            method = method_label(str(scope["method"]))
             self.metrics.requests.labels(route=route, method=method, model=model, status=str(status)).inc()
             self.metrics.latency.labels(route=route, method=method, model=model).observe(
                 time.perf_counter() - start

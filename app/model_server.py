@@ -23,11 +23,12 @@ from redis.exceptions import RedisError
 
 from app.batching import MicroBatcher
 from app.core.config import Settings
-from app.data import Inputs
-from app.errors import NotFoundError, UnavailableError
 from app.metrics import ServiceMetrics
-from app.registry import ModelRegistry, RegistryError
-from app.serving import LoadedVersion, load_version
+from app.serving import LoadedVersion, ServedModel, load_version
+from store.data import Inputs
+from store.errors import NotFoundError, UnavailableError
+from store.memory import release_memory
+from store.registry import ModelRegistry, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,11 @@ class ModelServer:
                 self._getter(slot),
                 max_inputs=s.batch_max_inputs if s.batching else 1,
                 max_wait_s=s.batch_max_wait_ms / 1000.0 if s.batching else 0.0,
-                chunk_inputs=s.batch_max_inputs,
+                chunk_work=s.chunk_work,
                 backend=s.backend,
                 screen=s.screen_margin,
                 on_batch=self._batch_observer(slot.name),
+                on_idle=release_memory,
                 name=slot.name,
             )
             slot.batcher.start()
@@ -107,6 +109,11 @@ class ModelServer:
                 f"model {name!r} is not loaded: {slot.problem}", reason="model_unavailable"
             )
         return slot.current
+
+    def served_model(self, name: str) -> ServedModel:
+        """What request parsing needs of a served model (404 unknown, 503 not loaded)."""
+        current = self.current(name)
+        return ServedModel(current.num_classes, current.encoding)
 
     async def predict(self, name: str, inputs: Inputs, k: int, seed: int) -> tuple[np.ndarray, LoadedVersion]:
         """Eq. 6 log-weights ``(B, C)`` through the model's micro-batcher, and the version used."""

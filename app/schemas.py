@@ -7,17 +7,18 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 from cama.adapt import FinetuneConfig
+from store.jobs import JobRecord, JobState
 
-JobState = Literal["queued", "running", "succeeded", "rejected", "failed", "cancelled"]
-TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "rejected", "failed", "cancelled"})
+JobPublic = JobRecord  # GET /jobs/{id} answers the job record as it is
+
 
 ImageItem = str | list[list[float]]
 
 
 class MeasurementRecord(BaseModel):
-    """One measurement data point: parents ``a``, co-parents ``c`` and children ``x``."""
+    """One measurement data point in model space: parents ``a``, co-parents ``c`` and children ``x``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     a: list[float]
     c: list[float]
@@ -25,25 +26,28 @@ class MeasurementRecord(BaseModel):
 
 
 class InputsRequest(BaseModel):
-    """The inputs of a request: ``images`` (base64 PNG/JPEG or 28x28 arrays in [0, 1]) or ``records``."""
+    """The inputs of a request: ``images`` (base64 PNG/JPEG or 28x28 arrays in [0, 1]), ``records``
+    (model space) or ``rows`` (a table model's columns in the table's own units). Types are strict:
+    a string or a boolean is never taken for a number."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1, max_length=64, examples=["mnist"])
     images: list[ImageItem] | None = Field(
         default=None, description="base64 PNG/JPEG, or 28x28 arrays in [0, 1]"
     )
     records: list[MeasurementRecord] | None = None
+    rows: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="rows keyed by the model's column names, in the table's own units (GET /models/{name} "
+        "-> schema)",
+    )
 
     @model_validator(mode="after")
     def _one_input_form(self) -> Self:
-        if (self.images is None) == (self.records is None):
-            raise ValueError("give exactly one of 'images' or 'records'")
+        if sum(form is not None for form in (self.images, self.records, self.rows)) != 1:
+            raise ValueError("give exactly one of 'images', 'records' or 'rows'")
         return self
-
-    @property
-    def count(self) -> int:
-        return len(self.images if self.images is not None else self.records or [])
 
 
 class PredictRequest(InputsRequest):
@@ -55,6 +59,7 @@ class PredictRequest(InputsRequest):
 
 class PredictionPublic(BaseModel):
     label: int
+    class_name: str | None = Field(default=None, description="the label's class name (table models)")
     probabilities: list[float]
 
 
@@ -99,28 +104,6 @@ class AdaptAccepted(BaseModel):
     status_url: str
 
 
-class JobPublic(BaseModel):
-    """An adaptation job as ``GET /jobs/{id}`` reports it."""
-
-    id: str
-    model: str
-    state: JobState
-    progress: float = Field(ge=0.0, le=1.0)
-    n_inputs: int
-    data_hash: str
-    base_version: int | None = None
-    version: int | None = None
-    created: float
-    started: float | None = None
-    finished: float | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
-    gate: dict[str, Any] | None = None
-    reasons: list[str] = Field(default_factory=list)
-    error: str | None = None
-    cancel_requested: bool = False
-    finetune: dict[str, Any] = Field(default_factory=dict)
-
-
 class VersionPublic(BaseModel):
     """One version's lineage."""
 
@@ -142,13 +125,40 @@ class ModelSummary(BaseModel):
     versions: list[int]
 
 
+class TableSchemaPublic(BaseModel):
+    """The table a model was trained from: column roles, class names, standardisation."""
+
+    target: str
+    parents: list[str]
+    coparents: list[str]
+    children: list[str]
+    classes: list[str]
+    mean: dict[str, float]
+    std: dict[str, float]
+
+
 class ModelPublic(ModelSummary):
     inputs: dict[str, list[int]] | None
+    table_schema: TableSchemaPublic | None = Field(
+        default=None, serialization_alias="schema", description="present for models trained from a table"
+    )
     lineage: list[VersionPublic]
 
 
+class ErrorDetail(BaseModel):
+    reason: str = Field(description="machine-readable")
+    message: str
+    errors: list[dict[str, Any]] | None = Field(default=None, description="schema errors (invalid_request)")
+
+
+class ErrorBody(BaseModel):
+    """Every error response."""
+
+    detail: ErrorDetail
+
+
 class ActivateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     version: int = Field(ge=1)
 

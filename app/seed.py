@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from app.artifacts import seed_store
 from app.core.config import get_settings
-from app.registry import ModelRegistry
+from store.artifacts import seed_store
+from store.registry import ModelRegistry
 
 
 def main() -> None:

@@ -1,7 +1,10 @@
 """One loaded model version: an ONNX Runtime session (served) and the torch model (reference).
 
 Both compute eq. 6's per-class log-weights from the same explicit noise, which is drawn from the
-request's seed, so a prediction can be replayed and the two paths compared.
+request's seed, so a prediction can be replayed and the two paths compared. A version is served
+only after the two agree on a fixed probe batch (:func:`probe_check`), so an ONNX graph that was
+changed and re-checksummed is refused. ONNX Runtime's CPU memory arena is off: a large request's
+buffers go back to the allocator (and, trimmed, to the system) instead of staying reserved.
 """
 
 from __future__ import annotations
@@ -15,14 +18,27 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from app.data import INPUT_NAMES, Inputs
-from app.registry import CorruptVersionError, Manifest, ModelRegistry
 from cama.checkpoint import CheckpointError, load_checkpoint
 from cama.objectives import Noise, bayes_log_weights, screened_log_weights
+from store.data import INPUT_NAMES, Inputs, ServingData
+from store.registry import CorruptVersionError, Manifest, ModelRegistry
+from store.tables import RowEncoding
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["onnx", "torch"]
+
+# the load-time probe: the first PROBE_INPUTS canary inputs at PROBE_K samples, noise seed PROBE_SEED;
+# ONNX must match torch within PROBE_TOLERANCE nats per class with identical labels
+PROBE_INPUTS, PROBE_K, PROBE_SEED, PROBE_TOLERANCE = 8, 2, 20240611, 0.05
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What request parsing needs to know of the model a request names."""
+
+    num_classes: int
+    encoding: RowEncoding | None
 
 
 @dataclass(frozen=True)
@@ -67,6 +83,7 @@ class LoadedVersion:
         self.num_classes = int(getattr(model, "num_classes"))  # noqa: B009 - protocol attribute
         self.dim_m = int(getattr(model, "dim_m"))  # noqa: B009
         self.dim_z = int(getattr(model, "dim_z"))  # noqa: B009
+        self.encoding = RowEncoding.from_provenance(manifest.provenance)
 
     def noise(self, n: int, k: int, seed: int) -> NoiseArrays:
         """Standard-normal noise for ``n`` inputs and ``k`` samples, from ``seed`` (replayable)."""
@@ -113,7 +130,9 @@ class LoadedVersion:
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
+    """One session per version: its thread count, and no CPU memory arena (memory returns after load)."""
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = False
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -150,14 +169,32 @@ def load_version(
     if names != expected:
         raise CorruptVersionError(f"{name} v{version}: ONNX inputs {names}, expected {expected}")
     loaded = LoadedVersion(manifest, session, model)
-    smoke = Inputs(
-        np.zeros((1, *manifest.inputs["x"]), np.float32),
-        tuple(np.zeros((1, *manifest.inputs[c]), np.float32) for c in INPUT_NAMES[manifest.kind][1:]),
-    )
     try:
-        out = loaded.log_weights(smoke, loaded.noise(1, 1, 0))
-    except Exception as exc:
-        raise CorruptVersionError(f"{name} v{version}: smoke prediction failed: {exc}") from exc
-    if out.shape != (1, loaded.num_classes) or not np.isfinite(out).all():
-        raise CorruptVersionError(f"{name} v{version}: smoke prediction gave {out.shape} / non-finite values")
+        probe = ServingData.load(directory / "replay.npz").canary.take(slice(0, PROBE_INPUTS))
+    except (OSError, ValueError, KeyError) as exc:
+        raise CorruptVersionError(f"{name} v{version}: unreadable replay.npz: {exc}") from exc
+    probe_check(loaded, probe)
     return loaded
+
+
+def probe_check(loaded: LoadedVersion, probe: Inputs) -> float:
+    """Run the ONNX graph and the torch model on ``probe`` with the same fixed noise; refuse the
+    version (:class:`CorruptVersionError`) unless both are finite, of shape ``(B, C)``, within
+    ``PROBE_TOLERANCE`` nats and agree on every label. Returns the largest difference."""
+    what = f"{loaded.name} v{loaded.version}"
+    noise = loaded.noise(len(probe), PROBE_K, PROBE_SEED)
+    try:
+        served = loaded.log_weights(probe, noise, "onnx")
+        reference = loaded.log_weights(probe, noise, "torch")
+    except Exception as exc:
+        raise CorruptVersionError(f"{what}: probe prediction failed: {exc}") from exc
+    shape = (len(probe), loaded.num_classes)
+    if served.shape != shape or reference.shape != shape or not np.isfinite(served).all():
+        raise CorruptVersionError(f"{what}: probe prediction gave {served.shape} / non-finite values")
+    diff = float(np.abs(served - reference).max())
+    if diff > PROBE_TOLERANCE or not np.array_equal(served.argmax(1), reference.argmax(1)):
+        raise CorruptVersionError(
+            f"{what}: model.onnx disagrees with checkpoint.pt on the probe batch "
+            f"({diff:.4g} nats, limit {PROBE_TOLERANCE})"
+        )
+    return diff

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from app.api.parsing import Decoder
 from app.core.config import Settings
 from app.jobs import JobService
 from app.metrics import ServiceMetrics
 from app.model_server import ModelServer
-from app.registry import ModelRegistry
+from store.registry import ModelRegistry
 
 
 @dataclass
@@ -20,4 +21,5 @@ class AppState:
     server: ModelServer
     jobs: JobService
     token: str
+    decoder: Decoder
     notify: Callable[[str, int], None] = field(default=lambda model, version: None)

@@ -39,7 +39,7 @@ import httpx
 import numpy as np
 import redis
 
-from app.testing import (
+from benchmarks.harness import (
     ContinuousClient,
     Process,
     ServiceProcess,

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from app.data import ServingData
 from cama import image_model, mechanisms
 from cama.checkpoint import load_checkpoint
 from cama.export import folded_log_weights
+from store.data import ServingData
 
 RESULTS = Path("benchmarks/results")
 

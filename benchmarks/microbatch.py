@@ -26,10 +26,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from app.data import Inputs, ServingData
-from app.registry import ModelRegistry
 from app.serving import load_version
-from app.testing import ServiceProcess, build_store, make_seed_dir, png_base64
+from benchmarks.harness import ServiceProcess, build_store, make_seed_dir, png_base64
+from store.data import Inputs, ServingData
+from store.registry import ModelRegistry
 from training.metrics import update_metrics
 
 RESULTS = Path("benchmarks/results")

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.data import ServingData
-from app.registry import ModelRegistry
 from app.serving import LoadedVersion, load_version
-from app.testing import build_store, make_seed_dir
+from benchmarks.harness import build_store, make_seed_dir
+from store.data import ServingData
+from store.registry import ModelRegistry
 from training.metrics import update_metrics
 
 RESULTS = Path("benchmarks/results")

@@ -44,10 +44,10 @@ import httpx
 import numpy as np
 import torch
 
-from app.data import Inputs
 from app.serving import LoadedVersion, load_version
-from app.testing import ServiceProcess, build_store
+from benchmarks.harness import ServiceProcess, build_store
 from cama.objectives import SCREEN_MARGIN
+from store.data import Inputs
 from training.data import load_mnist, validation_split
 from training.metrics import update_metrics
 

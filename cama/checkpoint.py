@@ -12,13 +12,13 @@ import importlib
 import os
 import pickle
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from cama.runtime import atomic_write
 
 SCHEMA_VERSION = 1
 
@@ -104,25 +104,13 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    return atomic_torch_save(payload, path)
+    return save_torch_payload(payload, path)
 
 
-def atomic_torch_save(payload: dict[str, Any], path: str | os.PathLike[str]) -> str:
-    """``torch.save`` through a temporary file and a rename (readers never see a partial file),
-    readable by everyone; returns the file's SHA-256."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a checkpoint is read by other users
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+def save_torch_payload(payload: dict[str, Any], path: str | os.PathLike[str]) -> str:
+    """``torch.save`` written atomically (:func:`cama.runtime.atomic_write`), readable by everyone;
+    returns the file's SHA-256."""
+    target = atomic_write(path, lambda fh: torch.save(payload, fh))
     return sha256_file(target)
 
 

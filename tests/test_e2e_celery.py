@@ -7,6 +7,8 @@ them afterwards. Redis must be running on 127.0.0.1:6379 (``.ci/run`` starts it)
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,11 +19,8 @@ import numpy as np
 import pytest
 import redis
 
-from app.adaptation import JobContext, run_job
 from app.core.config import Settings
-from app.jobs import RedisJobStore
-from app.registry import ModelRegistry
-from app.testing import (
+from benchmarks.harness import (
     ContinuousClient,
     ServiceProcess,
     WorkerProcess,
@@ -33,6 +32,9 @@ from app.testing import (
     template_store,
     wait_job,
 )
+from store.adaptation import JobContext, run_job
+from store.jobs import RedisJobStore
+from store.registry import ModelRegistry
 
 TOKEN = "c" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -224,3 +226,55 @@ def test_redis_unreachable_adapt_503_predict_still_serves(tmp_path, tmp_path_fac
         assert not list((store / ".jobs").glob("*.npz"))  # the batch of a refused job is not kept
     finally:
         api.stop()
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_is_killed_is_requeued_and_published_once(tmp_path, tmp_path_factory, redis_ns):
+    """SIGKILL the worker (main process and child) mid-job: the lease expires, the API queues the
+    job again, a new worker runs it to one published version."""
+    seed_dir, template = template_store(tmp_path_factory.getbasetemp() / "tiny_template")
+    store = clone_store(template, tmp_path / "store")
+    run = uuid.uuid4().hex[:8]
+    common = {
+        "model_store": str(store),
+        "seed_dir": str(seed_dir),
+        "models": ["tiny"],
+        "token": TOKEN,
+        "redis_url": REDIS_URL,
+        "redis_prefix": f"{redis_ns['redis_prefix']}kill-{run}:",
+        "queue": f"{redis_ns['queue']}-kill-{run}",
+        "gate_margin": 1.0,
+        "gate_min_elbo_gain": -1e9,
+        "gate_max_label_kl_rise": 1e9,
+        "gate_max_confidence_drop": 1.0,
+        "job_lease_s": 3,
+        "reap_interval_s": 1,
+    }
+    api = ServiceProcess(tmp_path / "api.log", **common)
+    first = WorkerProcess(tmp_path / "worker1.log", **common)
+    second = None
+    try:
+        api.wait_ready()
+        first.wait_ready()
+        with httpx.Client(base_url=api.url, timeout=30, headers=AUTH) as client:
+            body = {"model": "tiny", "images": batch(), "finetune": {"epochs": 30, "batch_size": 4}}
+            job_id = client.post("/adapt", json=body).json()["job_id"]
+            deadline = time.monotonic() + 120
+            while client.get(f"/jobs/{job_id}").json()["state"] != "running" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            os.killpg(first.proc.pid, signal.SIGKILL)  # the worker and any child, with no goodbye
+            first.proc.wait(10)
+            second = WorkerProcess(tmp_path / "worker2.log", **{**common, "finetune": {"epochs": 1}})
+            second.wait_ready()
+            job = wait_job(client, job_id, timeout=240)
+        assert job["state"] == "succeeded", job
+        assert job["attempts"] == 2
+        registry = ModelRegistry(store)
+        produced = [v for v in registry.versions("tiny") if registry.manifest("tiny", v).job_id == job_id]
+        assert produced == [job["version"]]
+        assert "lost its worker: queued again" in api.logs()
+    finally:
+        api.stop()
+        first.stop()
+        if second is not None:
+            second.stop()

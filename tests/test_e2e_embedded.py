@@ -14,8 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.registry import ModelRegistry
-from app.testing import (
+from benchmarks.harness import (
     ContinuousClient,
     ServiceProcess,
     clone_store,
@@ -24,6 +23,7 @@ from app.testing import (
     template_store,
     wait_job,
 )
+from store.registry import ModelRegistry
 
 TOKEN = "e" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from app.testing import ROOT, service_env, template_store
+from benchmarks.harness import ROOT, service_env, template_store
 
 REAL = ROOT / "models" / "mnist_cama.pt"
 # the real-model run takes minutes of fine-tuning and is opted into (CAMA_E2E_REAL=1, or

@@ -12,13 +12,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from app.data import Inputs
-from app.registry import Manifest, ModelRegistry
 from app.serving import LoadedVersion, load_version
-from app.testing import digit_like_images, template_store
+from benchmarks.harness import digit_like_images, template_store
 from cama.export import OPSET, export_onnx
 from cama.measurement_model import MeasurementCama, MeasurementCamaConfig
 from cama.mechanisms import PROB_EPS, _affine, _affine_grid, apply_mechanisms, bernoulli_mean
+from store.data import Inputs
+from store.registry import Manifest, ModelRegistry
 
 TOLERANCE_NATS = 0.05
 

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from app.artifacts import seed_store
-from app.registry import (
+from app.serving import load_version
+from benchmarks.harness import clone_store, template_store
+from cama.checkpoint import sha256_file
+from store.artifacts import seed_store
+from store.registry import (
     ACTIVE,
     ActiveChangedError,
     CorruptVersionError,
@@ -20,9 +23,6 @@ from app.registry import (
     UnknownModelError,
     UnknownVersionError,
 )
-from app.serving import load_version
-from app.testing import clone_store, template_store
-from cama.checkpoint import sha256_file
 
 
 def fake_files(directory: Path, tag: str) -> dict[str, Path]:

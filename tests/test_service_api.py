@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.testing import ServiceProcess, clone_store, digit_like_images, png_base64, template_store
+from benchmarks.harness import ServiceProcess, clone_store, digit_like_images, png_base64, template_store
 
 TOKEN = "t" * 24
 MAX_INPUTS = 8
@@ -164,7 +164,11 @@ GOOD = [[0.0] * 28] * 28
         ({"model": "tiny", "images": [GOOD], "k": 51}, 422, "k_too_large"),
         ({"model": "tiny", "images": [GOOD], "seed": -1}, 422, "invalid_request"),
         ({"model": "tiny", "images": [GOOD], "extra": 1}, 422, "invalid_request"),
-        ({"model": "tiny", "images": [["a"] * 28] * 28}, 422, "invalid_request"),
+        ({"model": "tiny", "images": [[["a"] * 28] * 28]}, 422, "invalid_request"),
+        ({"model": "tiny", "images": [[[True] * 28] * 28]}, 422, "invalid_request"),
+        ({"model": "tiny", "images": [GOOD], "k": True}, 422, "invalid_request"),
+        ({"model": "tiny", "images": [GOOD], "k": "3"}, 422, "invalid_request"),
+        ({"model": "tiny", "images": [GOOD], "seed": "1"}, 422, "invalid_request"),
     ],
 )
 def test_bad_inputs_are_4xx_with_a_reason(client, payload, status, why):
@@ -185,15 +189,15 @@ def test_bad_inputs_are_4xx_with_a_reason(client, payload, status, why):
             + b"]]}",
             "application/json",
             422,
-            "non_finite",
+            "invalid_request",  # NaN and Infinity are not JSON
         ),
         (
             b'{"model": "tiny", "images": [['
-            + b",".join([b"[" + b",".join([b"Infinity"] * 28) + b"]"] * 28)
+            + b",".join([b"[" + b",".join([b"1e400"] * 28) + b"]"] * 28)
             + b"]]}",
             "application/json",
             422,
-            "non_finite",
+            "invalid_request",  # overflows a float: refused while the body streams in
         ),
     ],
 )
@@ -221,7 +225,7 @@ def test_bad_uploads(client):
     )
     assert (r.status_code, reason(r)) == (422, "undecodable_image")
     r = client.post("/predict", data={"model": "tiny"}, files=[("other", ("x.png", b"garbage", "image/png"))])
-    assert (r.status_code, reason(r)) == (422, "no_inputs")
+    assert (r.status_code, reason(r)) == (422, "unknown_field")
     many = [("images", (f"{i}.png", b"x", "image/png")) for i in range(MAX_INPUTS + 1)]
     r = client.post("/predict", data={"model": "tiny"}, files=many)
     assert (r.status_code, reason(r)) == (413, "too_many_inputs")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from app.batching import MicroBatcher
-from app.data import Inputs
 from app.serving import NoiseArrays
+from store.data import Inputs
 
 
 class FakeVersion:
@@ -66,10 +66,52 @@ def test_batched_answers_equal_one_at_a_time_answers(max_inputs, max_wait):
 
 def test_a_large_request_runs_in_bounded_chunks_with_the_same_answer():
     version = FakeVersion(1)
-    batcher = MicroBatcher(lambda: version, max_inputs=4, max_wait_s=0.0, chunk_inputs=4)  # type: ignore[arg-type,return-value]
+    # work = inputs x k x classes: 36 per pass at k=3 and 3 classes is 4 inputs
+    batcher = MicroBatcher(lambda: version, max_inputs=64, max_wait_s=0.0, chunk_work=36)  # type: ignore[arg-type,return-value]
     ((log_w, _),) = asyncio.run(run_requests(batcher, [(10, 3, 9)]))
     assert version.batches == [4, 4, 2]
     np.testing.assert_allclose(log_w, version.log_weights(inputs(10, 0), version.noise(10, 3, 9)), rtol=1e-6)
+
+
+def test_small_requests_are_served_between_the_chunks_of_a_large_one():
+    """Fair scheduling: a request that arrives while a large one runs waits for one chunk, not all."""
+    first_pass, release = threading.Event(), threading.Event()
+
+    class Gated(FakeVersion):
+        def log_weights(self, inputs, noise, backend="onnx"):
+            first_pass.set()
+            release.wait(5)
+            return super().log_weights(inputs, noise, backend)
+
+    version = Gated(1)
+    finished: list[str] = []
+
+    async def scenario():
+        batcher = MicroBatcher(lambda: version, max_inputs=64, max_wait_s=0.0, chunk_work=12)  # type: ignore[arg-type,return-value]
+        batcher.start()
+        try:
+
+            async def ask(name: str, n: int, value: float):
+                out = await batcher.submit(inputs(n, value), 1, 7)
+                finished.append(name)
+                return out
+
+            large = asyncio.ensure_future(ask("large", 20, 0.0))  # 5 passes of 4 inputs
+            await asyncio.to_thread(first_pass.wait, 5)  # its first chunk is running
+            small = asyncio.ensure_future(ask("small", 1, 1.0))
+            await asyncio.sleep(0.05)
+            release.set()
+            return await asyncio.gather(large, small)
+        finally:
+            await batcher.stop()
+
+    (large_w, _), (_small_w, _) = asyncio.run(scenario())
+    assert finished == ["small", "large"]
+    assert version.batches[:2] == [4, 1]  # one chunk of the large request, then the small one
+    assert max(version.batches) == 4
+    np.testing.assert_allclose(
+        large_w, version.log_weights(inputs(20, 0.0), version.noise(20, 1, 7)), rtol=1e-6
+    )
 
 
 def test_concurrent_requests_share_forward_passes():

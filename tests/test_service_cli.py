@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from app.registry import ModelRegistry
-from app.testing import ROOT, clone_store, make_measurement_seed_dir, service_env, template_store
+from benchmarks.harness import ROOT, clone_store, make_measurement_seed_dir, service_env, template_store
+from store.registry import ModelRegistry
 
 
 def run(args: list[str], timeout: float = 600, **settings: object) -> subprocess.CompletedProcess[str]:

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.errors import InputError, TooLargeError
-from app.inputs import check_shapes, files_to_inputs, images_to_inputs, records_to_inputs
+from app.inputs import files_to_inputs, images_to_inputs, records_to_inputs
 from app.schemas import MeasurementRecord
-from app.testing import png_base64
+from benchmarks.harness import bomb_png, png_base64
+from store.data import check_shapes
+from store.errors import InvalidInputError as InputError
+from store.errors import LimitExceededError as TooLargeError
 
 LIMIT = 1 << 20
 
@@ -86,3 +88,10 @@ def test_records_and_their_shapes():
     assert reason_of(records_to_inputs, ragged) == "bad_shape"
     nan = [MeasurementRecord(a=[float("nan")] * 5, c=[0.2] * 5, x=[0.3] * 10)]
     assert reason_of(records_to_inputs, nan) == "non_finite"
+
+
+def test_a_decompression_bomb_is_refused_without_decoding_it():
+    bomb = bomb_png()
+    assert len(bomb) < 100_000
+    assert reason_of(files_to_inputs, [bomb], LIMIT) == "image_too_large"
+    assert reason_of(images_to_inputs, [base64.b64encode(bomb).decode()], LIMIT) == "image_too_large"

@@ -6,7 +6,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.testing import ServiceProcess, build_store, make_measurement_seed_dir, wait_job
+from benchmarks.harness import ServiceProcess, build_store, make_measurement_seed_dir, wait_job
 from cama.adapt import FinetuneConfig
 from cama.checkpoint import load_checkpoint
 

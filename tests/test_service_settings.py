@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 from pydantic import ValidationError
 
-from app.adaptation import finetune_config
 from app.core.config import Settings
 from app.schemas import JobPublic
 from cama.adapt import MEASUREMENT_RECIPE, FinetuneConfig
+from store.adaptation import finetune_config
 
 
 def test_development_defaults_are_the_embedded_mode(monkeypatch):
@@ -30,7 +30,10 @@ def test_production_requires_a_strong_token():
         Settings(environment="production")
     with pytest.raises(ValidationError, match="too weak"):
         Settings(environment="production", token="changeme")
-    assert Settings(environment="production", token="k" * 32).token is not None
+    assert Settings(environment="production", token="Vq3xL9-wPz2mK7rT_hY4nB8s").token is not None
+    for weak in (" " * 16, "k" * 32, "abababababababab", "password"):  # no entropy, or a word
+        with pytest.raises(ValidationError, match="too weak"):
+            Settings(environment="production", token=weak)
 
 
 def test_environment_variables_including_nested_recipe(monkeypatch):

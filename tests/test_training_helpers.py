@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cama.runtime import DeviceError, resolve_device
 from training.eval_cache import Cache, recipe_id
-from training.experiment import add_recipe_args, recipe_from_args, resolve_device
+from training.experiment import add_recipe_args, recipe_from_args
 from training.mnist_report import summary_tables
 from training.mnist_sections import EvalConfig, same_recipe
 from training.plots import plot_mnist
@@ -27,7 +28,7 @@ def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in {"cpu", "cuda"}
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="CUDA is not available"):
+        with pytest.raises(DeviceError, match="CUDA is not available"):
             resolve_device("cuda")
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cama.checkpoint import atomic_torch_save, git_commit
+from cama.checkpoint import git_commit, save_torch_payload
 
 SCHEMA_VERSION = 1
 BaselineKind = Literal["dnn", "cnn", "bncnn"]
@@ -239,7 +239,7 @@ def save_baseline(
         "metrics": dict(metrics or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    return atomic_torch_save(payload, path)
+    return save_torch_payload(payload, path)
 
 
 def load_baseline(

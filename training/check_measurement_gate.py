@@ -5,7 +5,7 @@
 
 For each shift S the checkpoint's own generator seed regenerates the 500 test rows, shifts the
 children by S (``X -> X + S sd(X)``) and treats them as one unlabelled ``/adapt`` batch, exactly
-as the service does (``app.adaptation``): 20% held out for the gate, the rest fine-tuned on with
+as the service does (``store.adaptation``): 20% held out for the gate, the rest fine-tuned on with
 the clean replay rows (eq. 8), the gate (``cama.adapt.adapt_and_judge``, the service's default
 thresholds) judged on the checkpoint's labelled clean canary. Two recipes are compared: the one
 shipped with the checkpoint (``adapt_recipe``) and the same with the paper's alpha = 0.5. Accuracy on the

@@ -55,15 +55,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.data import ServingData
 from cama.adapt import AdaptOutcome, FinetuneConfig, GateConfig, Labelled, adapt_batch
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
 from cama.objectives import SCREEN_MARGIN, bayes_predict
+from cama.runtime import resolve_device
+from store.data import ServingData
 from training.baselines import evaluate_accuracy, load_baseline
 from training.data import MNISTC_CORRUPTIONS, Split, load_mnist, load_mnist_c, validation_split
 from training.eval_cache import Cache, MissingModelError, recipe_id
-from training.experiment import halves, resolve_device
+from training.experiment import halves
 from training.manipulations import named
 from training.metrics import update_metrics
 from training.tent import tent_accuracy

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.artifacts import export_checkpoint
-from app.data import save_serving_data
-from app.registry import ModelRegistry
+from store.artifacts import export_checkpoint
+from store.data import save_serving_data
+from store.registry import ModelRegistry
 from training.data import VAL_FRACTION, load_mnist, validation_split
 
 

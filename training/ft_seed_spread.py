@@ -30,6 +30,7 @@ import torch
 
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
+from cama.runtime import resolve_device
 from training.data import load_mnist
 from training.eval_cache import Cache, entry_recipe, recipe_id
 from training.experiment import (
@@ -39,7 +40,6 @@ from training.experiment import (
     manipulated_halves,
     recipe_from_args,
     replay_set,
-    resolve_device,
 )
 from training.mnist_sections import RANGES, SHIFTS, EvalConfig
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from cama.runtime import atomic_write
 
 METRICS_PATH = Path("docs/results/metrics.json")
 
@@ -24,11 +24,5 @@ def update_metrics(values: dict[str, float], path: Path = METRICS_PATH) -> dict[
     if path.exists():
         current = json.loads(path.read_text())
     current.update({k: float(v) for k, v in values.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(dict(sorted(current.items())), fh, indent=2)
-        fh.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the results are for everyone to read
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(dict(sorted(current.items())), indent=2) + "\n")
     return current

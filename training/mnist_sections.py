@@ -22,6 +22,7 @@ import torch
 from cama.adapt import FinetuneConfig, GateConfig, Labelled, adapt_and_judge
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
+from cama.runtime import resolve_device
 from training.data import Mnist, Split, load_mnist, validation_split
 from training.eval_cache import Cache, MissingModelError, recipe_id
 from training.experiment import (
@@ -29,7 +30,6 @@ from training.experiment import (
     halves,
     manipulated_halves,
     replay_set,
-    resolve_device,
     start_model,
     variant,
 )

@@ -26,8 +26,9 @@ from cama.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from cama.config import KNOWN_TRANSFORMS, ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
 from cama.objectives import augmented_objective, intervention_elbo
+from cama.runtime import resolve_device
 from training.data import VAL_FRACTION, Split, batches, load_mnist, validation_split
-from training.experiment import cama_accuracy, resolve_device
+from training.experiment import cama_accuracy
 from training.manipulations import named
 
 

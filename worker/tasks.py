@@ -1,4 +1,7 @@
-"""The adaptation task: a thin shell (serialisation, state) around ``app.adaptation.run_job``."""
+"""The adaptation task: a thin shell (serialisation, state) around ``store.adaptation.run_job``.
+
+It imports the settings, the model store and the core only: no web framework.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,9 @@ from functools import lru_cache
 
 import torch
 
-from app.adaptation import JobContext, run_job
-from app.jobs import RedisJobStore
-from app.registry import ModelRegistry
+from store.adaptation import JobContext, run_job
+from store.jobs import RedisJobStore
+from store.registry import ModelRegistry
 from worker.celery_app import celery_app, settings
 
 log = logging.getLogger(__name__)

@@ -8,12 +8,14 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.api.parsing import Decoder
 from app.core.config import Settings
-from app.errors import AuthError, UnavailableError
+from app.errors import AuthError
 from app.jobs import JobService
 from app.model_server import ModelServer
-from app.registry import ModelRegistry
 from app.state import AppState
+from store.errors import UnavailableError
+from store.registry import ModelRegistry
 
 _bearer = HTTPBearer(auto_error=False, description="The management token (CAMA_TOKEN)")
 
@@ -44,6 +46,10 @@ def get_jobs(state: StateDep) -> JobService:
     return state.jobs
 
 
+def get_decoder(state: StateDep) -> Decoder:
+    return state.decoder
+
+
 def require_token(
     state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
@@ -60,4 +66,5 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServerDep = Annotated[ModelServer, Depends(get_server)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
+DecoderDep = Annotated[Decoder, Depends(get_decoder)]
 TokenDep = Annotated[None, Depends(require_token)]

@@ -7,7 +7,27 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from app.schemas import ErrorBody
+
 _BODY_MODELS: dict[str, type[BaseModel]] = {}
+
+ERROR_DESCRIPTIONS = {
+    400: "malformed request (bad_multipart)",
+    401: "missing token (missing_token), with WWW-Authenticate: Bearer",
+    403: "invalid token (invalid_token)",
+    404: "unknown model, version or job",
+    405: "method not allowed",
+    409: "conflict: job_finished, corrupt_version",
+    413: "too_many_inputs, too_much_work, body_too_large, image_too_large",
+    415: "unsupported_media_type",
+    422: "bad input or a body that does not match the schema, with a reason",
+    503: "model_unavailable, queue_unavailable, corrupt_active, starting",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for the error statuses a route really answers, each with the one error body."""
+    return {code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
 def request_body(model: type[BaseModel], multipart_fields: dict[str, str]) -> dict[str, Any]:

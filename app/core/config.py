@@ -8,6 +8,8 @@ model store (as TorchServe does with its key file), so management endpoints are 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -19,6 +21,31 @@ from cama.adapt import HOLDOUT_FRACTION, FinetuneConfig, GateConfig
 from cama.objectives import SCREEN_MARGIN
 
 WEAK_TOKENS = frozenset({"changeme", "change-me", "secret", "token", "password", "test", "admin"})
+MIN_TOKEN_BITS = 64.0
+
+
+def token_bits(token: str) -> float:
+    """An upper estimate of a token's entropy: its length times the Shannon entropy (bits) of its
+    character frequencies. ``secrets.token_urlsafe(24)`` scores about 150; 16 spaces score 0."""
+    if not token:
+        return 0.0
+    counts = Counter(token)
+    n = len(token)
+    return n * -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
+def token_problem(token: str) -> str | None:
+    """Why ``token`` is unfit for production, or None: at least 16 characters, no whitespace, not
+    a common word, at least 64 bits by :func:`token_bits`."""
+    if len(token) < 16:
+        return "shorter than 16 characters"
+    if any(ch.isspace() for ch in token):
+        return "contains whitespace"
+    if token.lower() in WEAK_TOKENS:
+        return "a common word"
+    if token_bits(token) < MIN_TOKEN_BITS:
+        return f"too predictable ({token_bits(token):.0f} bits, need {MIN_TOKEN_BITS:.0f})"
+    return None
 
 
 def operator_recipe(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -60,6 +87,11 @@ class Settings(BaseSettings):
     queue: str = "cama"
     task_name: str = "cama.adapt"
     job_timeout_s: int = Field(default=3600, ge=10)
+    # a worker's lease on its job: renewed every third of this; a job whose lease expired is
+    # queued again (or failed after job_max_attempts starts)
+    job_lease_s: float = Field(default=15.0, ge=1.0)
+    job_max_attempts: int = Field(default=3, ge=1)
+    reap_interval_s: float = Field(default=5.0, gt=0)
     token: SecretStr | None = None
     token_file: Path | None = None  # default <model_store>/.token
 
@@ -75,6 +107,11 @@ class Settings(BaseSettings):
     batching: bool = True
     batch_max_inputs: int = Field(default=64, ge=1)
     batch_max_wait_ms: float = Field(default=5.0, ge=0)
+    # the request cost model: a request asks for inputs x k x classes decoder passes (eq. 6)
+    max_work: int = Field(default=64000, ge=1, description="most work one /predict may ask for")
+    chunk_work: int = Field(default=6400, ge=1, description="most work of one forward pass")
+    decode_slots: int = Field(default=2, ge=1, description="request bodies decoded at once")
+    malloc_arena_max: int | None = Field(default=2, ge=1, description="glibc malloc arenas (None: glibc's)")
 
     # input limits
     max_inputs: int = Field(default=256, ge=1)
@@ -117,8 +154,12 @@ class Settings(BaseSettings):
             token = self.token.get_secret_value() if self.token is not None else ""
             if not token:
                 raise ValueError("CAMA_TOKEN must be set outside development (no default token)")
-            if len(token) < 16 or token.lower() in WEAK_TOKENS:
-                raise ValueError("CAMA_TOKEN is too weak: use at least 16 random characters")
+            problem = token_problem(token)
+            if problem is not None:
+                raise ValueError(
+                    f"CAMA_TOKEN is too weak ({problem}): use e.g. python -c "
+                    "'import secrets; print(secrets.token_urlsafe(32))'"
+                )
         return self
 
     @property

@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import JobsDep, ServerDep, SettingsDep, TokenDep
-from app.api.openapi import request_body
-from app.api.parsing import read_adapt
-from app.errors import InputError
-from app.inputs import check_shapes
+from app.api.deps import DecoderDep, JobsDep, ServerDep, SettingsDep, TokenDep
+from app.api.openapi import error_responses, request_body
+from app.api.parsing import Limits
 from app.schemas import AdaptAccepted, AdaptRequest
+from store.data import check_shapes
+from store.errors import InvalidInputError
 
 router = APIRouter(tags=["adapt"])
 
@@ -21,24 +21,25 @@ router = APIRouter(tags=["adapt"])
     response_model=AdaptAccepted,
     summary="Adapt a model to an unlabelled batch (token required)",
     openapi_extra=request_body(AdaptRequest, multipart_fields={"finetune": "string"}),
-    responses={
-        401: {"description": "missing token"},
-        403: {"description": "invalid token"},
-        413: {"description": "too many inputs / body too large"},
-        422: {"description": "bad input"},
-        503: {"description": "job queue or model unavailable"},
-    },
+    responses=error_responses(400, 401, 403, 404, 413, 415, 422, 503),
 )
 async def adapt(
-    request: Request, response: Response, _: TokenDep, server: ServerDep, settings: SettingsDep, jobs: JobsDep
+    request: Request,
+    response: Response,
+    _: TokenDep,
+    server: ServerDep,
+    settings: SettingsDep,
+    jobs: JobsDep,
+    decoder: DecoderDep,
 ) -> AdaptAccepted:
     """The worker fine-tunes NN_M^p and NN_M^q, gates the result and, if promoted, hot-swaps it in."""
-    parsed = await read_adapt(request, settings.max_adapt_inputs, settings.max_image_bytes, server.current)
+    limits = Limits(settings.max_adapt_inputs, settings.max_image_bytes)
+    parsed = await decoder.read_adapt(request, limits, server.served_model)
     served = server.current(parsed.model)
     request.state.model = parsed.model
     check_shapes(parsed.inputs, served.kind, served.manifest.inputs)
     if len(parsed.inputs) < settings.min_adapt_inputs:
-        raise InputError(
+        raise InvalidInputError(
             f"{len(parsed.inputs)} inputs; adaptation needs at least {settings.min_adapt_inputs}",
             reason="too_few_inputs",
         )

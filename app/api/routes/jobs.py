@@ -8,9 +8,15 @@ from fastapi import APIRouter, Depends, Path
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import JobsDep, require_token
+from app.api.openapi import error_responses
 from app.schemas import JobPublic
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[Depends(require_token)])
+router = APIRouter(
+    prefix="/jobs",
+    tags=["jobs"],
+    dependencies=[Depends(require_token)],
+    responses=error_responses(401, 403, 404, 422, 503),
+)
 
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="the id /adapt returned")]
 
@@ -21,7 +27,7 @@ async def get_job(job_id: JobId, jobs: JobsDep) -> JobPublic:
     return await run_in_threadpool(jobs.get, job_id)
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202)
+@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202, responses=error_responses(409))
 async def cancel_job(job_id: JobId, jobs: JobsDep) -> JobPublic:
     """Stop a queued or running job; it ends ``cancelled`` and publishes nothing (409 if finished)."""
     return await run_in_threadpool(jobs.cancel, job_id)

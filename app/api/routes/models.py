@@ -1,4 +1,4 @@
-"""``GET /models``, ``GET /models/{name}`` (versions, lineage) and ``POST /models/{name}/activate``."""
+"""``GET /models``, ``GET /models/{name}`` (versions, lineage, table schema), ``POST .../activate``."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ServerDep, StateDep, TokenDep
-from app.errors import ConflictError, NotFoundError
+from app.api.openapi import error_responses
 from app.model_server import ModelServer
-from app.registry import CorruptVersionError, ModelRegistry, RegistryError, UnknownVersionError
-from app.schemas import ActivateRequest, ModelPublic, ModelSummary, VersionPublic
+from app.schemas import ActivateRequest, ModelPublic, ModelSummary, TableSchemaPublic, VersionPublic
 from app.serving import load_version
 from app.state import AppState
+from store.registry import ModelRegistry, RegistryError
+from store.tables import RowEncoding
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -31,12 +32,14 @@ def _details(registry: ModelRegistry, server: ModelServer, name: str) -> ModelPu
     summary = _summary(registry, server, name)
     lineage: list[VersionPublic] = []
     inputs = None
+    encoding: RowEncoding | None = None
     for version in summary.versions:
         try:
             m = registry.manifest(name, version)
         except RegistryError:
             continue
         inputs = m.inputs
+        encoding = RowEncoding.from_provenance(m.provenance) or encoding
         lineage.append(
             VersionPublic(
                 version=m.version,
@@ -49,10 +52,14 @@ def _details(registry: ModelRegistry, server: ModelServer, name: str) -> ModelPu
                 files=m.files,
             )
         )
-    return ModelPublic(**summary.model_dump(), inputs=inputs, lineage=lineage)
+    slot = server.slot(name)
+    if slot.current is not None and slot.current.encoding is not None:
+        encoding = slot.current.encoding
+    table = TableSchemaPublic(**encoding.public()) if encoding is not None else None
+    return ModelPublic(**summary.model_dump(), inputs=inputs, table_schema=table, lineage=lineage)
 
 
-@router.get("", response_model=list[ModelSummary])
+@router.get("", response_model=list[ModelSummary], responses=error_responses(503))
 async def list_models(state: StateDep) -> list[ModelSummary]:
     """Every served model: its versions, the active one and the one this process serves."""
     return await run_in_threadpool(
@@ -60,28 +67,29 @@ async def list_models(state: StateDep) -> list[ModelSummary]:
     )
 
 
-@router.get("/{name}", response_model=ModelPublic)
+@router.get("/{name}", response_model=ModelPublic, responses=error_responses(404, 422, 503))
 async def get_model(name: str, state: StateDep, server: ServerDep) -> ModelPublic:
-    """A model's versions with their lineage: parent, data hash, metrics, gate decision."""
+    """A model's versions with their lineage (parent, data hash, metrics, gate decision) and, for a
+    model trained from a table, its schema (column roles, class names, standardisation)."""
     server.slot(name)
     return await run_in_threadpool(_details, state.registry, server, name)
 
 
 def _activate(state: AppState, name: str, version: int) -> None:
+    """Check that ``version`` loads (404 unknown_version, 409 corrupt_version), then point ACTIVE at it."""
     registry = state.registry
-    try:
-        load_version(registry, name, version, device="cpu", threads=state.settings.torch_threads)
-    except UnknownVersionError as exc:
-        raise NotFoundError(str(exc), reason="unknown_version") from exc
-    except CorruptVersionError as exc:
-        raise ConflictError(f"refusing to activate: {exc}", reason="corrupt_version") from exc
+    load_version(registry, name, version, device="cpu", threads=state.settings.torch_threads)
     with registry.lock(name):
         registry.activate(name, version)
     state.server.slot(name).refused.pop(version, None)
     state.notify(name, version)
 
 
-@router.post("/{name}/activate", response_model=ModelPublic)
+@router.post(
+    "/{name}/activate",
+    response_model=ModelPublic,
+    responses=error_responses(401, 403, 404, 409, 422, 503),
+)
 async def activate(
     name: str, body: ActivateRequest, _: TokenDep, state: StateDep, server: ServerDep
 ) -> ModelPublic:

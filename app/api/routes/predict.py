@@ -7,53 +7,57 @@ import secrets
 import numpy as np
 from fastapi import APIRouter, Request
 
-from app.api.deps import ServerDep, SettingsDep
-from app.api.openapi import request_body
-from app.api.parsing import read_predict
-from app.errors import InputError
-from app.inputs import check_shapes
+from app.api.deps import DecoderDep, ServerDep, SettingsDep
+from app.api.openapi import error_responses, request_body
+from app.api.parsing import Limits, check_work
 from app.schemas import PredictionPublic, PredictRequest, PredictResponse
+from store.data import check_shapes
+from store.errors import InvalidInputError
 
 router = APIRouter(tags=["predict"])
 
 
-def _predictions(log_w: np.ndarray) -> list[PredictionPublic]:
+def _predictions(log_w: np.ndarray, classes: tuple[str, ...] | None) -> list[PredictionPublic]:
     """p(y|x) = softmax over the per-class log-weights (eq. 6), with its arg-max label."""
     shifted = np.exp(log_w - log_w.max(axis=1, keepdims=True))
     probs = shifted / shifted.sum(axis=1, keepdims=True)
-    return [
-        PredictionPublic(label=int(row.argmax()), probabilities=[round(float(p), 6) for p in row])
-        for row in probs
-    ]
+    out = []
+    for row in probs:
+        label = int(row.argmax())
+        out.append(
+            PredictionPublic(
+                label=label,
+                class_name=classes[label] if classes else None,
+                probabilities=[round(float(p), 6) for p in row],
+            )
+        )
+    return out
 
 
 @router.post(
     "/predict",
     response_model=PredictResponse,
-    summary="Classify images or measurement records",
+    summary="Classify images, measurement records or a table model's rows",
     openapi_extra=request_body(PredictRequest, multipart_fields={"k": "integer", "seed": "integer"}),
-    responses={
-        404: {"description": "unknown model"},
-        413: {"description": "too many inputs / body too large"},
-        415: {"description": "unsupported content type"},
-        422: {"description": "bad input"},
-        503: {"description": "model not loaded"},
-    },
+    responses=error_responses(400, 404, 413, 415, 422, 503),
 )
-async def predict(request: Request, server: ServerDep, settings: SettingsDep) -> PredictResponse:
-    """JSON ``{"model", "images" | "records", "k", "seed"}`` or a multipart upload of PNG/JPEG files.
-
-    Each response names the one model version that computed all its predictions.
-    """
-    parsed = await read_predict(request, settings.max_inputs, settings.max_image_bytes, server.current)
+async def predict(
+    request: Request, server: ServerDep, settings: SettingsDep, decoder: DecoderDep
+) -> PredictResponse:
+    """JSON ``{"model", "images" | "records" | "rows", "k", "seed"}`` or a multipart upload of
+    PNG/JPEG files. Each response names the one model version that computed all its predictions."""
+    limits = Limits(settings.max_inputs, settings.max_image_bytes, settings.k, settings.max_work)
+    parsed = await decoder.read_predict(request, limits, server.served_model)
     served = server.current(parsed.model)
     request.state.model = parsed.model
     check_shapes(parsed.inputs, served.kind, served.manifest.inputs)
     k = parsed.k or settings.k
     if k > settings.max_k:
-        raise InputError(f"k={k} exceeds the limit {settings.max_k}", reason="k_too_large")
+        raise InvalidInputError(f"k={k} exceeds the limit {settings.max_k}", reason="k_too_large")
+    check_work(len(parsed.inputs), k, served.num_classes, settings.max_work)
     seed = parsed.seed if parsed.seed is not None else secrets.randbits(63)
     log_w, version = await server.predict(parsed.model, parsed.inputs, k, seed)
+    classes = version.encoding.classes if version.encoding is not None else None
     return PredictResponse(
-        model=parsed.model, version=version.version, k=k, seed=seed, predictions=_predictions(log_w)
+        model=parsed.model, version=version.version, k=k, seed=seed, predictions=_predictions(log_w, classes)
     )

@@ -1,6 +1,5 @@
-"""Tiny models, seeded stores and real service processes, for the tests and the benchmarks.
-
-Nothing here is used by the service itself.
+"""Tiny models, seeded stores, hostile inputs and real service processes, for the tests and the
+benchmarks (it needs the development dependencies: httpx). The service never imports it.
 """
 
 from __future__ import annotations
@@ -12,10 +11,12 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.artifacts import seed_store
-from app.data import save_serving_data
-from app.registry import ModelRegistry
 from cama.checkpoint import save_checkpoint
 from cama.config import ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
 from cama.measurement_model import MeasurementCama, MeasurementCamaConfig
+from store.artifacts import seed_store
+from store.data import save_serving_data
+from store.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,6 +128,19 @@ def png_base64(image: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(np.clip(np.round(image * 255), 0, 255).astype(np.uint8), mode="L").save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def bomb_png(side: int = 20000) -> bytes:
+    """A 1-bit ``side`` x ``side`` PNG of zeros: tens of kilobytes that decode to 400 megapixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + side // 8)
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def free_port() -> int:

@@ -9,29 +9,30 @@
    then tell the API processes.
 
 Idempotent by job id: a finished job is left alone, and a version already published by this job
-(a crash before the record was updated) is adopted rather than made twice. A cancelled job, or
-one that fails or is rejected, never changes what is served.
+(a crash before the record was updated) is adopted rather than made twice; the check is repeated
+under the model lock right before publishing, so a job is published at most once even when a
+worker that was thought dead comes back. A worker holds the job's lease while it runs (a
+heartbeat thread renews it); a redelivered message for a job whose lease another live worker
+holds does nothing. A cancelled job, or one that fails or is rejected, never changes what is served.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from app.artifacts import build_artifacts
-from app.core.config import Settings
-from app.data import Inputs, ServingData
-from app.inputs import check_shapes
-from app.jobs import JobStore, batch_path
-from app.registry import ActiveChangedError, ModelRegistry
-from app.schemas import TERMINAL_STATES, JobPublic
 from cama.adapt import (
     AdaptationCancelledError,
     FinetuneConfig,
@@ -40,6 +41,12 @@ from cama.adapt import (
     adapt_batch,
 )
 from cama.checkpoint import load_checkpoint
+from cama.runtime import resolve_device
+from store.artifacts import build_artifacts
+from store.data import Inputs, ServingData, check_shapes
+from store.jobs import TERMINAL_STATES, JobRecord, JobStore, batch_path
+from store.memory import release_memory
+from store.registry import ActiveChangedError, ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -55,25 +62,49 @@ class JobTimeoutError(Exception):
     """The job ran past ``job_timeout_s``."""
 
 
+class LeaseLostError(Exception):
+    """This worker no longer holds the job's lease (another worker took the job over)."""
+
+
+class JobSettings(Protocol):
+    """The settings a job reads (``app.core.config.Settings`` has them all)."""
+
+    @property
+    def device(self) -> str: ...
+    @property
+    def finetune(self) -> dict[str, Any]: ...
+    @property
+    def job_timeout_s(self) -> int: ...
+    @property
+    def job_lease_s(self) -> float: ...
+    @property
+    def holdout_fraction(self) -> float: ...
+    @property
+    def gate_margin(self) -> float: ...
+    @property
+    def gate_min_elbo_gain(self) -> float: ...
+    @property
+    def gate_max_label_kl_rise(self) -> float | None: ...
+    @property
+    def gate_max_confidence_drop(self) -> float | None: ...
+    @property
+    def gate_k(self) -> int: ...
+    @property
+    def screen_margin(self) -> float | None: ...
+
+
 @dataclass
 class JobContext:
     """What a job needs from its process: the registry, the job store, settings and a notifier."""
 
     registry: ModelRegistry
     jobs: JobStore
-    settings: Settings
+    settings: JobSettings
     notify: Callable[[str, int], None] = lambda model, version: None
 
 
-def resolve_device(setting: str) -> torch.device:
-    """Resolved at run time, inside the worker process (never before a fork)."""
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def finetune_config(
-    settings: Settings, job: JobPublic, model_recipe: dict[str, Any] | None = None
+    settings: JobSettings, job: JobRecord, model_recipe: dict[str, Any] | None = None
 ) -> FinetuneConfig:
     """The job's recipe; later sources win: the core's defaults, the recipe the model was shipped
     with (``adapt_recipe`` in its checkpoint provenance), the settings the operator set
@@ -82,18 +113,72 @@ def finetune_config(
     return FinetuneConfig.from_dict({**settings.finetune, **job.finetune}, base=base)
 
 
-def run_job(job_id: str, ctx: JobContext) -> JobPublic | None:
+class Lease:
+    """The job's lease, renewed by a heartbeat thread every third of its time to live."""
+
+    def __init__(self, jobs: JobStore, job_id: str, ttl_s: float) -> None:
+        self.jobs, self.job_id, self.ttl_s = jobs, job_id, ttl_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lost = False
+        self._stop = threading.Event()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self.jobs.renew(self.job_id, self.owner, self.ttl_s):
+                    log.error("job %s: lease lost (another worker took it over)", self.job_id)
+                    self.lost = True
+                    return
+            except Exception as exc:  # the store is briefly unreachable: try again at the next beat
+                log.warning("job %s: could not renew the lease: %s", self.job_id, exc)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        thread = threading.Thread(target=self._beat, name=f"lease-{self.job_id[:8]}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join(timeout=5)
+            try:
+                self.jobs.release(self.job_id, self.owner)
+            except Exception as exc:
+                log.warning("job %s: could not release the lease: %s", self.job_id, exc)
+
+
+def run_job(job_id: str, ctx: JobContext) -> JobRecord | None:
     """Run one adaptation job to a terminal state (see the module docstring)."""
     job = ctx.jobs.get(job_id)
     if job is None:
         log.error("job %s: no such job record (expired?)", job_id)
         return None
+    if job.state in TERMINAL_STATES:
+        log.info("job %s already %s: nothing to do", job.id, job.state)
+        return job
+    lease = Lease(ctx.jobs, job_id, ctx.settings.job_lease_s)
+    if not ctx.jobs.claim(job_id, lease.owner, lease.ttl_s):
+        log.info("job %s is held by a live worker: this delivery does nothing", job_id)
+        return ctx.jobs.get(job_id)
+    try:
+        with lease.held():
+            return _run_claimed(job, ctx, lease)
+    finally:
+        release_memory()
+
+
+def _run_claimed(job: JobRecord, ctx: JobContext, lease: Lease) -> JobRecord | None:
+    job_id = job.id
     settled = _settled(job, ctx)
     if settled is not None:
         return settled
-    ctx.jobs.update(job_id, state="running", started=time.time(), progress=0.0)
+    job = ctx.jobs.update(
+        job_id, state="running", started=time.time(), progress=0.0, attempts=job.attempts + 1
+    )
     try:
-        return _adapt(job, ctx)
+        return _adapt(job, ctx, lease)
+    except LeaseLostError:
+        return ctx.jobs.get(job_id)  # the worker that took over owns the record now
     except JobCancelledError:
         return _finish(ctx, job_id, "cancelled")
     except JobTimeoutError:
@@ -103,7 +188,7 @@ def run_job(job_id: str, ctx: JobContext) -> JobPublic | None:
         return _finish(ctx, job_id, "failed", error=f"{type(exc).__name__}: {exc}")
 
 
-def _settled(job: JobPublic, ctx: JobContext) -> JobPublic | None:
+def _settled(job: JobRecord, ctx: JobContext) -> JobRecord | None:
     """The job's final record if nothing (more) must run: finished, cancelled, or already published."""
     if job.state in TERMINAL_STATES:
         log.info("job %s already %s: nothing to do", job.id, job.state)
@@ -117,7 +202,7 @@ def _settled(job: JobPublic, ctx: JobContext) -> JobPublic | None:
     return None
 
 
-def _finish(ctx: JobContext, job_id: str, state: str, **fields: Any) -> JobPublic:
+def _finish(ctx: JobContext, job_id: str, state: str, **fields: Any) -> JobRecord:
     job = ctx.jobs.update(job_id, state=state, finished=time.time(), **fields)
     if job.state in TERMINAL_STATES:
         batch_path(ctx.registry.root, job_id).unlink(missing_ok=True)
@@ -125,11 +210,19 @@ def _finish(ctx: JobContext, job_id: str, state: str, **fields: Any) -> JobPubli
     return job
 
 
+CARRIED_PROVENANCE = ("encoding",)  # what every adapted version keeps of its parent's provenance
+
+
+def carried_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a parent's provenance an adapted version carries (the table encoding)."""
+    return {key: provenance[key] for key in CARRIED_PROVENANCE if key in provenance}
+
+
 class _Progress:
     """Throttled progress reporting and cancellation checks."""
 
-    def __init__(self, ctx: JobContext, job_id: str) -> None:
-        self.ctx, self.job_id = ctx, job_id
+    def __init__(self, ctx: JobContext, job_id: str, lease: Lease | None = None) -> None:
+        self.ctx, self.job_id, self.lease = ctx, job_id, lease
         self.start = time.monotonic()
         self._last_report = 0.0
         self._last_check = 0.0
@@ -144,6 +237,8 @@ class _Progress:
     def should_stop(self) -> bool:
         if time.monotonic() - self.start > self.ctx.settings.job_timeout_s:
             raise JobTimeoutError
+        if self.lease is not None and self.lease.lost:
+            raise LeaseLostError
         now = time.monotonic()
         if not self._cancelled and now - self._last_check >= 0.2:
             self._last_check = now
@@ -162,9 +257,9 @@ def _tensors(inputs: Inputs, device: torch.device) -> tuple[torch.Tensor, Any]:
     return x, cond
 
 
-def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
+def _adapt(job: JobRecord, ctx: JobContext, lease: Lease | None = None) -> JobRecord:
     settings, registry = ctx.settings, ctx.registry
-    progress = _Progress(ctx, job.id)
+    progress = _Progress(ctx, job.id, lease)
     device = resolve_device(settings.device)
     base = registry.active(job.model)
     if base is None:
@@ -222,12 +317,16 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
                 "parent_version": base,
                 "data_hash": job.data_hash,
                 "adapt_recipe": FinetuneConfig.from_dict(shipped_recipe or {}).as_dict(),
+                **carried_provenance(meta.provenance),
             },
             metrics=metrics,
         )
         progress.report(P_EXPORTED, force=True)
         with registry.lock(job.model):
             progress.check()  # a cancel that arrived during the export still wins: nothing published
+            produced = registry.find_by_job(job.model, job.id)
+            if produced is not None:  # another delivery of this job published it meanwhile
+                return _finish(ctx, job.id, "succeeded", version=produced.version, metrics=produced.metrics)
             published = registry.publish(
                 job.model,
                 files,
@@ -239,7 +338,7 @@ def _adapt(job: JobPublic, ctx: JobContext) -> JobPublic:
                 job_id=job.id,
                 metrics=metrics,
                 gate=decision.as_dict(),
-                provenance={"finetune": cfg.as_dict()},
+                provenance={"finetune": cfg.as_dict(), **carried_provenance(manifest.provenance)},
             )
             try:
                 registry.activate(job.model, published.version, expect=base)

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cama.runtime import atomic_write
+from store.errors import InvalidInputError
+
 INPUT_NAMES: dict[str, tuple[str, ...]] = {"image": ("x",), "measurement": ("x", "a", "c")}
 
 
@@ -55,8 +58,9 @@ class Inputs:
         return h.hexdigest()
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write as ``.npz`` (x, and a, c when present)."""
-        np.savez(Path(path), **self.named())  # type: ignore[arg-type]
+        """Write as ``.npz`` (x, and a, c when present), atomically."""
+        named = self.named()
+        atomic_write(path, lambda fh: np.savez(fh, **named))  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Inputs:
@@ -129,9 +133,18 @@ def save_serving_data(
         arrays.update(
             replay_a=replay_cond[0], replay_c=replay_cond[1], canary_a=canary_cond[0], canary_c=canary_cond[1]
         )
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
-    os.replace(tmp, target)
-    return target
+    return atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))  # type: ignore[arg-type]
+
+
+def check_shapes(inputs: Inputs, kind: str, shapes: dict[str, list[int]]) -> None:
+    """Refuse inputs of the wrong kind or per-input shape for a model."""
+    if inputs.kind != kind:
+        wanted = "images" if kind == "image" else "records"
+        raise InvalidInputError(f"this model takes {wanted}", reason="wrong_input_kind")
+    for name, arr in inputs.named().items():
+        expected = shapes.get(name)
+        if expected is not None and list(arr.shape[1:]) != list(expected):
+            raise InvalidInputError(
+                f"input {name!r} has shape {list(arr.shape[1:])}, the model expects {expected}",
+                reason="bad_shape",
+            )

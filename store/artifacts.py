@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.data import ServingData
-from app.registry import ActiveChangedError, Manifest, ModelRegistry, RegistryError
 from cama.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from cama.export import export_onnx
+from store.data import ServingData
+from store.registry import ActiveChangedError, Manifest, ModelRegistry, RegistryError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from cama.checkpoint import sha256_file
+from cama.runtime import atomic_write, fsync_dir
+from store.errors import ConflictError, DomainError, NotFoundError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +39,40 @@ MANIFEST = "manifest.json"
 ACTIVE = "ACTIVE"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(DomainError):
     """Base class of registry errors."""
 
+    reason = "registry_error"
 
-class UnknownModelError(RegistryError):
+
+class UnknownModelError(RegistryError, NotFoundError):
     """No such model in the store."""
 
+    reason = "unknown_model"
 
-class UnknownVersionError(RegistryError):
+
+class UnknownVersionError(RegistryError, NotFoundError):
     """No such version of a model."""
 
+    reason = "unknown_version"
 
-class CorruptVersionError(RegistryError):
+
+class CorruptVersionError(RegistryError, ConflictError):
     """A version's files are missing, unreadable or do not match its manifest's checksums."""
 
+    reason = "corrupt_version"
 
-class ActiveChangedError(RegistryError):
+
+class CorruptActiveError(RegistryError, UnavailableError):
+    """A model's ACTIVE file does not name a version (the store needs an operator)."""
+
+    reason = "corrupt_active"
+
+
+class ActiveChangedError(RegistryError, ConflictError):
     """ACTIVE no longer holds the version a compare-and-swap expected."""
+
+    reason = "active_changed"
 
 
 @dataclass(frozen=True)
@@ -83,30 +100,6 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 class ModelRegistry:
@@ -148,7 +141,7 @@ class ModelRegistry:
             raise UnknownVersionError(f"model {name!r} has no version {version}")
         try:
             return Manifest.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise CorruptVersionError(f"{name} v{version}: unreadable manifest: {exc}") from exc
 
     def active(self, name: str) -> int | None:
@@ -158,8 +151,10 @@ class ModelRegistry:
             text = path.read_text().strip()
         except FileNotFoundError:
             return None
-        if not text.isdigit():
-            raise RegistryError(f"{path}: invalid content {text!r}")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CorruptActiveError(f"{name}: cannot read ACTIVE: {exc}") from exc
+        if not text.isascii() or not text.isdigit():
+            raise CorruptActiveError(f"{name}: ACTIVE holds {text[:32]!r}, not a version number")
         return int(text)
 
     def verify(self, name: str, version: int) -> Manifest:
@@ -259,12 +254,12 @@ class ModelRegistry:
                     gate=gate,
                     provenance=dict(provenance or {}),
                 )
-                atomic_write_text(tmp / MANIFEST, manifest.to_json())
+                atomic_write(tmp / MANIFEST, manifest.to_json())
                 try:
                     os.rename(tmp, directory / str(version))  # fails if the number was taken
                 except OSError:
                     continue
-                _fsync_dir(directory)
+                fsync_dir(directory)
                 log.info("published %s v%d (parent %s, job %s)", name, version, parent, job_id)
                 return manifest
             raise RegistryError(f"could not allocate a version number for {name}")
@@ -283,6 +278,6 @@ class ModelRegistry:
             current = self.active(name)
             if current != expect:
                 raise ActiveChangedError(f"{name}: ACTIVE is {current}, expected {expect}")
-        atomic_write_text(self.model_dir(name) / ACTIVE, f"{version}\n")
+        atomic_write(self.model_dir(name) / ACTIVE, f"{version}\n")
         log.info("activated %s v%d", name, version)
         return manifest
