@@ -103,6 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # a body the framework could not parse: an invalid request
+            return JSONResponse(error_body("invalid_request", str(exc.detail)), 422)
         reason = _STATUS_REASONS.get(exc.status_code, "http_error")
         return JSONResponse(error_body(reason, str(exc.detail)), exc.status_code, headers=exc.headers)
 

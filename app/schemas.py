@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    model_validator,
+)
 
 from cama.adapt import FinetuneConfig
 from store.jobs import JobRecord, JobState
@@ -157,10 +165,22 @@ class ErrorBody(BaseModel):
     detail: ErrorDetail
 
 
+def whole_number(value: Any) -> Any:
+    """A JSON integer: an int, or a float with no fractional part (``3.0``, as JSON Schema's
+    "integer" allows); never a boolean or a string."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be an integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be an integer")
+        return int(value)
+    return value
+
+
 class ActivateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    version: int = Field(ge=1)
+    version: Annotated[int, BeforeValidator(whole_number)] = Field(ge=1)
 
 
 class HealthPublic(BaseModel):

@@ -29,7 +29,9 @@ class FakeVersion:
             rng.standard_normal((self.num_classes, k, n, self.dim_z), dtype=np.float32),
         )
 
-    def log_weights(self, inputs: Inputs, noise: NoiseArrays, backend: str = "onnx") -> np.ndarray:
+    def log_weights(
+        self, inputs: Inputs, noise: NoiseArrays, backend: str = "onnx", *, screen=None
+    ) -> np.ndarray:
         self.batches.append(len(inputs))
         per_row = (
             inputs.x.reshape(len(inputs), -1).sum(1) + noise.m.sum(axis=(0, 2)) + noise.z.sum(axis=(0, 1, 3))
@@ -78,7 +80,7 @@ def test_small_requests_are_served_between_the_chunks_of_a_large_one():
     first_pass, release = threading.Event(), threading.Event()
 
     class Gated(FakeVersion):
-        def log_weights(self, inputs, noise, backend="onnx"):
+        def log_weights(self, inputs, noise, backend="onnx", *, screen=None):
             first_pass.set()
             release.wait(5)
             return super().log_weights(inputs, noise, backend)
@@ -135,7 +137,7 @@ def test_each_batch_is_answered_by_the_version_captured_when_it_starts():
     started, release = threading.Event(), threading.Event()
 
     class Gated(FakeVersion):
-        def log_weights(self, inputs, noise, backend="onnx"):
+        def log_weights(self, inputs, noise, backend="onnx", *, screen=None):
             started.set()
             release.wait(5)
             return super().log_weights(inputs, noise, backend)
@@ -163,7 +165,7 @@ def test_each_batch_is_answered_by_the_version_captured_when_it_starts():
 
 def test_a_failed_forward_pass_fails_only_its_requests():
     class Broken(FakeVersion):
-        def log_weights(self, inputs, noise, backend="onnx"):
+        def log_weights(self, inputs, noise, backend="onnx", *, screen=None):
             raise RuntimeError("boom")
 
     async def scenario():

@@ -162,9 +162,19 @@ def test_made_up_methods_and_paths_share_one_label(client):
 
 
 # --- 10. strict wire types, multipart fields, the OpenAPI schema -------------------------------
-@pytest.mark.parametrize("version", [True, "1", 1.0])
+@pytest.mark.parametrize("version", [True, "1", 1.5])
 def test_activation_takes_only_an_integer_version(client, version):
     r = client.post("/models/tiny/activate", json={"version": version}, headers=auth())
+    assert (r.status_code, reason(r)) == (422, "invalid_request")
+
+
+def test_activation_takes_a_whole_number_written_as_json_allows_and_an_unparsable_body_is_422(client):
+    r = client.post("/models/tiny/activate", json={"version": 1.0}, headers=auth())  # JSON Schema's integer
+    assert r.status_code == 200, r.text
+    assert r.json()["active_version"] == 1
+    r = client.post(
+        "/models/tiny/activate", content=b"version=1", headers={**auth(), "content-type": "text/plain"}
+    )
     assert (r.status_code, reason(r)) == (422, "invalid_request")
 
 

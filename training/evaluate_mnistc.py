@@ -128,6 +128,11 @@ class Setup:
         return self.baselines[name]
 
     @property
+    def ns(self) -> list[int]:
+        """The batch sizes reported: the protocol's and any other this run measured."""
+        return sorted({*NS, *self.args.ns})
+
+    @property
     def names(self) -> list[str]:
         """The sets that count in the means (the validation suite's uniform noise is a poisoned
         batch that the gate must refuse, not a manipulation to score)."""
@@ -286,7 +291,7 @@ def outputs(s: Setup) -> dict[str, float]:
     p = s.prefix
     data = {k: float(v["value"]) for k, v in s.cache.data.items() if k.startswith(f"{p}.")}
     metrics = {k: v for k, v in data.items() if not k.startswith("mnistc.tent_lr.")}
-    for n in NS:
+    for n in s.ns:
         for method in METHODS:
             values = every_corruption(s, data, f"{p}.{{}}.{method}.n{n}")
             if values is not None:
@@ -330,7 +335,7 @@ def table(m: dict[str, float], s: Setup) -> str:
         f"`cama_ft` is `POST /adapt`'s code path with the recipe `{recipe_id(s.recipe)}`.",
         "",
     ]
-    for n in NS:
+    for n in s.ns:
         cols = [c for c in METHODS if any(f"{p}.{name}.{c}.n{n}" in m for name in s.names)]
         if not cols:
             continue
@@ -365,7 +370,7 @@ def plot(m: dict[str, float], s: Setup, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in METHODS:
-        ns = [n for n in NS if f"{s.prefix}.mean.{method}.n{n}" in m]
+        ns = [n for n in s.ns if f"{s.prefix}.mean.{method}.n{n}" in m]
         if ns:
             ax.plot(ns, [m[f"{s.prefix}.mean.{method}.n{n}"] for n in ns], marker="o", label=method)
     ax.set_xscale("log")
@@ -464,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         for corruption in args.corruptions or list(s.sets):
             measure(s, corruption)
     metrics = outputs(s)
-    for n in NS:
+    for n in s.ns:
         row = {m: metrics.get(f"{prefix}.mean.{m}.n{n}") for m in METHODS}
         if any(v is not None for v in row.values()):
             print(f"n={n}: " + "  ".join(f"{m} {v:.3f}" for m, v in row.items() if v is not None))

@@ -35,7 +35,7 @@ def request_body(model: type[BaseModel], multipart_fields: dict[str, str]) -> di
     _BODY_MODELS[model.__name__] = model
     properties: dict[str, Any] = {
         "model": {"type": "string"},
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
         **{name: {"type": kind} for name, kind in multipart_fields.items()},
     }
     return {
