@@ -16,9 +16,12 @@ Paths, each given the same importance-sampling noise (drawn from a seed per batc
 
 Images/s are timed on the first ``--n-speed`` test images (batches of 100); label agreement with
 ``reference`` and accuracy on the first ``--agreement-limit`` (default all 10,000). The HTTP part
-starts ``python -m app`` on loopback with the same threads and measures one client sending single
-images (p50/p99 latency) and ``--clients`` concurrent clients (images/s); ``perf.http.efficiency``
-is that throughput over the served path's raw images/s in this run.
+starts ``python -m app`` on loopback with the same threads and measures, with base64 PNGs: one
+client sending single images (``perf.http.p99_ms_single``), ``--clients`` client processes sending
+single images, and ``--clients`` client processes sending ``--http-batch`` images per request
+(``perf.http.img_per_s``); ``perf.http.efficiency`` is that throughput over the served path's
+raw images/s in this run (``perf.http.efficiency_single_images`` the same for single images). The
+clients run on the same machine as the server and take CPU from it.
 
 ``--calibrate`` prints, for margins from 0 to 40 nats, how many validation inputs (5% of the
 training set, never the test set) the screen answers with one sample and how many of those get
@@ -31,12 +34,14 @@ Writes ``benchmarks/results/predict.json`` and the ``perf.predict.*`` / ``perf.h
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import tempfile
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +50,11 @@ import numpy as np
 import torch
 
 from app.serving import LoadedVersion, load_version
-from benchmarks.harness import ServiceProcess, build_store
+from benchmarks.harness import ServiceProcess, build_store, png_base64
+from cama.adapt import FinetuneConfig, finetune
+from cama.checkpoint import load_checkpoint
 from cama.objectives import SCREEN_MARGIN
-from store.data import Inputs
+from store.data import Inputs, ServingData
 from training.data import load_mnist, validation_split
 from training.metrics import update_metrics
 
@@ -143,48 +150,79 @@ def calibrate(version: LoadedVersion, x: np.ndarray, k: int) -> list[dict[str, f
     return rows
 
 
-def http_load(url: str, images: list[list[list[float]]], clients: int, seconds: float) -> dict[str, float]:
-    """``clients`` threads each posting one image at a time for ``seconds``: images/s and latency."""
+def adapt_speed(
+    version: LoadedVersion, recipe: FinetuneConfig, serving: ServingData, x: np.ndarray, steps: int
+) -> dict[str, float]:
+    """``POST /adapt``'s fine-tuning steps per second (eq. 8 on the model's recipe's batch size),
+    in float32 and in bfloat16 autocast, on a copy of the served model."""
+    replay_x, replay_y = torch.from_numpy(serving.replay.x), torch.from_numpy(serving.replay_y)
+    test_x = torch.from_numpy(x[: recipe.batch_size * (steps + 2)])
+    out = {}
+    for bf16 in (False, True):
+        model = copy.deepcopy(version.model)
+        cfg = replace(recipe, bf16=bf16, min_steps=0, epochs=1, max_steps=2)
+        finetune(model, replay_x, replay_y, test_x[: 2 * recipe.batch_size], cfg)  # type: ignore[arg-type]
+        model = copy.deepcopy(version.model)
+        cfg = replace(cfg, max_steps=steps)
+        t0 = time.perf_counter()
+        report = finetune(model, replay_x, replay_y, test_x, cfg)  # type: ignore[arg-type]
+        out["bf16" if bf16 else "fp32"] = report.steps / (time.perf_counter() - t0)
+        print(
+            f"/adapt steps ({'bf16' if bf16 else 'fp32'}, batch {recipe.batch_size}): "
+            f"{out['bf16' if bf16 else 'fp32']:.2f} steps/s",
+            flush=True,
+        )
+    out["recipe"] = out["bf16" if recipe.bf16 else "fp32"]
+    return out
+
+
+def _client(url: str, images: list[str], per_request: int, seconds: float, offset: int) -> list[float]:
+    """One client process: post ``per_request`` images at a time for ``seconds``; latencies (s)."""
     latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
     stop = time.monotonic() + seconds
+    j = offset
+    with httpx.Client(base_url=url, timeout=120) as c:
+        while time.monotonic() < stop:
+            batch = [images[(j + i) % len(images)] for i in range(per_request)]
+            j += per_request
+            t0 = time.perf_counter()
+            r = c.post("/predict", json={"model": "mnist", "images": batch})
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                latencies.append(-1.0)  # a failed request
+    return latencies
 
-    def client(i: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as c:
-            j = i
-            while time.monotonic() < stop:
-                body = {"model": "mnist", "images": [images[j % len(images)]]}
-                t0 = time.perf_counter()
-                r = c.post("/predict", json=body)
-                dt = time.perf_counter() - t0
-                with lock:
-                    if r.status_code == 200:
-                        latencies.append(dt)
-                    else:
-                        errors[0] += 1
-                j += clients
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+def http_load(
+    url: str, images: list[str], clients: int, per_request: int, seconds: float
+) -> dict[str, float]:
+    """``clients`` processes (no shared interpreter lock with the server or each other) each posting
+    ``per_request`` base64 PNGs at a time for ``seconds``: images/s and request latency."""
     t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ProcessPoolExecutor(clients) as pool:
+        futures = [
+            pool.submit(_client, url, images, per_request, seconds, i * per_request) for i in range(clients)
+        ]
+        results = [f.result() for f in futures]
     elapsed = time.monotonic() - t0
-    lat = np.array(latencies) * 1000
+    ok = np.array([t for r in results for t in r if t >= 0]) * 1000
+    failed = sum(1 for r in results for t in r if t < 0)
     return {
-        "img_per_s": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
-        "requests": float(len(latencies)),
-        "errors": float(errors[0]),
+        "img_per_s": len(ok) * per_request / elapsed,
+        "p50_ms": float(np.percentile(ok, 50)),
+        "p99_ms": float(np.percentile(ok, 99)),
+        "requests": float(len(ok)),
+        "failed": float(failed),
+        "clients": float(clients),
+        "images_per_request": float(per_request),
     }
 
 
 def measure_http(store: Path, x: np.ndarray, args: argparse.Namespace, log: Path) -> dict[str, Any]:
-    """The service on loopback: one client (latency) and concurrent clients (throughput)."""
-    images = [img[0].tolist() for img in x[:256]]
+    """The service on loopback: one client sending single images (latency), concurrent clients
+    sending single images, and concurrent clients sending ``--http-batch`` images per request."""
+    images = [png_base64(img[0]) for img in x[:512]]
     svc = ServiceProcess(
         log,
         model_store=str(store),
@@ -192,20 +230,23 @@ def measure_http(store: Path, x: np.ndarray, args: argparse.Namespace, log: Path
         models=["mnist"],
         torch_threads=args.threads,
     )
+    out: dict[str, Any] = {}
     try:
         svc.wait_ready(timeout=300)
-        http_load(svc.url, images, 1, 3.0)  # warm-up
-        single = http_load(svc.url, images, 1, args.http_seconds)
-        concurrent = http_load(svc.url, images, args.clients, args.http_seconds)
+        http_load(svc.url, images, 1, 1, 3.0)  # warm-up
+        out["single"] = http_load(svc.url, images, 1, 1, args.http_seconds)
+        out["concurrent_single"] = http_load(svc.url, images, args.clients, 1, args.http_seconds)
+        out["concurrent"] = http_load(svc.url, images, args.clients, args.http_batch, args.http_seconds)
     finally:
         svc.stop()
-    for name, r in (("one client", single), (f"{args.clients} clients", concurrent)):
+    for name, r in out.items():
         print(
-            f"HTTP {name:10s} {r['img_per_s']:8.1f} img/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms"
-            f"  errors {int(r['errors'])}",
+            f"HTTP {name:18s} {int(r['clients'])} client(s) x {int(r['images_per_request'])} image(s): "
+            f"{r['img_per_s']:8.1f} img/s  p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms"
+            f"  failed {int(r['failed'])}",
             flush=True,
         )
-    return {"single": single, "concurrent": concurrent}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,8 +263,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--agreement-limit", type=int, default=10000)
     parser.add_argument("--eager-limit", type=int, default=10000, help="agreement images for eager_fp32")
     parser.add_argument("--no-http", action="store_true")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=4, help="concurrent client processes")
+    parser.add_argument("--http-batch", type=int, default=32, help="images per request under load")
     parser.add_argument("--http-seconds", type=float, default=20.0)
+    parser.add_argument("--no-adapt", action="store_true", help="skip the fine-tuning step timing")
+    parser.add_argument("--adapt-steps", type=int, default=20)
     parser.add_argument("--calibrate", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--no-metrics", action="store_true")
@@ -244,6 +288,13 @@ def main(argv: list[str] | None = None) -> None:
             (args.results_dir / "predict_calibration.json").write_text(json.dumps(rows, indent=2) + "\n")
             return
         results = measure_paths(version, mnist.test.x, mnist.test.y, args)
+        serving = ServingData.load(args.serving_data)
+        recipe = FinetuneConfig.from_dict(
+            load_checkpoint(args.checkpoint)[1].provenance.get("adapt_recipe") or {}
+        )
+        adapt = (
+            None if args.no_adapt else adapt_speed(version, recipe, serving, mnist.test.x, args.adapt_steps)
+        )
         http = (
             None if args.no_http else measure_http(registry.root, mnist.test.x, args, Path(tmp) / "api.log")
         )
@@ -256,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.processor() or platform.machine(),
         "paths": results,
         "http": http,
+        "adapt_steps_per_s": adapt,
     }
     metrics: dict[str, float] = {}
     for name, r in results.items():
@@ -264,10 +316,18 @@ def main(argv: list[str] | None = None) -> None:
     metrics["perf.predict.speedup"] = results["served"]["img_per_s"] / results["reference"]["img_per_s"]
     print(f"served / reference: {metrics['perf.predict.speedup']:.2f}x")
     if http is not None:
+        raw = results["served"]["img_per_s"]
         metrics["perf.http.img_per_s"] = http["concurrent"]["img_per_s"]
-        metrics["perf.http.efficiency"] = http["concurrent"]["img_per_s"] / results["served"]["img_per_s"]
+        metrics["perf.http.efficiency"] = http["concurrent"]["img_per_s"] / raw
+        metrics["perf.http.img_per_s_single_images"] = http["concurrent_single"]["img_per_s"]
+        metrics["perf.http.efficiency_single_images"] = http["concurrent_single"]["img_per_s"] / raw
+        metrics["perf.http.p50_ms_single"] = http["single"]["p50_ms"]
         metrics["perf.http.p99_ms_single"] = http["single"]["p99_ms"]
         print(f"HTTP efficiency: {metrics['perf.http.efficiency']:.2f}")
+    if adapt is not None:
+        metrics["perf.adapt.steps_per_s"] = adapt["recipe"]
+        metrics["perf.adapt.steps_per_s_fp32"] = adapt["fp32"]
+        metrics["perf.adapt.steps_per_s_bf16"] = adapt["bf16"]
     report["metrics"] = metrics
     args.results_dir.mkdir(parents=True, exist_ok=True)
     (args.results_dir / "predict.json").write_text(json.dumps(report, indent=2) + "\n")

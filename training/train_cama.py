@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cama.adapt import FinetuneConfig
 from cama.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from cama.config import KNOWN_TRANSFORMS, ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
@@ -172,7 +173,12 @@ def convert(source: Path, pathway: str, out: Path) -> None:
     if not isinstance(clean, ImageCama):
         raise SystemExit(f"{source} is not an image CAMA checkpoint")
     model = with_m_pathway(clean, pathway, q_m_logvar_init=ImageCamaConfig.q_m_logvar_init)
-    provenance = {**meta.provenance, "converted_from": str(source), "source_sha256": sha256_file(source)}
+    provenance = {
+        **meta.provenance,
+        "converted_from": str(source),
+        "source_sha256": sha256_file(source),
+        "adapt_recipe": FinetuneConfig().as_dict(),  # the image recipe, which /adapt runs for it
+    }
     digest = save_checkpoint(out, model, provenance=provenance, metrics=meta.metrics)
     print(f"{out}: m_pathway={pathway} sha256={digest}")
 
@@ -276,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     provenance: dict[str, object] = {
+        "adapt_recipe": FinetuneConfig().as_dict(),  # the image recipe, which /adapt runs for it
         "data_sha256": mnist.checksum,
         "dataset": "mnist",
         "train_size": len(tr),
