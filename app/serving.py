@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cama.checkpoint import CheckpointError, load_checkpoint
-from cama.objectives import Noise, bayes_log_weights, screened_log_weights
+from cama.objectives import Noise, bayes_log_weights, class_log_weights, screened_log_weights
 from store.data import INPUT_NAMES, Inputs, ServingData
 from store.registry import CorruptVersionError, Manifest, ModelRegistry
 from store.tables import RowEncoding
@@ -73,12 +73,14 @@ class LoadedVersion:
         manifest: Manifest,
         session: ort.InferenceSession,
         model: nn.Module,
+        classes_session: ort.InferenceSession,
     ) -> None:
         self.manifest = manifest
         self.name = manifest.name
         self.version = manifest.version
         self.kind = manifest.kind
         self.session = session
+        self.classes_session = classes_session
         self.model = model
         self.num_classes = int(getattr(model, "num_classes"))  # noqa: B009 - protocol attribute
         self.dim_m = int(getattr(model, "dim_m"))  # noqa: B009
@@ -101,13 +103,15 @@ class LoadedVersion:
         if screen is None:
             return self._log_weights(inputs, noise, backend)
 
-        def rows(idx: torch.Tensor | None, part: Noise) -> torch.Tensor:
-            sub = inputs if idx is None else inputs.take(idx.numpy())
-            arrays = NoiseArrays(np.ascontiguousarray(part.m.numpy()), np.ascontiguousarray(part.z.numpy()))
-            return torch.from_numpy(self._log_weights(sub, arrays, backend))
+        def every_class(part: Noise) -> torch.Tensor:
+            return torch.from_numpy(self._log_weights(inputs, _arrays(part), backend))
+
+        def one_class(rows: torch.Tensor, labels: torch.Tensor, part: Noise) -> torch.Tensor:
+            sub = inputs.take(rows.numpy())
+            return torch.from_numpy(self._class_log_weights(sub, labels.numpy(), _arrays(part), backend))
 
         full = Noise(torch.from_numpy(noise.m), torch.from_numpy(noise.z))
-        return screened_log_weights(rows, full, screen).numpy()
+        return screened_log_weights(every_class, one_class, full, screen).numpy()
 
     def _log_weights(self, inputs: Inputs, noise: NoiseArrays, backend: Backend) -> np.ndarray:
         if backend == "torch":
@@ -115,6 +119,29 @@ class LoadedVersion:
         feed = {**inputs.named(), "noise_m": noise.m, "noise_z": noise.z}
         out = self.session.run(["log_weights"], feed)[0]
         return np.asarray(out, dtype=np.float32)
+
+    def _class_log_weights(
+        self, inputs: Inputs, labels: np.ndarray, noise: NoiseArrays, backend: Backend
+    ) -> np.ndarray:
+        """One class's log-weight per input ``(B,)``; ``noise.z`` is ``(1, K, B, dZ)``."""
+        if backend == "torch":
+            cond = tuple(torch.from_numpy(c) for c in inputs.cond) if inputs.cond else None
+            with torch.no_grad():
+                out = class_log_weights(
+                    self.model,  # type: ignore[arg-type]
+                    torch.from_numpy(inputs.x),
+                    torch.from_numpy(labels),
+                    cond,
+                    noise=Noise(torch.from_numpy(noise.m), torch.from_numpy(noise.z)),
+                )
+            return out.numpy().astype(np.float32)
+        feed = {
+            **inputs.named(),
+            "labels": labels.astype(np.int64),
+            "noise_m": noise.m,
+            "noise_z": noise.z[0],
+        }
+        return np.asarray(self.classes_session.run(["log_weights"], feed)[0], dtype=np.float32)
 
     @torch.no_grad()
     def log_weights_torch(self, inputs: Inputs, noise: NoiseArrays) -> np.ndarray:
@@ -127,6 +154,11 @@ class LoadedVersion:
             noise=Noise(torch.from_numpy(noise.m), torch.from_numpy(noise.z)),
         )
         return out.numpy().astype(np.float32)
+
+
+def _arrays(noise: Noise) -> NoiseArrays:
+    """Noise tensors as the contiguous float32 arrays ONNX Runtime takes."""
+    return NoiseArrays(np.ascontiguousarray(noise.m.numpy()), np.ascontiguousarray(noise.z.numpy()))
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -164,11 +196,21 @@ def load_version(
         )
     except Exception as exc:
         raise CorruptVersionError(f"{name} v{version}: cannot open model.onnx: {exc}") from exc
-    expected = [*INPUT_NAMES.get(manifest.kind, ()), "noise_m", "noise_z"]
-    names = [i.name for i in session.get_inputs()]
-    if names != expected:
-        raise CorruptVersionError(f"{name} v{version}: ONNX inputs {names}, expected {expected}")
-    loaded = LoadedVersion(manifest, session, model)
+    try:
+        classes_session = ort.InferenceSession(
+            str(directory / "classes.onnx"), session_options(threads), providers=providers_for(device)
+        )
+    except Exception as exc:
+        raise CorruptVersionError(f"{name} v{version}: cannot open classes.onnx: {exc}") from exc
+    inputs = [*INPUT_NAMES.get(manifest.kind, ())]
+    for graph, sess, expected in (
+        ("model.onnx", session, [*inputs, "noise_m", "noise_z"]),
+        ("classes.onnx", classes_session, [*inputs, "labels", "noise_m", "noise_z"]),
+    ):
+        names = [i.name for i in sess.get_inputs()]
+        if names != expected:
+            raise CorruptVersionError(f"{name} v{version}: {graph} inputs {names}, expected {expected}")
+    loaded = LoadedVersion(manifest, session, model, classes_session)
     try:
         probe = ServingData.load(directory / "replay.npz").canary.take(slice(0, PROBE_INPUTS))
     except (OSError, ValueError, KeyError) as exc:
@@ -183,18 +225,23 @@ def probe_check(loaded: LoadedVersion, probe: Inputs) -> float:
     ``PROBE_TOLERANCE`` nats and agree on every label. Returns the largest difference."""
     what = f"{loaded.name} v{loaded.version}"
     noise = loaded.noise(len(probe), PROBE_K, PROBE_SEED)
-    try:
-        served = loaded.log_weights(probe, noise, "onnx")
-        reference = loaded.log_weights(probe, noise, "torch")
-    except Exception as exc:
-        raise CorruptVersionError(f"{what}: probe prediction failed: {exc}") from exc
-    shape = (len(probe), loaded.num_classes)
-    if served.shape != shape or reference.shape != shape or not np.isfinite(served).all():
-        raise CorruptVersionError(f"{what}: probe prediction gave {served.shape} / non-finite values")
-    diff = float(np.abs(served - reference).max())
-    if diff > PROBE_TOLERANCE or not np.array_equal(served.argmax(1), reference.argmax(1)):
-        raise CorruptVersionError(
-            f"{what}: model.onnx disagrees with checkpoint.pt on the probe batch "
-            f"({diff:.4g} nats, limit {PROBE_TOLERANCE})"
-        )
-    return diff
+    worst = 0.0
+    # every class (model.onnx), then every class through the one-class graph (classes.onnx: an
+    # infinite screen sends every class of every input to the second stage)
+    for graph, screen in (("model.onnx", None), ("classes.onnx", float("inf"))):
+        try:
+            served = loaded.log_weights(probe, noise, "onnx", screen=screen)
+            reference = loaded.log_weights(probe, noise, "torch", screen=screen)
+        except Exception as exc:
+            raise CorruptVersionError(f"{what}: probe prediction failed: {exc}") from exc
+        shape = (len(probe), loaded.num_classes)
+        if served.shape != shape or reference.shape != shape or not np.isfinite(served).all():
+            raise CorruptVersionError(f"{what}: probe prediction gave {served.shape} / non-finite values")
+        diff = float(np.abs(served - reference).max())
+        if diff > PROBE_TOLERANCE or not np.array_equal(served.argmax(1), reference.argmax(1)):
+            raise CorruptVersionError(
+                f"{what}: {graph} disagrees with checkpoint.pt on the probe batch "
+                f"({diff:.4g} nats, limit {PROBE_TOLERANCE})"
+            )
+        worst = max(worst, diff)
+    return worst

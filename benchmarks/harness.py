@@ -261,6 +261,19 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 300.0) -> dict[
     raise TimeoutError(f"job {job_id} not finished after {timeout}s")
 
 
+def wait_served(
+    client: httpx.Client, body: dict[str, Any], version: int, timeout: float = 60.0
+) -> dict[str, Any]:
+    """Post ``body`` to ``/predict`` until ``version`` answers it (an activated version is loaded and
+    checked beside the old one before the swap); the answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = dict(client.post("/predict", json=body).json())
+        if answer.get("version") == version or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.2)
+
+
 class ContinuousClient:
     """A thread that sends ``/predict`` requests back to back and records each answer's version."""
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cama.objectives import Noise, bayes_log_weights
+from cama.objectives import Noise, bayes_log_weights, class_log_weights
 
 OPSET = 18
 MAX_BATCH = 1 << 16
@@ -66,6 +66,41 @@ def folded_log_weights(
     return torch.logsumexp(log_w, dim=0) - log_k
 
 
+class ClassLogWeights(nn.Module):
+    """``(x, labels, noise_m, noise_z) -> log_weights (B,)``: eq. 6's log-weight of one class per
+    input (``cama.objectives.class_log_weights``), ``noise_m (K, B, dM)``, ``noise_z (K, B, dZ)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, labels: Tensor, noise_m: Tensor, noise_z: Tensor) -> Tensor:
+        return folded_class_log_weights(self.model, x, (), labels, noise_m, noise_z)
+
+
+class CondClassLogWeights(ClassLogWeights):
+    """The same for ``cond = (a, c)``."""
+
+    def forward(  # type: ignore[override]
+        self, x: Tensor, a: Tensor, c: Tensor, labels: Tensor, noise_m: Tensor, noise_z: Tensor
+    ) -> Tensor:
+        return folded_class_log_weights(self.model, x, (a, c), labels, noise_m, noise_z)
+
+
+def folded_class_log_weights(
+    model: nn.Module, x: Tensor, cond: tuple[Tensor, ...], labels: Tensor, noise_m: Tensor, noise_z: Tensor
+) -> Tensor:
+    """One class's eq. 6 log-weight per input ``(B,)``, the K samples folded into the batch."""
+    k, b = noise_m.shape[0], noise_m.shape[1]
+    folded = Noise(
+        m=noise_m.reshape(1, -1, noise_m.shape[-1]), z=noise_z.reshape(1, 1, -1, noise_z.shape[-1])
+    )
+    cond_k = tuple(_repeat(part, k) for part in cond) if cond else None
+    log_w = class_log_weights(model, _repeat(x, k), _repeat(labels, k), cond_k, noise=folded)  # type: ignore[arg-type]
+    log_k = torch.log(torch.ones((), dtype=log_w.dtype, device=log_w.device) * k)
+    return torch.logsumexp(log_w.reshape(k, b), dim=0) - log_k
+
+
 def _repeat(t: Tensor, k: int) -> Tensor:
     """``(B, ...) -> (K * B, ...)``, sample-major."""
     return t.unsqueeze(0).expand(k, *t.shape).reshape(-1, *t.shape[1:])
@@ -76,31 +111,50 @@ def export_onnx(
     path: str | os.PathLike[str],
     example_x: Tensor,
     example_cond: tuple[Tensor, ...] = (),
+    *,
+    one_class: bool = False,
 ) -> Path:
-    """Export ``model``'s eq. 6 log-weights to ``path`` (opset 18, dynamic batch and K).
+    """Export ``model``'s eq. 6 log-weights to ``path`` (opset 18, dynamic batch and K): every
+    class (``log_weights (B, C)``), or with ``one_class`` the class ``labels (B,)`` names per input
+    (``log_weights (B,)``, noise ``(K, B, dZ)``: the second stage of the screened prediction).
 
     ``example_cond`` is ``()`` for images or ``(a, c)`` for measurement data.
     """
     if len(example_cond) not in (0, 2):
         raise ValueError("cond must be () or (a, c)")
     model = model.eval()
-    wrapper = (CondBayesLogWeights(model) if example_cond else BayesLogWeights(model)).eval()
     b, k = example_x.shape[0], 2
     dim_m, dim_z, classes = (int(getattr(model, name)) for name in ("dim_m", "dim_z", "num_classes"))
-    noise_m = torch.randn(k, b, dim_m)
-    noise_z = torch.randn(classes, k, b, dim_z)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     samples = torch.export.Dim("k", min=1, max=MAX_K)
-    names = ["x", *(["a", "c"] if example_cond else []), "noise_m", "noise_z"]
+    noise_m = torch.randn(k, b, dim_m)
+    wrapper: nn.Module
+    if one_class:
+        wrapper = (CondClassLogWeights(model) if example_cond else ClassLogWeights(model)).eval()
+        extra: tuple[Tensor, ...] = (torch.arange(b) % classes,)
+        noise_z = torch.randn(k, b, dim_z)
+        z_dims = {0: samples, 1: batch}
+    else:
+        wrapper = (CondBayesLogWeights(model) if example_cond else BayesLogWeights(model)).eval()
+        extra = ()
+        noise_z = torch.randn(classes, k, b, dim_z)
+        z_dims = {1: samples, 2: batch}
+    names = [
+        "x",
+        *(["a", "c"] if example_cond else []),
+        *(["labels"] if one_class else []),
+        "noise_m",
+        "noise_z",
+    ]
     dynamic: dict[str, Any] = {name: {0: batch} for name in names[:-2]}
     dynamic["noise_m"] = {0: samples, 1: batch}
-    dynamic["noise_z"] = {1: samples, 2: batch}
+    dynamic["noise_z"] = z_dims
     target = Path(path)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _quiet_loggers():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper,
-            (example_x, *example_cond, noise_m, noise_z),
+            (example_x, *example_cond, *extra, noise_m, noise_z),
             str(target),
             input_names=names,
             output_names=["log_weights"],

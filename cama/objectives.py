@@ -168,6 +168,27 @@ def finetune_objective(
     return alpha * clean_term + (1.0 - alpha) * test_term, clean_term, test_term
 
 
+def _sample_log_weights(
+    model: CamaModel, x: Tensor, cond: Any, y: Tensor, noise_m: Tensor, noise_z: Tensor
+) -> Tensor:
+    """log p(x|y,z_k,m_k) + log p(y) + log p(z_k) - log q(z_k|x,y,m_k) per sample, ``(C', K, B)``.
+
+    m_k ~ q(m|x) is shared by every class hypothesis of ``y`` (``(C, 1, 1, C)`` for every class,
+    ``(1, 1, B, C)`` for one class per input); z ~ q(z|x, y, m_k).
+    """
+    mu_m, logvar_m = model.infer_m(x, cond)  # (B, dM)
+    m = reparameterize(mu_m, logvar_m, noise_m)  # (K, B, dM)
+    ctx = model.prepare(x, m, cond)
+    mu_z, logvar_z = model.infer_z(ctx, y)  # (C', K, B, dZ)
+    z = reparameterize(mu_z, logvar_z, noise_z)
+    return (
+        model.log_likelihood(x, ctx, y, z)
+        + model.log_prior_y(y, cond)
+        + log_standard_normal(z)
+        - log_normal(z, mu_z, logvar_z)
+    )
+
+
 def bayes_log_weights(
     model: CamaModel,
     x: Tensor,
@@ -189,31 +210,34 @@ def bayes_log_weights(
         noise = sample_noise(model, b, k, generator=generator, device=x.device)
     if screen is not None:
 
-        def rows(idx: Tensor | None, part: Noise) -> Tensor:
-            if idx is None:
-                return bayes_log_weights(model, x, cond, noise=part)
-            return bayes_log_weights(model, x[idx], index_cond(cond, idx), noise=part)
+        def every_class(part: Noise) -> Tensor:
+            return bayes_log_weights(model, x, cond, noise=part)
 
-        return screened_log_weights(rows, noise, screen)
+        def one_class(idx: Tensor, labels: Tensor, part: Noise) -> Tensor:
+            return class_log_weights(model, x[idx], labels, index_cond(cond, idx), noise=part)
+
+        return screened_log_weights(every_class, one_class, noise, screen)
     k = noise.m.shape[0]
-    mu_m, logvar_m = model.infer_m(x, cond)  # (B, dM)
-    m = reparameterize(mu_m, logvar_m, noise.m)  # (K, B, dM)
-    ctx = model.prepare(x, m, cond)
     y = all_classes(model.num_classes, x.device)  # (C, 1, 1, C)
-    mu_z, logvar_z = model.infer_z(ctx, y)  # (C, K, B, dZ)
-    z = reparameterize(mu_z, logvar_z, noise.z)
-    log_w = (
-        model.log_likelihood(x, ctx, y, z)
-        + model.log_prior_y(y, cond)
-        + log_standard_normal(z)
-        - log_normal(z, mu_z, logvar_z)
-    )  # (C, K, B)
+    log_w = _sample_log_weights(model, x, cond, y, noise.m, noise.z)  # (C, K, B)
     return (torch.logsumexp(log_w, dim=1) - math.log(k)).transpose(0, 1)
 
 
-# The first-sample screen's default margin (nats), chosen on the MNIST validation split
-# (``python -m benchmarks.predict --calibrate``): below it a later importance sample has moved the
-# label; above it none did.
+def class_log_weights(
+    model: CamaModel, x: Tensor, labels: Tensor, cond: Any = None, *, noise: Noise
+) -> Tensor:
+    """Eq. 6's log-weight of one class per input, ``(B,)``: ``labels (B,)``; ``noise.m (K, B, dM)``
+    and ``noise.z (1, K, B, dZ)``, the samples of that class (the same numbers as
+    :func:`bayes_log_weights`'s for that class, given the same noise)."""
+    y = given_labels(labels, model.num_classes).to(x.device)  # (1, 1, B, C)
+    log_w = _sample_log_weights(model, x, cond, y, noise.m, noise.z)  # (1, K, B)
+    return torch.logsumexp(log_w[0], dim=0) - math.log(noise.m.shape[0])
+
+
+# The first-sample screen's default margin (nats), chosen on the validation split of MNIST's
+# training set with the served model (``python -m benchmarks.predict --calibrate``): at this margin
+# the first sample settles 85% of the inputs, and 1 in 3000 of those would have taken another
+# label with all K samples.
 SCREEN_MARGIN = 15.0
 
 
@@ -226,28 +250,41 @@ def undecided(first: Tensor, margin: float) -> Tensor:
 
 
 def screened_log_weights(
-    rows: Callable[[Tensor | None, Noise], Tensor], noise: Noise, margin: float
+    every_class: Callable[[Noise], Tensor],
+    one_class: Callable[[Tensor, Tensor, Noise], Tensor],
+    noise: Noise,
+    margin: float,
 ) -> Tensor:
-    """Eq. 6 that spends the K importance samples only where the label is not settled.
+    """Eq. 6 that spends the K importance samples only on the classes that can still win.
 
     Stage 1 estimates every class's log-weight with the first sample of ``noise`` (K = 1). An input
-    whose best class leads the second by at least ``margin`` nats is answered there; every other
-    input is answered with all K samples of the same noise, i.e. exactly as
-    :func:`bayes_log_weights`. The label differs from the K-sample one only if the later samples
-    raise another class's estimate by more than ``margin`` relative to the leader's: a
-    K-sample estimate is at least its first sample's weight minus log K, and the margin is chosen
-    on validation data so that this happens for none of its inputs. ``rows(idx, noise)`` computes
-    eq. 6's log-weights ``(B', C)`` for the rows ``idx`` (None: all) with ``noise`` (any backend).
+    whose best class leads the second by at least ``margin`` nats is answered there. For every other
+    input, each class within ``margin`` of its best gets the other K - 1 samples of the same noise,
+    so its log-weight is exactly :func:`bayes_log_weights`'s; the other classes keep their
+    first-sample estimate. The label differs from the K-sample one only if the later samples raise
+    a class that was ``margin`` behind above the leader; the margin is chosen on validation data
+    where that happens for almost none of the inputs (:data:`SCREEN_MARGIN`).
+
+    ``every_class(noise)``: log-weights ``(B, C)`` of all inputs with ``noise``;
+    ``one_class(rows, labels, noise)``: the log-weights ``(P,)`` of class ``labels[p]`` of input
+    ``rows[p]``, with ``noise.m (K', P, dM)`` and ``noise.z (1, K', P, dZ)`` (any backend).
     """
-    first_noise = Noise(m=noise.m[:1], z=noise.z[:, :1])
-    out = rows(None, first_noise)
-    if noise.m.shape[0] == 1:
+    k = noise.m.shape[0]
+    out = every_class(Noise(m=noise.m[:1], z=noise.z[:, :1]))  # (B, C), K = 1
+    if k == 1:
         return out
-    idx = torch.nonzero(undecided(out, margin)).flatten()
-    if idx.numel():
-        part = Noise(m=noise.m[:, idx], z=noise.z[:, :, idx])
-        out = out.clone()
-        out[idx] = rows(idx, part).to(out.dtype)
+    open_rows = undecided(out, margin)
+    if not bool(open_rows.any()):
+        return out
+    top = out.max(dim=1, keepdim=True).values
+    contenders = (out >= top - margin) & open_rows.unsqueeze(1)  # (B, C)
+    rows, labels = torch.nonzero(contenders, as_tuple=True)  # (P,), (P,)
+    rest = Noise(m=noise.m[1:, rows], z=noise.z[labels, 1:, rows].transpose(0, 1).unsqueeze(0))
+    later = one_class(rows, labels, rest).to(out.dtype)  # mean weight of samples 2..K, in log space
+    first = out[rows, labels]
+    combined = torch.logaddexp(first, later + math.log(k - 1)) - math.log(k)
+    out = out.clone()
+    out[rows, labels] = combined
     return out
 
 

@@ -42,15 +42,24 @@ def build_artifacts(
     provenance: dict[str, Any] | None = None,
     metrics: dict[str, float] | None = None,
 ) -> tuple[dict[str, Path], ServingData]:
-    """Write ``checkpoint.pt`` and ``model.onnx`` for ``model`` into ``workdir``; return the file map."""
+    """Write ``checkpoint.pt``, ``model.onnx`` (eq. 6 for every class) and ``classes.onnx`` (one class
+    per input: the screened prediction's second stage) for ``model`` into ``workdir``; return the
+    file map."""
     data = ServingData.load(serving_data)
     model = model.to("cpu").eval()
     checkpoint = workdir / "checkpoint.pt"
     save_checkpoint(checkpoint, model, provenance=provenance, metrics=metrics)
     example = data.canary.take(slice(0, 2))
     cond = tuple(torch.from_numpy(c) for c in example.cond)
-    onnx_path = export_onnx(model, workdir / "model.onnx", torch.from_numpy(example.x), cond)
-    files = {"checkpoint.pt": checkpoint, "model.onnx": onnx_path, "replay.npz": serving_data}
+    x = torch.from_numpy(example.x)
+    onnx_path = export_onnx(model, workdir / "model.onnx", x, cond)
+    classes_path = export_onnx(model, workdir / "classes.onnx", x, cond, one_class=True)
+    files = {
+        "checkpoint.pt": checkpoint,
+        "model.onnx": onnx_path,
+        "classes.onnx": classes_path,
+        "replay.npz": serving_data,
+    }
     return files, data
 
 

@@ -4,6 +4,7 @@ Layout::
 
     <store>/<model>/<version>/checkpoint.pt   core checkpoint (config + weights + provenance)
                               model.onnx      eq. 6 log-weights with explicit noise inputs
+                              classes.onnx    the same for one class per input
                               replay.npz      labelled clean replay data (eq. 8) and canary set (gate)
                               manifest.json   version, parent, created, checksums, data hash, metrics, gate
     <store>/<model>/ACTIVE                    the served version number
@@ -34,7 +35,7 @@ from store.errors import ConflictError, DomainError, NotFoundError, UnavailableE
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_FILES = ("checkpoint.pt", "model.onnx", "replay.npz")
+ARTIFACT_FILES = ("checkpoint.pt", "model.onnx", "classes.onnx", "replay.npz")
 MANIFEST = "manifest.json"
 ACTIVE = "ACTIVE"
 

@@ -169,12 +169,17 @@ def test_screened_prediction_spends_k_samples_only_where_the_label_is_open(batch
         top2 = torch.topk(one, 2, dim=1).values
         middle = float((top2[:, 0] - top2[:, 1]).median())
         mixed = O.bayes_log_weights(model, x, noise=noise, screen=middle)
-    torch.testing.assert_close(everything, full)  # an infinite margin: all K for every input
+    torch.testing.assert_close(everything, full)  # an infinite margin: all K for every class
     torch.testing.assert_close(nothing, one)  # a zero margin: the first sample settles everything
     open_rows = O.undecided(one, middle)
     assert 0 < int(open_rows.sum()) < x.shape[0]
-    torch.testing.assert_close(mixed[open_rows], full[open_rows])
-    torch.testing.assert_close(mixed[~open_rows], one[~open_rows])
+    torch.testing.assert_close(mixed[~open_rows], one[~open_rows])  # settled by the first sample
+    # an open input: the classes within the margin of its best get all K samples, the rest keep one
+    contenders = (one >= one.max(1, keepdim=True).values - middle) & open_rows.unsqueeze(1)
+    assert int(contenders.sum()) > int(open_rows.sum())  # at least two classes per open input
+    torch.testing.assert_close(mixed[contenders], full[contenders])
+    others = ~contenders & open_rows.unsqueeze(1)
+    torch.testing.assert_close(mixed[others], one[others])
     # the first sample's estimate is never more than log K above the K-sample one
     assert bool((one - full <= math.log(4) + 1e-4).all())
 
@@ -186,3 +191,18 @@ def test_screened_prediction_with_a_generator_draws_the_same_noise(batch):
     b = O.bayes_predict(model, x, k=3, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(a.log_weights, b.log_weights)
     assert not bool(O.undecided(torch.zeros(3, 1), 1.0).any())  # one class: nothing to decide
+
+
+def test_one_class_log_weights_are_the_all_class_ones(batch):
+    """``class_log_weights`` for class c with c's noise equals ``bayes_log_weights``' column c."""
+    model = tiny_model("transform")
+    x, _ = batch
+    noise = O.sample_noise(model, x.shape[0], 3, generator=torch.Generator().manual_seed(4))
+    labels = torch.tensor([0, 3, 9, 1, 1, 5])
+    rows = torch.arange(x.shape[0])
+    with torch.no_grad():
+        full = O.bayes_log_weights(model, x, noise=noise)
+        one = O.class_log_weights(
+            model, x, labels, noise=O.Noise(noise.m, noise.z[labels, :, rows].transpose(0, 1)[None])
+        )
+    torch.testing.assert_close(one, full[rows, labels])

@@ -28,10 +28,10 @@ def tiny_template(tmp_path_factory):
     return template_store(tmp_path_factory.getbasetemp() / "tiny_template")
 
 
-def assert_parity(version, inputs: Inputs, k: int, seed: int) -> float:
+def assert_parity(version, inputs: Inputs, k: int, seed: int, screen: float | None = None) -> float:
     noise = version.noise(len(inputs), k, seed)
-    onnx_w = version.log_weights(inputs, noise, "onnx")
-    torch_w = version.log_weights(inputs, noise, "torch")
+    onnx_w = version.log_weights(inputs, noise, "onnx", screen=screen)
+    torch_w = version.log_weights(inputs, noise, "torch", screen=screen)
     assert onnx_w.shape == torch_w.shape == (len(inputs), version.num_classes)
     assert np.isfinite(onnx_w).all()
     diff = float(np.abs(onnx_w - torch_w).max())
@@ -46,7 +46,9 @@ def test_transform_pathway_image_model_parity(tiny_template, batch, k):
     _, store = tiny_template
     version = load_version(ModelRegistry(store), "tiny", 1)
     images, _ = digit_like_images(batch, seed=batch)
-    assert_parity(version, Inputs(images[:, None].astype(np.float32) / 255.0), k, seed=batch * 7 + k)
+    inputs = Inputs(images[:, None].astype(np.float32) / 255.0)
+    assert_parity(version, inputs, k, seed=batch * 7 + k)
+    assert_parity(version, inputs, k, seed=batch * 7 + k, screen=float("inf"))  # via classes.onnx
 
 
 def test_graph_has_opset_and_dynamic_batch_and_k(tiny_template):
@@ -72,8 +74,12 @@ def test_measurement_model_parity(tmp_path, coparents):
     path = export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 10), (torch.randn(2, 5), torch.randn(2, 5)))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["x", "a", "c", "noise_m", "noise_z"]
+    example = (torch.randn(2, 10), (torch.randn(2, 5), torch.randn(2, 5)))
+    classes_path = export_onnx(model, tmp_path / "c.onnx", *example, one_class=True)
+    classes = ort.InferenceSession(str(classes_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in classes.get_inputs()] == ["x", "a", "c", "labels", "noise_m", "noise_z"]
     manifest = Manifest("m", 1, "measurement", {"x": [10], "a": [5], "c": [5]}, 5, {})
-    version = LoadedVersion(manifest, session, model)
+    version = LoadedVersion(manifest, session, model, classes)
     rng = np.random.default_rng(0)
     for batch, k in [(1, 1), (9, 5)]:
         inputs = Inputs(
@@ -84,6 +90,7 @@ def test_measurement_model_parity(tmp_path, coparents):
             ),
         )
         assert_parity(version, inputs, k, seed=k)
+        assert_parity(version, inputs, k, seed=k, screen=float("inf"))  # every class via classes.onnx
 
 
 def _ort_run(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], path) -> list[np.ndarray]:

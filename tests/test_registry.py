@@ -16,6 +16,7 @@ from cama.checkpoint import sha256_file
 from store.artifacts import seed_store
 from store.registry import (
     ACTIVE,
+    ARTIFACT_FILES,
     ActiveChangedError,
     CorruptVersionError,
     ModelRegistry,
@@ -28,7 +29,7 @@ from store.registry import (
 def fake_files(directory: Path, tag: str) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     files = {}
-    for name in ("checkpoint.pt", "model.onnx", "replay.npz"):
+    for name in ARTIFACT_FILES:
         path = directory / f"{tag}-{name}"
         path.write_bytes(f"{tag}:{name}".encode())
         files[name] = path
@@ -57,7 +58,7 @@ def test_versions_are_numbered_and_carry_lineage(tmp_path):
     assert m2.data_hash == "abc"
     assert m2.job_id == "j1"
     assert m2.gate == {"accepted": True}
-    assert set(m2.files) == {"checkpoint.pt", "model.onnx", "replay.npz"}
+    assert set(m2.files) == {"checkpoint.pt", "model.onnx", "classes.onnx", "replay.npz"}
     assert registry.manifest("m", 1).metrics == {"acc": 0.9}
     assert registry.find_by_job("m", "j1") == m2
     assert registry.find_by_job("m", "nope") is None

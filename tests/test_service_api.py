@@ -298,7 +298,7 @@ def test_models_and_lineage(client):
     (v1,) = detail["lineage"]
     assert v1["version"] == 1
     assert v1["parent"] is None
-    assert set(v1["files"]) == {"checkpoint.pt", "model.onnx", "replay.npz"}
+    assert set(v1["files"]) == {"checkpoint.pt", "model.onnx", "classes.onnx", "replay.npz"}
 
 
 def test_metrics_exposition(client):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import numpy as np
 import pytest
 
-from benchmarks.harness import ServiceProcess, build_store, make_measurement_seed_dir, wait_job
+from benchmarks.harness import ServiceProcess, build_store, make_measurement_seed_dir, wait_job, wait_served
 from cama.adapt import FinetuneConfig
 from cama.checkpoint import load_checkpoint
 
@@ -87,12 +85,7 @@ def test_adaptation_with_parents_and_coparents(service):
         job = wait_job(client, r.json()["job_id"], timeout=600)
         assert job["state"] == "succeeded", job
         assert job["version"] == 2
-        deadline = time.monotonic() + 60  # the API loads and checks v2 beside v1, then swaps
-        version = 1
-        while version != 2 and time.monotonic() < deadline:
-            version = client.post("/predict", json={"model": "meas", "records": records(1)}).json()["version"]
-            time.sleep(0.2)
-        assert version == 2
+        assert wait_served(client, {"model": "meas", "records": records(1)}, 2)["version"] == 2
     # the recipe: the model's own (alpha, lr), the operator's CAMA_FINETUNE (epochs, batch size)
     recipe = job["finetune"]
     assert (recipe["alpha"], recipe["lr"], recipe["epochs"], recipe["batch_size"]) == (0.8, 2e-3, 1, 16)

@@ -118,11 +118,11 @@ def test_adaptation_takes_named_rows_and_keeps_the_schema(served):
         r = client.post("/adapt", json={"model": "table", "rows": rows})
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
-        from benchmarks.harness import wait_job
+        from benchmarks.harness import wait_job, wait_served
 
         job = wait_job(client, job_id, timeout=240)
         assert job["state"] in ("succeeded", "rejected"), job
         if job["state"] == "succeeded":  # an adapted version keeps answering rows with class names
-            r = client.post("/predict", json={"model": "table", "rows": rows[:2]})
-            assert r.json()["version"] == job["version"]
-            assert r.json()["predictions"][0]["class_name"] in CLASSES
+            answer = wait_served(client, {"model": "table", "rows": rows[:2]}, job["version"])
+            assert answer["version"] == job["version"]
+            assert answer["predictions"][0]["class_name"] in CLASSES
