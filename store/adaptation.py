@@ -88,6 +88,8 @@ class JobSettings(Protocol):
     @property
     def gate_max_confidence_drop(self) -> float | None: ...
     @property
+    def gate_min_confidence(self) -> float | None: ...
+    @property
     def gate_k(self) -> int: ...
     @property
     def screen_margin(self) -> float | None: ...
@@ -282,6 +284,7 @@ def _adapt(job: JobRecord, ctx: JobContext, lease: Lease | None = None) -> JobRe
         min_elbo_gain=settings.gate_min_elbo_gain,
         max_label_kl_rise=settings.gate_max_label_kl_rise,
         max_confidence_drop=settings.gate_max_confidence_drop,
+        min_confidence=settings.gate_min_confidence,
         k=settings.gate_k,
         screen=settings.screen_margin,
     )

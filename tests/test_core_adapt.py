@@ -146,7 +146,12 @@ def test_adapt_and_judge_keeps_an_accepted_model_and_undoes_a_refused_one():
     replay, canary = adapt.Labelled(x, y), adapt.Labelled(*data(12, 3))
     cfg = recipe(epochs=1, batch_size=8, lr=1e-2)
     lenient = adapt.GateConfig(
-        k=2, max_clean_drop=1.0, min_elbo_gain=-1e9, max_label_kl_rise=None, max_confidence_drop=None
+        k=2,
+        max_clean_drop=1.0,
+        min_elbo_gain=-1e9,
+        max_label_kl_rise=None,
+        max_confidence_drop=None,
+        min_confidence=None,
     )
     model = make("transform")
     state = adapt.snapshot(model)
@@ -256,6 +261,13 @@ def test_promotion_gate_decisions():
     assert "without the label" in decision.reasons[0]
     assert decision.as_dict()["heldout_confidence_after"] == 0.6
     assert adapt.promotion_gate(base, flat, adapt.GateConfig(max_confidence_drop=None)).accepted
+    # a batch that no class explains: confident neither before nor after
+    noise_before = adapt.GateEvaluation(clean_accuracy=0.98, heldout_elbo=-550.0, heldout_confidence=0.38)
+    noise_after = adapt.GateEvaluation(clean_accuracy=0.98, heldout_elbo=-540.0, heldout_confidence=0.31)
+    decision = adapt.promotion_gate(noise_before, noise_after, cfg)
+    assert not decision.accepted
+    assert "no class explains the batch" in decision.reasons[0]
+    assert adapt.promotion_gate(noise_before, noise_after, adapt.GateConfig(min_confidence=None)).accepted
 
 
 def test_label_marginal_kl_measures_collapse_against_the_prior():

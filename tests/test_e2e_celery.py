@@ -74,6 +74,7 @@ def stack(tmp_path_factory, redis_ns):
         "gate_min_elbo_gain": -1e9,
         "gate_max_label_kl_rise": 1e9,
         "gate_max_confidence_drop": 1.0,
+        "gate_min_confidence": "null",
         "poll_interval_s": 30.0,
         **redis_ns,
     }
@@ -247,6 +248,7 @@ def test_a_job_whose_worker_is_killed_is_requeued_and_published_once(tmp_path, t
         "gate_min_elbo_gain": -1e9,
         "gate_max_label_kl_rise": 1e9,
         "gate_max_confidence_drop": 1.0,
+        "gate_min_confidence": "null",
         "job_lease_s": 3,
         "reap_interval_s": 1,
     }

@@ -57,6 +57,7 @@ def accepting(tmp_path_factory):
         gate_min_elbo_gain=-1e9,
         gate_max_label_kl_rise=1e9,
         gate_max_confidence_drop=1.0,
+        gate_min_confidence="null",
     )
     try:
         yield svc, registry

@@ -29,6 +29,7 @@ def service(tmp_path_factory):
         gate_margin=1.0,
         gate_max_label_kl_rise=1e9,
         gate_max_confidence_drop=1.0,
+        gate_min_confidence="null",
         gate_min_elbo_gain=-1e9,  # the tiny model: accept deterministically (the gate is tested elsewhere)
         finetune={"epochs": 1, "batch_size": 16},
     )

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -157,6 +158,11 @@ def served_accuracy(model: ImageCama, split: Split, *, k: int = 10, seed: int = 
     return float((pred.labels.cpu().numpy() == split.y).mean())
 
 
+def gate_id(gate: GateConfig) -> str:
+    """Every setting of the promotion gate, e.g. ``"k=10,max_clean_drop=0.005,..."``."""
+    return ",".join(f"{name}={value}" for name, value in sorted(dataclasses.asdict(gate).items()))
+
+
 def adapt_like_the_service(s: Setup, adapt_x: np.ndarray) -> tuple[ImageCama, AdaptOutcome]:
     """A copy of the served CAMA after ``POST /adapt``'s code path on ``adapt_x`` (unlabelled),
     kept also where the gate refuses it (the caller scores it as ``cama_adapted``)."""
@@ -254,7 +260,8 @@ def measure(s: Setup, corruption: str) -> None:
 
 def measure_cama_ft(s: Setup, prefix: str, n: int, adapt_x: np.ndarray, score: Split) -> None:
     """``cama_ft`` (and, at n = 500, clean accuracy after it) through the service's code path."""
-    c, recipe = s.cache, recipe_id(s.recipe)
+    # the recipe and the gate it was judged by: either changed, the job is measured again
+    c, recipe = s.cache, f"{recipe_id(s.recipe)};gate:{gate_id(s.gate)}"
     keys = [f"{prefix}.cama_ft.n{n}", f"{prefix}.clean_after_ft.n{n}", f"{prefix}.adapt_seconds.n{n}"]
     keys.append(f"{prefix}.cama_adapted.n{n}")
     if all(c.fresh(k, s.digest, recipe) for k in keys):
@@ -418,6 +425,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--force", action="store_true", help="ignore the cache")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="CACHE",
+        help="first take the figures of other runs' caches (parallel processes over disjoint sets)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -462,6 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         device=device,
         baselines={},
     )
+    for path in args.merge:
+        taken = cache.merge(json.loads(Path(path).read_text()), s.digest)
+        print(f"merged {taken} figures from {path}", flush=True)
     stale = cache.forget_other(s.digest, keep=lambda key: False)
     if stale:
         print(f"dropped {len(stale)} figures measured on another checkpoint", flush=True)

@@ -137,6 +137,12 @@ class Settings(BaseSettings):
         ge=0.0,
         description="largest allowed fall of the held-out mean confidence max_c p(y_c|x)",
     )
+    gate_min_confidence: float | None = Field(
+        default=_GATE.min_confidence,
+        ge=0.0,
+        le=1.0,
+        description="smallest allowed held-out mean confidence max_c p(y_c|x) after adapting",
+    )
     gate_k: int = Field(default=_GATE.k, ge=1)
     holdout_fraction: float = Field(default=HOLDOUT_FRACTION, gt=0.0, lt=1.0)
     min_adapt_inputs: int = Field(default=10, ge=2)
