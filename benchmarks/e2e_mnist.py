@@ -208,7 +208,7 @@ def _sequence(api: ServiceProcess, split: Split, args: argparse.Namespace) -> di
 
 
 def checks(results: dict[str, dict[str, Any]], min_gain: float) -> list[str]:
-    """The issue's acceptance conditions; an empty list means all hold."""
+    """The end-to-end checks (the module docstring); an empty list means all hold."""
     failed = []
     for mode, r in results.items():
         if "job" not in r:  # --poisoned-only

@@ -1,10 +1,10 @@
-"""The transform pathway's numerics: the current core against its previous form, float32 and float64.
+"""The transform pathway's numerics: the core's written-out forms against torch's own, float32 and float64.
 
     python -m benchmarks.mechanisms_numerics            # models/mnist_cama.pt, 256 canary inputs, K=10
 
 ``cama.mechanisms`` computes the warp's sampling grid as explicit multiply-adds on exact
-pixel-centre constants (it used ``F.affine_grid``) and the Bernoulli mean as ``exp(-|l|)`` ratios
-(it used ``torch.sigmoid``), so that ONNX Runtime and torch run the same arithmetic. The two forms
+pixel-centre constants (instead of ``F.affine_grid``) and the Bernoulli mean as ``exp(-|l|)`` ratios
+(instead of ``torch.sigmoid``), so that ONNX Runtime and torch run the same arithmetic. The two forms
 are the same mathematics; this script shows it on the real model: eq. 6 log-weights (explicit
 noise) from both forms, in float32 and float64. Writes
 ``benchmarks/results/mechanisms_numerics.json``.

@@ -1,4 +1,4 @@
-"""Issue 4's end-to-end figure: shifted MNIST over HTTP, before and after ``/adapt``, both modes.
+"""The end-to-end figure: shifted MNIST over HTTP, before and after ``/adapt``, both modes.
 
 With ``models/mnist_cama.pt`` and ``CAMA_E2E_REAL=1`` this runs ``benchmarks/e2e_mnist.py`` on the
 real model (a 2000-image slice, K=5; the run that writes ``docs/results/metrics.json``, 5000 images

@@ -218,7 +218,8 @@ def metric_values(summary: dict[str, dict[str, float]], cfg: EvalConfig) -> dict
 
 
 def check_targets(summary: dict[str, dict[str, float]], cfg: EvalConfig) -> list[dict[str, Any]]:
-    """The issue's targets, each with the numbers that meet or miss it (means over seeds, points)."""
+    """The measurement figures' targets (docs/measurement.md), each with the numbers that meet or
+    miss it (means over seeds, points)."""
 
     def m(key: str) -> float:
         return 100.0 * summary[key]["mean"]
