@@ -123,7 +123,7 @@ class LoadedVersion:
     def _class_log_weights(
         self, inputs: Inputs, labels: np.ndarray, noise: NoiseArrays, backend: Backend
     ) -> np.ndarray:
-        """One class's log-weight per input ``(B,)``; ``noise.z`` is ``(1, K, B, dZ)``."""
+        """Log-weights ``(S, B)`` of the classes ``labels (S, B)``; ``noise.z`` is ``(S, K, B, dZ)``."""
         if backend == "torch":
             cond = tuple(torch.from_numpy(c) for c in inputs.cond) if inputs.cond else None
             with torch.no_grad():
@@ -139,7 +139,7 @@ class LoadedVersion:
             **inputs.named(),
             "labels": labels.astype(np.int64),
             "noise_m": noise.m,
-            "noise_z": noise.z[0],
+            "noise_z": noise.z,
         }
         return np.asarray(self.classes_session.run(["log_weights"], feed)[0], dtype=np.float32)
 

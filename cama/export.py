@@ -30,6 +30,7 @@ from cama.objectives import Noise, bayes_log_weights, class_log_weights
 OPSET = 18
 MAX_BATCH = 1 << 16
 MAX_K = 1 << 12
+MAX_CLASSES = 1 << 10
 
 
 class BayesLogWeights(nn.Module):
@@ -67,8 +68,9 @@ def folded_log_weights(
 
 
 class ClassLogWeights(nn.Module):
-    """``(x, labels, noise_m, noise_z) -> log_weights (B,)``: eq. 6's log-weight of one class per
-    input (``cama.objectives.class_log_weights``), ``noise_m (K, B, dM)``, ``noise_z (K, B, dZ)``."""
+    """``(x, labels, noise_m, noise_z) -> log_weights (S, B)``: eq. 6's log-weights of the classes
+    ``labels (S, B)`` names per input (``cama.objectives.class_log_weights``), ``noise_m (K, B, dM)``,
+    ``noise_z (S, K, B, dZ)``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -90,15 +92,18 @@ class CondClassLogWeights(ClassLogWeights):
 def folded_class_log_weights(
     model: nn.Module, x: Tensor, cond: tuple[Tensor, ...], labels: Tensor, noise_m: Tensor, noise_z: Tensor
 ) -> Tensor:
-    """One class's eq. 6 log-weight per input ``(B,)``, the K samples folded into the batch."""
-    k, b = noise_m.shape[0], noise_m.shape[1]
+    """Eq. 6 log-weights ``(S, B)`` of the classes ``labels (S, B)``, the K samples folded into the
+    batch (sample k of input b becomes input ``k * B + b``, as in :func:`folded_log_weights`)."""
+    k, b, s = noise_m.shape[0], noise_m.shape[1], labels.shape[0]
     folded = Noise(
-        m=noise_m.reshape(1, -1, noise_m.shape[-1]), z=noise_z.reshape(1, 1, -1, noise_z.shape[-1])
+        m=noise_m.reshape(1, -1, noise_m.shape[-1]),  # (1, K * B, dM)
+        z=noise_z.reshape(s, 1, -1, noise_z.shape[-1]),  # (S, 1, K * B, dZ)
     )
     cond_k = tuple(_repeat(part, k) for part in cond) if cond else None
-    log_w = class_log_weights(model, _repeat(x, k), _repeat(labels, k), cond_k, noise=folded)  # type: ignore[arg-type]
+    labels_k = labels.unsqueeze(1).expand(s, k, b).reshape(s, -1)  # (S, K * B)
+    log_w = class_log_weights(model, _repeat(x, k), labels_k, cond_k, noise=folded)  # type: ignore[arg-type]
     log_k = torch.log(torch.ones((), dtype=log_w.dtype, device=log_w.device) * k)
-    return torch.logsumexp(log_w.reshape(k, b), dim=0) - log_k
+    return torch.logsumexp(log_w.reshape(s, k, b), dim=1) - log_k
 
 
 def _repeat(t: Tensor, k: int) -> Tensor:
@@ -115,15 +120,16 @@ def export_onnx(
     one_class: bool = False,
 ) -> Path:
     """Export ``model``'s eq. 6 log-weights to ``path`` (opset 18, dynamic batch and K): every
-    class (``log_weights (B, C)``), or with ``one_class`` the class ``labels (B,)`` names per input
-    (``log_weights (B,)``, noise ``(K, B, dZ)``: the second stage of the screened prediction).
+    class (``log_weights (B, C)``), or with ``one_class`` the classes ``labels (S, B)`` names per
+    input (``log_weights (S, B)``, noise ``(S, K, B, dZ)``: the screened prediction's second stage).
 
     ``example_cond`` is ``()`` for images or ``(a, c)`` for measurement data.
     """
     if len(example_cond) not in (0, 2):
         raise ValueError("cond must be () or (a, c)")
     model = model.eval()
-    b, k = example_x.shape[0], 2
+    b = example_x.shape[0]
+    k = 2 if not one_class else b + 1  # example sizes that differ, so no dimension is mistaken for another
     dim_m, dim_z, classes = (int(getattr(model, name)) for name in ("dim_m", "dim_z", "num_classes"))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     samples = torch.export.Dim("k", min=1, max=MAX_K)
@@ -131,9 +137,11 @@ def export_onnx(
     wrapper: nn.Module
     if one_class:
         wrapper = (CondClassLogWeights(model) if example_cond else ClassLogWeights(model)).eval()
-        extra: tuple[Tensor, ...] = (torch.arange(b) % classes,)
-        noise_z = torch.randn(k, b, dim_z)
-        z_dims = {0: samples, 1: batch}
+        slots = torch.export.Dim("s", min=1, max=MAX_CLASSES)
+        n_slots = b + k + 1
+        extra: tuple[Tensor, ...] = (torch.arange(n_slots * b).reshape(n_slots, b) % classes,)
+        noise_z = torch.randn(n_slots, k, b, dim_z)
+        z_dims = {0: slots, 1: samples, 2: batch}
     else:
         wrapper = (CondBayesLogWeights(model) if example_cond else BayesLogWeights(model)).eval()
         extra = ()
@@ -146,7 +154,9 @@ def export_onnx(
         "noise_m",
         "noise_z",
     ]
-    dynamic: dict[str, Any] = {name: {0: batch} for name in names[:-2]}
+    dynamic: dict[str, Any] = {name: {0: batch} for name in names[:-2] if name != "labels"}
+    if one_class:
+        dynamic["labels"] = {0: slots, 1: batch}
     dynamic["noise_m"] = {0: samples, 1: batch}
     dynamic["noise_z"] = z_dims
     target = Path(path)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cama.distributions import (
     kl_to_standard_normal,
@@ -226,12 +226,13 @@ def bayes_log_weights(
 def class_log_weights(
     model: CamaModel, x: Tensor, labels: Tensor, cond: Any = None, *, noise: Noise
 ) -> Tensor:
-    """Eq. 6's log-weight of one class per input, ``(B,)``: ``labels (B,)``; ``noise.m (K, B, dM)``
-    and ``noise.z (1, K, B, dZ)``, the samples of that class (the same numbers as
-    :func:`bayes_log_weights`'s for that class, given the same noise)."""
-    y = given_labels(labels, model.num_classes).to(x.device)  # (1, 1, B, C)
-    log_w = _sample_log_weights(model, x, cond, y, noise.m, noise.z)  # (1, K, B)
-    return torch.logsumexp(log_w[0], dim=0) - math.log(noise.m.shape[0])
+    """Eq. 6's log-weights of a few classes per input, ``(S, B)``: ``labels (S, B)`` names the
+    classes (any may repeat), ``noise.m (K, B, dM)`` is shared by them and ``noise.z (S, K, B, dZ)``
+    is each one's; the same numbers as :func:`bayes_log_weights`' for those classes, given the same
+    noise. q(m|x) and the x-features of q(z) are computed once per input and sample."""
+    y = nn.functional.one_hot(labels.long(), model.num_classes).float().unsqueeze(1)  # (S, 1, B, C)
+    log_w = _sample_log_weights(model, x, cond, y.to(x.device), noise.m, noise.z)  # (S, K, B)
+    return torch.logsumexp(log_w, dim=1) - math.log(noise.m.shape[0])
 
 
 # The first-sample screen's default margin (nats), chosen on the validation split of MNIST's
@@ -266,25 +267,34 @@ def screened_log_weights(
     where that happens for almost none of the inputs (:data:`SCREEN_MARGIN`).
 
     ``every_class(noise)``: log-weights ``(B, C)`` of all inputs with ``noise``;
-    ``one_class(rows, labels, noise)``: the log-weights ``(P,)`` of class ``labels[p]`` of input
-    ``rows[p]``, with ``noise.m (K', P, dM)`` and ``noise.z (1, K', P, dZ)`` (any backend).
+    ``one_class(rows, labels, noise)``: the log-weights ``(S, B')`` of classes ``labels (S, B')``
+    of the inputs ``rows (B',)``, with ``noise.m (K', B', dM)`` and ``noise.z (S, K', B', dZ)``
+    (:func:`class_log_weights`, any backend).
     """
     k = noise.m.shape[0]
     out = every_class(Noise(m=noise.m[:1], z=noise.z[:, :1]))  # (B, C), K = 1
     if k == 1:
         return out
-    open_rows = undecided(out, margin)
-    if not bool(open_rows.any()):
+    open_rows = torch.nonzero(undecided(out, margin)).flatten()  # (B',)
+    if not open_rows.numel():
         return out
-    top = out.max(dim=1, keepdim=True).values
-    contenders = (out >= top - margin) & open_rows.unsqueeze(1)  # (B, C)
-    rows, labels = torch.nonzero(contenders, as_tuple=True)  # (P,), (P,)
-    rest = Noise(m=noise.m[1:, rows], z=noise.z[labels, 1:, rows].transpose(0, 1).unsqueeze(0))
-    later = one_class(rows, labels, rest).to(out.dtype)  # mean weight of samples 2..K, in log space
-    first = out[rows, labels]
-    combined = torch.logaddexp(first, later + math.log(k - 1)) - math.log(k)
+    first = out[open_rows]  # (B', C)
+    contenders = first >= first.max(dim=1, keepdim=True).values - margin  # (B', C)
+    s = int(contenders.sum(dim=1).max())
+    # each open input's contenders, best first, padded with its best class: (S, B')
+    order = torch.argsort(
+        torch.where(contenders, first, torch.full_like(first, -torch.inf)), dim=1, descending=True
+    )
+    labels = order[:, :s].clone()
+    valid = torch.arange(s, device=out.device).unsqueeze(0) < contenders.sum(dim=1, keepdim=True)
+    labels[~valid] = labels[:, :1].expand_as(labels)[~valid]
+    labels = labels.T  # (S, B')
+    rest = Noise(m=noise.m[1:, open_rows], z=noise.z[labels, 1:, open_rows.unsqueeze(0)].permute(0, 2, 1, 3))
+    later = one_class(open_rows, labels, rest).to(out.dtype)  # (S, B'): mean weight of samples 2..K
+    combined = torch.logaddexp(torch.gather(first, 1, labels.T).T, later + math.log(k - 1)) - math.log(k)
     out = out.clone()
-    out[rows, labels] = combined
+    rows = open_rows.unsqueeze(0).expand_as(labels)
+    out[rows[valid.T], labels[valid.T]] = combined[valid.T]
     return out
 
 

@@ -193,16 +193,17 @@ def test_screened_prediction_with_a_generator_draws_the_same_noise(batch):
     assert not bool(O.undecided(torch.zeros(3, 1), 1.0).any())  # one class: nothing to decide
 
 
-def test_one_class_log_weights_are_the_all_class_ones(batch):
-    """``class_log_weights`` for class c with c's noise equals ``bayes_log_weights``' column c."""
+def test_class_log_weights_are_the_all_class_ones(batch):
+    """``class_log_weights`` for classes ``labels (S, B)`` with their noise equals
+    ``bayes_log_weights``' entries for those classes; repeated classes give repeated numbers."""
     model = tiny_model("transform")
     x, _ = batch
     noise = O.sample_noise(model, x.shape[0], 3, generator=torch.Generator().manual_seed(4))
-    labels = torch.tensor([0, 3, 9, 1, 1, 5])
-    rows = torch.arange(x.shape[0])
+    labels = torch.tensor([[0, 3, 9, 1, 1, 5], [2, 3, 0, 7, 1, 5]])  # (S=2, B=6)
+    rows = torch.arange(x.shape[0]).unsqueeze(0)
     with torch.no_grad():
         full = O.bayes_log_weights(model, x, noise=noise)
-        one = O.class_log_weights(
-            model, x, labels, noise=O.Noise(noise.m, noise.z[labels, :, rows].transpose(0, 1)[None])
+        some = O.class_log_weights(
+            model, x, labels, noise=O.Noise(noise.m, noise.z[labels, :, rows].permute(0, 2, 1, 3))
         )
-    torch.testing.assert_close(one, full[rows, labels])
+    torch.testing.assert_close(some, full[rows.expand_as(labels), labels])

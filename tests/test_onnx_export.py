@@ -78,6 +78,9 @@ def test_measurement_model_parity(tmp_path, coparents):
     classes_path = export_onnx(model, tmp_path / "c.onnx", *example, one_class=True)
     classes = ort.InferenceSession(str(classes_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in classes.get_inputs()] == ["x", "a", "c", "labels", "noise_m", "noise_z"]
+    dims = {i.name: list(i.shape) for i in classes.get_inputs()}
+    assert dims["labels"] == ["s", "batch"]
+    assert dims["noise_z"][:3] == ["s", "k", "batch"]
     manifest = Manifest("m", 1, "measurement", {"x": [10], "a": [5], "c": [5]}, 5, {})
     version = LoadedVersion(manifest, session, model, classes)
     rng = np.random.default_rng(0)
