@@ -32,6 +32,18 @@ MODEL_KINDS: dict[str, tuple[str, str]] = {
 }
 
 
+# kinds registered by the packages that define them (e.g. the discriminative baselines of
+# ``training.baselines``): config kind -> (config class, model class)
+REGISTERED_KINDS: dict[str, tuple[type[Any], type[nn.Module]]] = {}
+
+
+def register_model_kind(kind: str, config_type: type[Any], model_type: type[nn.Module]) -> None:
+    """Let checkpoints of ``kind`` (the ``kind`` field of their config) rebuild ``model_type``."""
+    if kind in MODEL_KINDS:
+        raise ValueError(f"model kind {kind!r} is the core's own")
+    REGISTERED_KINDS[kind] = (config_type, model_type)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is unreadable, of an unknown schema or kind, or does not match its config."""
 
@@ -44,6 +56,11 @@ class Checkpoint:
     provenance: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def kind(self) -> str:
+        """The model kind its config names."""
+        return str(self.config.get("kind"))
 
 
 def git_commit() -> str:
@@ -69,9 +86,13 @@ def _config_to_dict(config: Any) -> dict[str, Any]:
 def build_model(config: dict[str, Any]) -> nn.Module:
     """Instantiate the model a config dict describes (tuples restored from lists)."""
     kind = config.get("kind")
-    if kind not in MODEL_KINDS:
-        raise CheckpointError(f"unknown model kind {kind!r}; known: {sorted(MODEL_KINDS)}")
-    cfg_type, model_type = (_import(name) for name in MODEL_KINDS[kind])
+    if kind in REGISTERED_KINDS:
+        cfg_type, model_type = REGISTERED_KINDS[kind]
+    elif kind in MODEL_KINDS:
+        cfg_type, model_type = (_import(name) for name in MODEL_KINDS[kind])
+    else:
+        known = sorted({*MODEL_KINDS, *REGISTERED_KINDS})
+        raise CheckpointError(f"unknown model kind {kind!r}; known: {known}")
     fields = {f.name for f in dataclasses.fields(cfg_type)}
     unknown = set(config) - fields
     if unknown:

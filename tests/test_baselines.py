@@ -13,11 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cama.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cama.config import ImageCamaConfig
+from cama.image_model import ImageCama
 from training.baselines import (
     BASELINES,
     BNCNN,
     DNN,
-    BaselineCheckpointError,
+    BaselineConfigError,
     BNCNNConfig,
     DNNConfig,
     SmallCNN,
@@ -154,14 +157,29 @@ def test_checkpoint_keeps_a_non_default_config(tmp_path: Path) -> None:
 def test_load_refuses_bad_files(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(BaselineCheckpointError):
+    with pytest.raises(CheckpointError):
         load_baseline(garbage)
     other = tmp_path / "other.pt"
-    torch.save({"state_dict": {}, "kind": "resnet", "schema_version": 1, "config": {}}, other)
-    with pytest.raises(BaselineCheckpointError, match="unknown baseline kind"):
+    torch.save({"state_dict": {}, "schema_version": 1, "config": {"kind": "resnet"}}, other)
+    with pytest.raises(CheckpointError, match="unknown model kind"):
         load_baseline(other)
-    with pytest.raises(BaselineCheckpointError, match="unknown fields"):
+    cama = tmp_path / "cama.pt"
+    save_checkpoint(cama, ImageCama(ImageCamaConfig.tiny()))
+    with pytest.raises(CheckpointError, match="not a baseline"):
+        load_baseline(cama)
+    with pytest.raises(BaselineConfigError, match="unknown fields"):
         build_baseline("dnn", {"kind": "dnn", "width": 3})
+
+
+def test_baselines_are_core_checkpoints(tmp_path: Path) -> None:
+    """One checkpoint format: a baseline loads with the core's loader too."""
+    model = build_baseline("dnn")
+    save_baseline(tmp_path / "dnn.pt", model)
+    loaded, meta = load_checkpoint(tmp_path / "dnn.pt")
+    assert type(loaded) is type(model)
+    assert meta.kind == "dnn"
+    for shipped in ("models/mnist_dnn.pt", "models/mnist_bncnn.pt", "models/mnist_bncnn_flat.pt"):
+        assert load_checkpoint(REPO / shipped)[1].kind in BASELINES
 
 
 def test_augmented_batch_adds_a_manipulated_copy() -> None:

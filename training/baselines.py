@@ -5,30 +5,29 @@
 - ``SmallCNN``: the 4-convolution keras ``cifar10_cnn`` network of appendix B, on 1x28x28.
 - ``BNCNN``: a small CNN with BatchNorm after every convolution, the model TENT adapts.
 
-A checkpoint holds the model kind, its config, the weights, provenance and metrics, so that
-:func:`load_baseline` rebuilds the model with no training code. Files are written atomically.
+Checkpoints are the core's (``cama.checkpoint``): config (with its ``kind``), weights, provenance
+and metrics; this module registers the baselines' kinds, so that :func:`load_baseline` (and
+``cama.checkpoint.load_checkpoint``) rebuild the model with no training code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cama.checkpoint import git_commit, save_torch_payload
+from cama.checkpoint import Checkpoint, CheckpointError, load_checkpoint, register_model_kind, save_checkpoint
 
-SCHEMA_VERSION = 1
 BaselineKind = Literal["dnn", "cnn", "bncnn"]
 
 
-class BaselineCheckpointError(RuntimeError):
-    """A baseline checkpoint is unreadable, of an unknown schema or kind, or does not fit its config."""
+class BaselineConfigError(ValueError):
+    """An unknown baseline kind, or a config with fields its kind does not have."""
 
 
 # --- configs ----------------------------------------------------------------------------------
@@ -192,31 +191,23 @@ BASELINES: dict[str, tuple[type[Any], type[nn.Module]]] = {
 def build_baseline(kind: str, config: dict[str, Any] | None = None) -> nn.Module:
     """Instantiate a baseline by kind from a config dict (lists become tuples); defaults if none."""
     if kind not in BASELINES:
-        raise BaselineCheckpointError(f"unknown baseline kind {kind!r}; known: {sorted(BASELINES)}")
+        raise BaselineConfigError(f"unknown baseline kind {kind!r}; known: {sorted(BASELINES)}")
     cfg_type, model_type = BASELINES[kind]
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in (config or {"kind": kind}).items()}
     known = {f.name for f in dataclasses.fields(cfg_type)}
     unknown = set(values) - known
     if unknown:
-        raise BaselineCheckpointError(f"config has unknown fields {sorted(unknown)}")
+        raise BaselineConfigError(f"config has unknown fields {sorted(unknown)}")
     if values.get("kind", kind) != kind:
-        raise BaselineCheckpointError(f"config kind {values['kind']!r} does not match {kind!r}")
+        raise BaselineConfigError(f"config kind {values['kind']!r} does not match {kind!r}")
     model: nn.Module = model_type(cfg_type(**values))
     return model
 
 
-# --- checkpoints ------------------------------------------------------------------------------
+# --- checkpoints: the core's format (``cama.checkpoint``), with the baselines' kinds registered ---
 
-
-@dataclass
-class BaselineCheckpoint:
-    """What a baseline checkpoint holds besides the weights."""
-
-    kind: str
-    config: dict[str, Any]
-    provenance: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
+for _kind, (_config, _model) in BASELINES.items():
+    register_model_kind(_kind, _config, _model)
 
 
 def save_baseline(
@@ -226,48 +217,18 @@ def save_baseline(
     provenance: dict[str, Any] | None = None,
     metrics: dict[str, float] | None = None,
 ) -> str:
-    """Write kind + config + weights + provenance (git commit added) + metrics atomically; return SHA-256."""
-    config = getattr(model, "config", None)
-    if config is None or not dataclasses.is_dataclass(config) or isinstance(config, type):
-        raise BaselineCheckpointError("model has no config dataclass to describe it")
-    config_dict = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
-    payload = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": config_dict["kind"],
-        "config": config_dict,
-        "provenance": {"git_commit": git_commit(), **(provenance or {})},
-        "metrics": dict(metrics or {}),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    return save_torch_payload(payload, path)
+    """Write the baseline as a core checkpoint (config + weights + provenance + metrics); SHA-256."""
+    return save_checkpoint(path, model, provenance=provenance, metrics=metrics)
 
 
 def load_baseline(
     path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, BaselineCheckpoint]:
-    """Rebuild the baseline a checkpoint describes, load its weights strictly, return it in eval mode."""
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise BaselineCheckpointError(f"cannot read baseline checkpoint {path}: {exc}") from exc
-    if not isinstance(payload, dict) or "state_dict" not in payload or "kind" not in payload:
-        raise BaselineCheckpointError(f"{path} is not a baseline checkpoint")
-    version = payload.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise BaselineCheckpointError(f"{path}: schema version {version}, expected {SCHEMA_VERSION}")
-    model = build_baseline(payload["kind"], payload["config"])
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as exc:
-        raise BaselineCheckpointError(f"{path}: weights do not match the config: {exc}") from exc
-    model.eval()
-    meta = BaselineCheckpoint(
-        kind=payload["kind"],
-        config=payload["config"],
-        provenance=payload.get("provenance", {}),
-        metrics=payload.get("metrics", {}),
-        schema_version=version,
-    )
+) -> tuple[nn.Module, Checkpoint]:
+    """Rebuild the baseline a checkpoint describes (:func:`cama.checkpoint.load_checkpoint`) and
+    refuse a checkpoint of another kind (a CAMA)."""
+    model, meta = load_checkpoint(path, map_location=map_location)
+    if meta.kind not in BASELINES:
+        raise CheckpointError(f"{path} holds a {meta.kind!r} model, not a baseline ({sorted(BASELINES)})")
     return model, meta
 
 
