@@ -279,9 +279,14 @@ def measure_cama_ft(s: Setup, prefix: str, n: int, adapt_x: np.ndarray, score: S
     gate = outcome.decision.as_dict()
     c.put(f"{prefix}.gate_accepted.n{n}", {"value": float(accepted), **info, "gate": gate})
     adapted = c.get(keys[3], partial(served_accuracy, model, score), model=s.digest, recipe=recipe, n_adapt=n)
-    served = model if accepted else s.cama  # a refused job leaves the served model in place
+    # a refused job leaves the served model in place: its scores are the unadapted model's, the
+    # same numbers (same model, images and noise seed) as `cama` and `clean.cama`
+    served = model if accepted else s.cama
+    unadapted = f"{prefix}.cama"
     if accepted:
         c.put(keys[0], {"value": adapted, **info})
+    elif c.fresh(unadapted, s.digest):
+        c.put(keys[0], {"value": c.data[unadapted]["value"], **info})
     else:
         c.get(keys[0], partial(served_accuracy, served, score), model=s.digest, recipe=recipe, n_adapt=n)
     c.get(keys[1], partial(served_accuracy, served, s.clean_score), model=s.digest, recipe=recipe, n_adapt=n)
