@@ -122,7 +122,9 @@ def test_worker_adapts_and_every_api_process_swaps(stack):
 def test_a_redelivered_task_is_idempotent(stack):
     """Running the task function again for a finished job, or after a crash, makes nothing twice."""
     _, _, registry, common = stack
-    settings = Settings(**{k: v for k, v in common.items() if k != "token"}, token=TOKEN)
+    # the processes read "null" from their environment; in Python it is None
+    values = {k: None if v == "null" else v for k, v in common.items() if k != "token"}
+    settings = Settings(**values, token=TOKEN)
     store = RedisJobStore(REDIS_URL, common["redis_prefix"])
     ctx = JobContext(registry, store, settings)
     finished = [j for j in _jobs(store) if j.state == "succeeded"]

@@ -50,7 +50,7 @@ def test_shifted_mnist_adaptation_through_the_service(tmp_path, tmp_path_factory
         args = [
             "--store", str(template), "--name", "tiny", "--mode", "embedded", "--n-test", "80", "--k", "2",
             "--poisoned", "0", "--min-gain=-100", "--gate-margin", "1.0", "--gate-min-elbo-gain=-1e9",
-            "--gate-max-label-kl-rise", "1e9",
+            "--gate-max-label-kl-rise", "1e9", "--gate-min-confidence", "none",
             "--finetune", '{"epochs": 1, "batch_size": 16}',
         ]  # fmt: skip
     env = {

@@ -103,9 +103,12 @@ class Cache:
         self.save()
         return taken
 
-    def put(self, key: str, entry: dict[str, Any]) -> None:
+    def put(self, key: str, entry: dict[str, Any], *, show: bool = False) -> None:
+        """Cache ``entry`` under ``key`` (and print its value if ``show``)."""
         self.data[key] = entry
         self.save()
+        if show:
+            print(f"{key:48s} {float(entry['value']):.4f}", flush=True)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -284,9 +284,9 @@ def measure_cama_ft(s: Setup, prefix: str, n: int, adapt_x: np.ndarray, score: S
     served = model if accepted else s.cama
     unadapted = f"{prefix}.cama"
     if accepted:
-        c.put(keys[0], {"value": adapted, **info})
+        c.put(keys[0], {"value": adapted, **info}, show=True)
     elif c.fresh(unadapted, s.digest):
-        c.put(keys[0], {"value": c.data[unadapted]["value"], **info})
+        c.put(keys[0], {"value": c.data[unadapted]["value"], **info}, show=True)
     else:
         c.get(keys[0], partial(served_accuracy, served, score), model=s.digest, recipe=recipe, n_adapt=n)
     c.get(keys[1], partial(served_accuracy, served, s.clean_score), model=s.digest, recipe=recipe, n_adapt=n)
