@@ -373,13 +373,38 @@ def table(m: dict[str, float], s: Setup) -> str:
     return "\n".join(lines)
 
 
+BAR_METHODS = ("dnn", "tent_flat", "tent_flat_online", "tent_gap_online", "cama", "cama_ft")
+
+
 def plot(m: dict[str, float], s: Setup, path: Path) -> None:
-    """Mean accuracy over the 15 corruptions against n, one line per method."""
+    """Mean accuracy over the sets against n, one line per method; with one n, per-set bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    measured = [n for n in s.ns if any(f"{s.prefix}.{name}.cama_ft.n{n}" in m for name in s.names)]
+    if len(measured) == 1:
+        n = measured[0]
+
+        def value(name: str, method: str) -> float:
+            return m.get(f"{s.prefix}.{name}.{method}.n{n}", m.get(f"{s.prefix}.{name}.{method}", np.nan))
+
+        names = [*s.names, "mean"]
+        width = 0.8 / len(BAR_METHODS)
+        fig, ax = plt.subplots(figsize=(12, 4))
+        for i, method in enumerate(BAR_METHODS):
+            xs = np.arange(len(names)) + (i - len(BAR_METHODS) / 2 + 0.5) * width
+            ax.bar(xs, [value(name, method) for name in names], width, label=method)
+        ax.set_xticks(np.arange(len(names)), names, rotation=40, ha="right", fontsize=8)
+        ax.set_ylabel(f"accuracy (adapted on n = {n})")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, ncol=len(BAR_METHODS), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in METHODS:
         ns = [n for n in s.ns if f"{s.prefix}.mean.{method}.n{n}" in m]
