@@ -69,7 +69,7 @@ class MicroBatcher:
         self._carry: _Pending | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self._task: asyncio.Task[None] | None = None
-        self._large_since_idle = False
+        self._heavy_since_idle = False
 
     def start(self) -> None:
         if self._task is None:
@@ -102,8 +102,8 @@ class MicroBatcher:
         if self._carry is not None:
             item, self._carry = self._carry, None
             return item
-        if self._queue.empty() and self._on_idle is not None and self._large_since_idle:
-            self._large_since_idle = False
+        if self._queue.empty() and self._on_idle is not None and self._heavy_since_idle:
+            self._heavy_since_idle = False
             await asyncio.get_running_loop().run_in_executor(self._executor, self._on_idle)
         return await self._queue.get()
 
@@ -166,6 +166,9 @@ class MicroBatcher:
 
     async def _finish_small(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         version = batch[0].version or self._current()
+        work = sum(len(p.inputs) for p in batch) * batch[0].k * version.num_classes
+        if self.chunk_work is not None and 2 * work >= self.chunk_work:
+            self._heavy_since_idle = True  # a pass near the largest: give its memory back when idle
         log_w = await loop.run_in_executor(self._executor, self._infer, version, batch)
         start = 0
         for p in batch:
@@ -177,7 +180,7 @@ class MicroBatcher:
     async def _run_chunk(self, item: _Pending) -> None:
         """One chunk of a large request; then it queues again behind what arrived meanwhile."""
         version = item.version or self._current()
-        self._large_since_idle = True
+        self._heavy_since_idle = True
         loop = asyncio.get_running_loop()
         if item.noise is None:
             item.noise = version.noise(len(item.inputs), item.k, item.seed)

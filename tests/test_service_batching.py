@@ -178,3 +178,36 @@ def test_a_failed_forward_pass_fails_only_its_requests():
             await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_memory_is_given_back_when_idle_after_a_heavy_pass_and_only_then():
+    """After a pass of at least half the chunk work the idle queue releases memory once; a stream of
+    small requests (work far below it) never pays for a release."""
+    version = FakeVersion(1)
+    released: list[int] = []
+
+    def run(requests: list[tuple[int, int, int]]) -> int:
+        released.clear()
+        batcher = MicroBatcher(
+            lambda: version,  # type: ignore[arg-type,return-value]
+            max_inputs=64,
+            max_wait_s=0.0,
+            chunk_work=36,
+            on_idle=lambda: released.append(1),
+        )
+
+        async def scenario() -> None:
+            batcher.start()
+            try:
+                for n, k, seed in requests:  # one after another: the queue empties between them
+                    await batcher.submit(inputs(n, 0.0), k, seed)
+                await asyncio.sleep(0.05)  # the loop reaches the empty queue again
+            finally:
+                await batcher.stop()
+
+        asyncio.run(scenario())
+        return len(released)
+
+    assert run([(1, 1, s) for s in range(5)]) == 0  # work 3 each: small
+    assert run([(3, 2, 0)]) == 1  # work 18 = chunk_work / 2: one release when idle
+    assert run([(10, 3, 1)]) == 1  # chunked (work 90): one release after its last chunk
