@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     # the request cost model: a request asks for inputs x k x classes decoder passes (eq. 6)
     max_work: int = Field(default=64000, ge=1, description="most work one /predict may ask for")
     chunk_work: int = Field(
-        default=2000, ge=1, description="most work (decoder passes) of one forward pass: bounds its memory"
+        default=1000, ge=1, description="most work (decoder passes) of one forward pass: bounds its memory"
     )
     decode_slots: int = Field(default=2, ge=1, description="request bodies decoded at once")
     malloc_arena_max: int | None = Field(default=2, ge=1, description="glibc malloc arenas (None: glibc's)")
