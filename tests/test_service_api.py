@@ -64,6 +64,8 @@ def test_health_and_openapi(client):
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert set(body) == {"application/json", "multipart/form-data"}
+    # a multipart field the endpoint does not take is a 422 unknown_field, so the schema says so
+    assert body["multipart/form-data"]["schema"]["additionalProperties"] is False
     assert "PredictRequest" in spec["components"]["schemas"]
     assert "AdaptRequest" in spec["components"]["schemas"]
     for path in (

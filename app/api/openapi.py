@@ -44,7 +44,12 @@ def request_body(model: type[BaseModel], multipart_fields: dict[str, str]) -> di
             "content": {
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
                 "multipart/form-data": {
-                    "schema": {"type": "object", "required": ["model", "images"], "properties": properties}
+                    "schema": {
+                        "type": "object",
+                        "required": ["model", "images"],
+                        "properties": properties,
+                        "additionalProperties": False,  # other fields are a 422 unknown_field
+                    }
                 },
             },
         }
