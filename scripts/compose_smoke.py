@@ -138,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--level", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None, help="bound the job's fine-tuning steps")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the job")
+    parser.add_argument("--timeout", type=float, default=1500.0, help="seconds to wait for the job")
     return parser.parse_args(argv)
 
 
