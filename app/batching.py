@@ -55,6 +55,7 @@ class MicroBatcher:
         screen: float | None = None,
         on_batch: Callable[[int, int], None] | None = None,
         on_idle: Callable[[], None] | None = None,
+        on_chunk: Callable[[], None] | None = None,
         name: str = "model",
     ) -> None:
         self._current = current
@@ -65,6 +66,7 @@ class MicroBatcher:
         self.screen = screen
         self._on_batch = on_batch
         self._on_idle = on_idle
+        self._on_chunk = on_chunk
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._carry: _Pending | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
@@ -192,6 +194,8 @@ class MicroBatcher:
         )
         item.parts.append(part)
         item.done = idx.stop
+        if self._on_chunk is not None:  # between chunks: the freed pass goes back before the next
+            await loop.run_in_executor(self._executor, self._on_chunk)
         if item.future.done():
             return  # the client went away: drop the rest
         if item.done >= len(item.inputs):

@@ -27,7 +27,7 @@ from app.metrics import ServiceMetrics
 from app.serving import LoadedVersion, ServedModel, load_version
 from store.data import Inputs
 from store.errors import NotFoundError, UnavailableError
-from store.memory import release_memory
+from store.memory import release_memory, trim_memory
 from store.registry import ModelRegistry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class ModelServer:
                 screen=s.screen_margin,
                 on_batch=self._batch_observer(slot.name),
                 on_idle=release_memory,
+                on_chunk=trim_memory,
                 name=slot.name,
             )
             slot.batcher.start()

@@ -42,6 +42,11 @@ def limit_arenas(count: int) -> bool:
 def release_memory() -> None:
     """Collect garbage and return the allocator's free memory to the operating system."""
     gc.collect()
+    trim_memory()
+
+
+def trim_memory() -> None:
+    """Return the allocator's free memory to the operating system (``malloc_trim(0)``; no GC)."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

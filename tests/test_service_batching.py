@@ -211,3 +211,18 @@ def test_memory_is_given_back_when_idle_after_a_heavy_pass_and_only_then():
     assert run([(1, 1, s) for s in range(5)]) == 0  # work 3 each: small
     assert run([(3, 2, 0)]) == 1  # work 18 = chunk_work / 2: one release when idle
     assert run([(10, 3, 1)]) == 1  # chunked (work 90): one release after its last chunk
+
+
+def test_the_chunks_of_a_large_request_give_memory_back_between_them():
+    """Each chunk's freed pass is returned before the next, so chunks do not pile up fragments."""
+    version = FakeVersion(1)
+    trims: list[int] = []
+    batcher = MicroBatcher(
+        lambda: version,  # type: ignore[arg-type,return-value]
+        max_inputs=64,
+        max_wait_s=0.0,
+        chunk_work=36,
+        on_chunk=lambda: trims.append(len(version.batches)),
+    )
+    asyncio.run(run_requests(batcher, [(10, 3, 1), (1, 1, 2)]))
+    assert len(trims) == 3  # once after each of the 3 chunks, never for the small request
