@@ -1,11 +1,20 @@
 """Micro-batching and fair chunking: concurrent requests share forward passes, large ones take turns.
 
-The cost of a forward pass is its *work*, ``inputs x k x classes`` decoder passes (eq. 6). Small
-requests (work up to ``chunk_work``) are micro-batched: the first queued one opens a batch and
-others with the same K join until ``max_wait`` has passed or the batch holds ``max_inputs``
-inputs or ``chunk_work`` work. A larger request runs as chunks of at most ``chunk_work``, one
-chunk per turn: after each chunk it goes to the back of the queue, so small requests that arrived
-meanwhile are answered between its chunks, and the memory of a pass is bounded whatever the request.
+The cost of a forward pass is its *work*, ``inputs x k x classes`` decoder passes (eq. 6). With
+the first-sample screen (:func:`cama.objectives.screened_log_weights`) a pass costs
+``inputs x classes`` for the screen plus ``K - 1`` samples of the contenders of the inputs it
+leaves open, so its expected work is ``inputs x classes x (1 + (k - 1) x open share)``, where the
+open share is a running average over this model's recent passes (it starts at 1, the unscreened
+cost, and is never taken below ``MIN_OPEN_SHARE``, which bounds how much longer than expected a
+pass of unexpectedly hard inputs runs). Every pass of the screen's second stage is split into
+calls of at most ``chunk_work`` decoder passes, so the memory of a pass stays bounded however many
+inputs the screen leaves open.
+
+Small requests (expected work up to ``chunk_work``) are micro-batched: the first queued one opens a
+batch and others with the same K join until ``max_wait`` has passed or the batch holds
+``max_inputs`` inputs or ``chunk_work`` expected work. A larger request runs as chunks of at most
+``chunk_work`` expected work, one chunk per turn: after each chunk it goes to the back of the
+queue, so small requests that arrived meanwhile are answered between its chunks.
 
 A request's version is captured when its first pass starts and kept for all its chunks, so every
 prediction of a response comes from one version. Each request's noise is drawn from its own seed
@@ -27,6 +36,12 @@ from app.serving import Backend, LoadedVersion, NoiseArrays
 from store.data import Inputs
 
 log = logging.getLogger(__name__)
+
+# the open share a pass is sized with never falls below this: a pass of inputs the screen
+# unexpectedly leaves all open costs at most 1 / MIN_OPEN_SHARE times its expected time
+MIN_OPEN_SHARE = 0.1
+# how fast the open share follows recent passes (the step of a pass of 16 inputs or more)
+OPEN_SHARE_RATE = 0.3
 
 
 @dataclass
@@ -72,6 +87,7 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self._task: asyncio.Task[None] | None = None
         self._heavy_since_idle = False
+        self._open_share = 1.0  # running share of inputs the screen leaves open (1: no screen)
 
     def start(self) -> None:
         if self._task is None:
@@ -91,11 +107,17 @@ class MicroBatcher:
         await self._queue.put(_Pending(inputs, k, seed, future))
         return await future
 
+    def expected_k(self, k: int) -> float:
+        """The decoder passes per input and class a pass at ``k`` samples is expected to cost."""
+        if self.screen is None or k == 1:
+            return float(k)
+        return 1.0 + (k - 1) * max(self._open_share, MIN_OPEN_SHARE)
+
     def _chunk_inputs(self, item: _Pending, num_classes: int) -> int:
         """How many inputs of ``item`` one pass may take (at least one)."""
         if self.chunk_work is None:
             return max(self.max_inputs, len(item.inputs))
-        return max(1, self.chunk_work // (item.k * num_classes))
+        return max(1, int(self.chunk_work / (self.expected_k(item.k) * num_classes)))
 
     def _is_large(self, item: _Pending, num_classes: int) -> bool:
         return item.done > 0 or len(item.inputs) > self._chunk_inputs(item, num_classes)
@@ -168,7 +190,7 @@ class MicroBatcher:
 
     async def _finish_small(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         version = batch[0].version or self._current()
-        work = sum(len(p.inputs) for p in batch) * batch[0].k * version.num_classes
+        work = sum(len(p.inputs) for p in batch) * self.expected_k(batch[0].k) * version.num_classes
         if self.chunk_work is not None and 2 * work >= self.chunk_work:
             self._heavy_since_idle = True  # a pass near the largest: give its memory back when idle
         log_w = await loop.run_in_executor(self._executor, self._infer, version, batch)
@@ -207,7 +229,21 @@ class MicroBatcher:
     def _pass(self, version: LoadedVersion, inputs: Inputs, noise: NoiseArrays, requests: int) -> np.ndarray:
         if self._on_batch is not None:
             self._on_batch(len(inputs), requests)
-        return version.log_weights(inputs, noise, self.backend, screen=self.screen)
+        if self.screen is None:
+            return version.log_weights(inputs, noise, self.backend)
+        opened = [0]
+
+        def on_open(n: int) -> None:
+            opened[0] += n
+
+        out = version.log_weights(
+            inputs, noise, self.backend, screen=self.screen, max_work=self.chunk_work, on_open=on_open
+        )
+        if noise.m.shape[0] > 1:  # a running average, weighted by the inputs of the pass
+            weight = min(1.0, len(inputs) / 16)
+            share = opened[0] / len(inputs)
+            self._open_share += OPEN_SHARE_RATE * weight * (share - self._open_share)
+        return out
 
     def _infer(self, version: LoadedVersion, batch: list[_Pending]) -> np.ndarray:
         inputs = Inputs.concat([p.inputs for p in batch])

@@ -68,5 +68,14 @@ class ServiceMetrics:
             ["model"],
             registry=r,
         )
+        self.drift_statistic = Gauge(
+            "cama_drift_statistic",
+            "The drift test's z over the served version's last window of unusual scores",
+            ["model"],
+            registry=r,
+        )
+        self.drift_state = Gauge(
+            "cama_drift_state", "Drift state per model: 0 warming, 1 normal, 2 drift", ["model"], registry=r
+        )
         self.jobs = _JobsCollector()
         r.register(self.jobs)

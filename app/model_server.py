@@ -24,13 +24,16 @@ from redis.exceptions import RedisError
 from app.batching import MicroBatcher
 from app.core.config import Settings
 from app.metrics import ServiceMetrics
-from app.serving import LoadedVersion, ServedModel, load_version
+from app.serving import EvidenceSettings, LoadedVersion, ServedModel, load_version
+from cama.drift import DriftConfig, DriftDetector, DriftState
 from store.data import Inputs
 from store.errors import NotFoundError, UnavailableError
 from store.memory import release_memory, trim_memory
 from store.registry import ModelRegistry, RegistryError
 
 log = logging.getLogger(__name__)
+
+DRIFT_CODES: dict[DriftState, int] = {"warming": 0, "normal": 1, "drift": 2}  # cama_drift_state
 
 
 @dataclass
@@ -44,6 +47,8 @@ class ModelSlot:
     refused: dict[int, str] = field(default_factory=dict)  # version -> why it was refused
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     batcher: MicroBatcher | None = None
+    drift: DriftDetector | None = None  # the drift test of the served version
+    drift_version: int | None = None
 
 
 class ModelServer:
@@ -124,6 +129,34 @@ class ModelServer:
             raise UnavailableError(f"model {name!r} is not started", reason="model_unavailable")
         return await slot.batcher.submit(inputs, k, seed)
 
+    def observe(self, name: str, version: LoadedVersion, unusual: np.ndarray) -> None:
+        """Feed the unusual scores of one response to the drift test of ``version`` (a new test
+        starts with each served version); log and count a change of state."""
+        slot = self.slot(name)
+        if slot.current is not version:
+            return  # answered by a version already swapped out: its test has ended
+        if slot.drift is None or slot.drift_version != version.version:
+            s = self.settings
+            slot.drift = DriftDetector(DriftConfig(s.drift_window, s.drift_alarm_z, s.drift_clear_z))
+            slot.drift_version = version.version
+        detector = slot.drift
+        changed = detector.update(unusual.tolist())
+        z = detector.statistic
+        if z is not None:
+            self.metrics.drift_statistic.labels(model=name).set(z)
+        if changed is not None:
+            self.metrics.drift_state.labels(model=name).set(DRIFT_CODES[changed])
+            record = {
+                "event": "drift_state",
+                "model": name,
+                "version": version.version,
+                "state": changed,
+                "statistic": None if z is None else round(z, 3),
+                "window": detector.config.window,
+                "seen": detector.seen,
+            }
+            log.warning("%s", json.dumps(record), extra=record)
+
     def ready(self) -> tuple[bool, dict[str, int | None], dict[str, str]]:
         """(every model loaded, served version per model, problems per model)."""
         versions = {n: (s.current.version if s.current else None) for n, s in self.slots.items()}
@@ -173,6 +206,12 @@ class ModelServer:
                     active,
                     device=self.settings.device,
                     threads=self.settings.torch_threads,
+                    evidence=EvidenceSettings(
+                        self.settings.evidence_inputs,
+                        self.settings.k,
+                        self.settings.screen_margin,
+                        self.settings.chunk_work,
+                    ),
                 )
             except (RegistryError, OSError) as exc:
                 slot.refused[active] = str(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -13,6 +14,7 @@ from pydantic import (
     TypeAdapter,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from cama.adapt import FinetuneConfig
 from store.jobs import JobRecord, JobState
@@ -33,23 +35,48 @@ class MeasurementRecord(BaseModel):
     x: list[float]
 
 
+INPUT_FORMS = ("images", "records", "rows")
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    """An input form is left out when unused; its schema shows no ``null`` default."""
+    schema.pop("default", None)
+
+
 class InputsRequest(BaseModel):
     """The inputs of a request: ``images`` (base64 PNG/JPEG or 28x28 arrays in [0, 1]), ``records``
     (model space) or ``rows`` (a table model's columns in the table's own units). Types are strict:
     a string or a boolean is never taken for a number."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # the schema says what the validator checks: exactly one input form, and never null
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"oneOf": [{"required": [form]} for form in INPUT_FORMS]},
+    )
 
     model: str = Field(min_length=1, max_length=64, examples=["mnist"])
-    images: list[ImageItem] | None = Field(
-        default=None, description="base64 PNG/JPEG, or 28x28 arrays in [0, 1]"
+    images: list[ImageItem] | SkipJsonSchema[None] = Field(
+        default=None, description="base64 PNG/JPEG, or 28x28 arrays in [0, 1]", json_schema_extra=_no_default
     )
-    records: list[MeasurementRecord] | None = None
-    rows: list[dict[str, Any]] | None = Field(
+    records: list[MeasurementRecord] | SkipJsonSchema[None] = Field(
+        default=None, json_schema_extra=_no_default
+    )
+    rows: list[dict[str, Any]] | SkipJsonSchema[None] = Field(
         default=None,
         description="rows keyed by the model's column names, in the table's own units (GET /models/{name} "
         "-> schema)",
+        json_schema_extra=_no_default,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_null_form(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for form in INPUT_FORMS:
+                if form in data and data[form] is None:
+                    raise ValueError(f"'{form}' must be a list, not null (leave it out)")
+        return data
 
     @model_validator(mode="after")
     def _one_input_form(self) -> Self:
@@ -69,6 +96,32 @@ class PredictionPublic(BaseModel):
     label: int
     class_name: str | None = Field(default=None, description="the label's class name (table models)")
     probabilities: list[float]
+    log_px: float | None = Field(
+        default=None, description="log p(x): the log-sum-exp over classes of eq. 6's log-weights (nats)"
+    )
+    unusual: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="the share of the version's clean canary inputs with a higher log p(x); "
+        "given at the service's default k only",
+    )
+
+
+class DriftPublic(BaseModel):
+    """The drift test of a model's served version over its last window of unusual scores."""
+
+    model: str
+    version: int | None
+    state: Literal["warming", "normal", "drift"]
+    statistic: float | None = Field(description="z = (mean unusual - 1/2) * sqrt(12 window)")
+    window: int
+    alarm_z: float
+    clear_z: float
+    since: datetime | None = Field(description="when the state last changed")
+    seen: int = Field(description="inputs tested since this version was served")
+    alarms: int
+    reference_k: int | None = Field(description="the k the unusual score is calibrated at")
 
 
 class PredictResponse(BaseModel):

@@ -10,6 +10,7 @@ buffers go back to the allocator (and, trimmed, to the system) instead of stayin
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from cama.checkpoint import CheckpointError, load_checkpoint
+from cama.novelty import EvidenceReference, log_evidence
 from cama.objectives import Noise, bayes_log_weights, class_log_weights, screened_log_weights
 from store.data import INPUT_NAMES, Inputs, ServingData
 from store.registry import CorruptVersionError, Manifest, ModelRegistry
@@ -31,6 +33,7 @@ Backend = Literal["onnx", "torch"]
 # the load-time probe: the first PROBE_INPUTS canary inputs at PROBE_K samples, noise seed PROBE_SEED;
 # ONNX must match torch within PROBE_TOLERANCE nats per class with identical labels
 PROBE_INPUTS, PROBE_K, PROBE_SEED, PROBE_TOLERANCE = 8, 2, 20240611, 0.05
+EVIDENCE_SEED = 20240612  # the noise of the canary's clean reference for the unusual score
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class LoadedVersion:
         self.dim_m = int(getattr(model, "dim_m"))  # noqa: B009
         self.dim_z = int(getattr(model, "dim_z"))  # noqa: B009
         self.encoding = RowEncoding.from_provenance(manifest.provenance)
+        self.evidence: EvidenceReference | None = None  # set by calibrate_evidence
 
     def noise(self, n: int, k: int, seed: int) -> NoiseArrays:
         """Standard-normal noise for ``n`` inputs and ``k`` samples, from ``seed`` (replayable)."""
@@ -95,11 +99,19 @@ class LoadedVersion:
         return NoiseArrays(m, z)
 
     def log_weights(
-        self, inputs: Inputs, noise: NoiseArrays, backend: Backend = "onnx", *, screen: float | None = None
+        self,
+        inputs: Inputs,
+        noise: NoiseArrays,
+        backend: Backend = "onnx",
+        *,
+        screen: float | None = None,
+        max_work: int | None = None,
+        on_open: Callable[[int], None] | None = None,
     ) -> np.ndarray:
         """Eq. 6 per-class log-weights ``(B, C)`` with the given noise; with ``screen`` (nats), all K
         samples only for the inputs the first sample leaves undecided
-        (:func:`cama.objectives.screened_log_weights`)."""
+        (:func:`cama.objectives.screened_log_weights`), in passes of at most ``max_work`` decoder
+        passes; ``on_open(n)`` is told how many inputs each of those passes takes."""
         if screen is None:
             return self._log_weights(inputs, noise, backend)
 
@@ -107,11 +119,13 @@ class LoadedVersion:
             return torch.from_numpy(self._log_weights(inputs, _arrays(part), backend))
 
         def one_class(rows: torch.Tensor, labels: torch.Tensor, part: Noise) -> torch.Tensor:
+            if on_open is not None:
+                on_open(len(rows))
             sub = inputs.take(rows.numpy())
             return torch.from_numpy(self._class_log_weights(sub, labels.numpy(), _arrays(part), backend))
 
         full = Noise(torch.from_numpy(noise.m), torch.from_numpy(noise.z))
-        return screened_log_weights(every_class, one_class, full, screen).numpy()
+        return screened_log_weights(every_class, one_class, full, screen, max_work).numpy()
 
     def _log_weights(self, inputs: Inputs, noise: NoiseArrays, backend: Backend) -> np.ndarray:
         if backend == "torch":
@@ -156,6 +170,26 @@ class LoadedVersion:
         return out.numpy().astype(np.float32)
 
 
+def calibrate_evidence(
+    loaded: LoadedVersion,
+    canary: Inputs,
+    k: int,
+    *,
+    screen: float | None = None,
+    max_work: int | None = None,
+    batch: int = 100,
+) -> EvidenceReference:
+    """The clean reference of the unusual score (:mod:`cama.novelty`): ``log p(x)`` of the
+    version's canary inputs through the served path at ``k`` samples, with fixed noise."""
+    scores = []
+    for start in range(0, len(canary), batch):
+        part = canary.take(slice(start, start + batch))
+        noise = loaded.noise(len(part), k, EVIDENCE_SEED + start)
+        log_w = loaded.log_weights(part, noise, "onnx", screen=screen, max_work=max_work)
+        scores.append(log_evidence(log_w))
+    return EvidenceReference.from_scores(np.concatenate(scores), k)
+
+
 def _arrays(noise: Noise) -> NoiseArrays:
     """Noise tensors as the contiguous float32 arrays ONNX Runtime takes."""
     return NoiseArrays(np.ascontiguousarray(noise.m.numpy()), np.ascontiguousarray(noise.z.numpy()))
@@ -179,8 +213,10 @@ def load_version(
     *,
     device: str = "cpu",
     threads: int | None = None,
+    evidence: EvidenceSettings | None = None,
 ) -> LoadedVersion:
-    """Verify checksums, rebuild the torch model, open the ONNX session and run one smoke prediction.
+    """Verify checksums, rebuild the torch model, open the ONNX session and run one smoke prediction;
+    with ``evidence``, also calibrate the unusual score on the canary (:func:`calibrate_evidence`).
 
     Raises :class:`CorruptVersionError` for anything wrong with the artifact.
     """
@@ -212,11 +248,32 @@ def load_version(
             raise CorruptVersionError(f"{name} v{version}: {graph} inputs {names}, expected {expected}")
     loaded = LoadedVersion(manifest, session, model, classes_session)
     try:
-        probe = ServingData.load(directory / "replay.npz").canary.take(slice(0, PROBE_INPUTS))
+        canary = ServingData.load(directory / "replay.npz").canary
     except (OSError, ValueError, KeyError) as exc:
         raise CorruptVersionError(f"{name} v{version}: unreadable replay.npz: {exc}") from exc
-    probe_check(loaded, probe)
+    probe_check(loaded, canary.take(slice(0, PROBE_INPUTS)))
+    if evidence is not None and evidence.inputs > 0:
+        try:
+            loaded.evidence = calibrate_evidence(
+                loaded,
+                canary.take(slice(0, evidence.inputs)),
+                evidence.k,
+                screen=evidence.screen,
+                max_work=evidence.max_work,
+            )
+        except ValueError as exc:
+            raise CorruptVersionError(f"{name} v{version}: no clean reference for log p(x): {exc}") from exc
     return loaded
+
+
+@dataclass(frozen=True)
+class EvidenceSettings:
+    """How a loaded version calibrates its unusual score: canary inputs, K and the served screen."""
+
+    inputs: int
+    k: int
+    screen: float | None = None
+    max_work: int | None = None
 
 
 def probe_check(loaded: LoadedVersion, probe: Inputs) -> float:

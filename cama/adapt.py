@@ -30,6 +30,7 @@ from cama.objectives import (
     slice_cond,
 )
 from cama.protocol import CamaModel, all_classes
+from cama.runtime import bf16_native
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class FinetuneConfig:
     ``max_steps``: a small batch still gets ``min_steps`` steps (many passes over it), a large one
     ``epochs`` passes. With ``lr_schedule="cosine"`` the step size stays at ``lr`` and then decays
     along half a cosine to zero over the last ``decay_fraction`` of the steps, so that the run ends
-    on a settled iterate; ``"constant"`` is the paper's plain Adam.
+    on a settled iterate; ``"constant"`` is the paper's plain Adam. ``bf16``: bfloat16 autocast
+    where the device computes it in hardware (:func:`cama.runtime.bf16_native`), float32 elsewhere.
     """
 
     lr: float = 1e-3
@@ -236,6 +238,7 @@ def finetune(
         else None
     )
     report = FinetuneReport()
+    bf16 = cfg.bf16 and bf16_native(test_x.device)  # emulated bfloat16 is slower than float32
     model.train()  # type: ignore[attr-defined]
     try:
         while report.steps < total:
@@ -254,7 +257,7 @@ def finetune(
                     (clean_x[clean_idx], clean_y[clean_idx]),
                     test_x[idx],
                     cfg.alpha,
-                    bf16=cfg.bf16,
+                    bf16=bf16,
                     clean_cond=index_cond(clean_cond, clean_idx),
                     test_cond=index_cond(test_cond, idx),
                 )

@@ -255,6 +255,7 @@ def screened_log_weights(
     one_class: Callable[[Tensor, Tensor, Noise], Tensor],
     noise: Noise,
     margin: float,
+    max_work: int | None = None,
 ) -> Tensor:
     """Eq. 6 that spends the K importance samples only on the classes that can still win.
 
@@ -269,7 +270,9 @@ def screened_log_weights(
     ``every_class(noise)``: log-weights ``(B, C)`` of all inputs with ``noise``;
     ``one_class(rows, labels, noise)``: the log-weights ``(S, B')`` of classes ``labels (S, B')``
     of the inputs ``rows (B',)``, with ``noise.m (K', B', dM)`` and ``noise.z (S, K', B', dZ)``
-    (:func:`class_log_weights`, any backend).
+    (:func:`class_log_weights`, any backend). ``max_work``: the most decoder passes
+    (contenders x (K - 1) x inputs) of one ``one_class`` call; the open inputs are split into calls
+    of at most that many, which bounds the memory of stage 2 and leaves every weight unchanged.
     """
     k = noise.m.shape[0]
     out = every_class(Noise(m=noise.m[:1], z=noise.z[:, :1]))  # (B, C), K = 1
@@ -289,8 +292,13 @@ def screened_log_weights(
     valid = torch.arange(s, device=out.device).unsqueeze(0) < contenders.sum(dim=1, keepdim=True)
     labels[~valid] = labels[:, :1].expand_as(labels)[~valid]
     labels = labels.T  # (S, B')
-    rest = Noise(m=noise.m[1:, open_rows], z=noise.z[labels, 1:, open_rows.unsqueeze(0)].permute(0, 2, 1, 3))
-    later = one_class(open_rows, labels, rest).to(out.dtype)  # (S, B'): mean weight of samples 2..K
+    step = len(open_rows) if max_work is None else max(1, max_work // (s * (k - 1)))
+    parts = []
+    for start in range(0, len(open_rows), step):
+        rows, part_labels = open_rows[start : start + step], labels[:, start : start + step]
+        rest = Noise(m=noise.m[1:, rows], z=noise.z[part_labels, 1:, rows.unsqueeze(0)].permute(0, 2, 1, 3))
+        parts.append(one_class(rows, part_labels, rest).to(out.dtype))  # (S, b): mean of samples 2..K
+    later = torch.cat(parts, dim=1)  # (S, B')
     combined = torch.logaddexp(torch.gather(first, 1, labels.T).T, later + math.log(k - 1)) - math.log(k)
     out = out.clone()
     rows = open_rows.unsqueeze(0).expand_as(labels)

@@ -1,13 +1,15 @@
 """Where the core runs and how it writes files: the one device resolver and the one atomic write.
 
 Training, the API and the worker all resolve ``cpu`` / ``cuda`` / ``auto`` with
-:func:`resolve_device`, and every file that a reader may open while it is being replaced
-(checkpoints, manifests, ACTIVE, metrics, serving data, job batches) is written with
-:func:`atomic_write`: a temporary file in the same directory, fsync, rename, fsync of the directory.
+:func:`resolve_device` (and ask :func:`bf16_native` before running bfloat16), and every file that
+a reader may open while it is being replaced (checkpoints, manifests, ACTIVE, metrics, serving
+data, job batches) is written with :func:`atomic_write`: a temporary file in the same directory,
+fsync, rename, fsync of the directory.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Callable
@@ -32,6 +34,30 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {name}: CUDA is not available on this machine")
     return device
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware: a CUDA device that supports it, or a CPU
+    with AVX512-BF16 or AMX. Elsewhere bfloat16 autocast is emulated and several times slower than
+    float32, so the core runs float32 there whatever a recipe asks."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
 
 
 def fsync_dir(path: Path) -> None:

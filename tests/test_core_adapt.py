@@ -313,3 +313,14 @@ def test_field_mechanism_is_the_identity_at_zero_and_smooth():
     veiled = apply_mechanisms(p, {"field": theta}, 5)
     back = canonicalize(veiled, {"field": theta}, None)  # the inference side undoes the mixture
     torch.testing.assert_close(back, p, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_runs_only_where_the_cpu_computes_it(monkeypatch):
+    """A recipe's bf16 is float32 on a CPU without AVX512-BF16/AMX (emulated bf16 is slower)."""
+    from cama import runtime
+
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert not runtime.bf16_native(torch.device("cpu"))
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert runtime.bf16_native(torch.device("cpu"))
+    assert not runtime.bf16_native(torch.device("meta"))

@@ -207,3 +207,28 @@ def test_class_log_weights_are_the_all_class_ones(batch):
             model, x, labels, noise=O.Noise(noise.m, noise.z[labels, :, rows].permute(0, 2, 1, 3))
         )
     torch.testing.assert_close(some, full[rows.expand_as(labels), labels])
+
+
+def test_screened_second_stage_in_bounded_calls_gives_the_same_weights(batch):
+    """``max_work`` splits stage 2 into calls of at most that many decoder passes; no weight moves."""
+    model = tiny_model("transform")
+    x, _ = batch
+    k = 4
+    noise = O.sample_noise(model, x.shape[0], k, generator=torch.Generator().manual_seed(7))
+    calls: list[int] = []
+
+    def every_class(part: O.Noise) -> torch.Tensor:
+        return O.bayes_log_weights(model, x, noise=part)
+
+    def one_class(idx: torch.Tensor, labels: torch.Tensor, part: O.Noise) -> torch.Tensor:
+        calls.append(labels.shape[0] * (k - 1) * len(idx))
+        return O.class_log_weights(model, x[idx], labels, noise=part)
+
+    with torch.no_grad():
+        whole = O.screened_log_weights(every_class, one_class, noise, float("inf"))
+        assert len(calls) == 1
+        calls.clear()
+        split = O.screened_log_weights(every_class, one_class, noise, float("inf"), max_work=2 * 10 * 3)
+    torch.testing.assert_close(split, whole)
+    assert len(calls) > 1
+    assert max(calls) <= 2 * 10 * 3

@@ -16,7 +16,7 @@ def test_the_worker_and_the_store_import_no_fastapi():
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette', 'httpx')); "
         "assert not bad, bad"
     )
-    env = service_env(redis_url="redis://127.0.0.1:6379/15")
+    env = service_env()  # no CAMA_REDIS_URL: importing the worker needs no broker
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -27,6 +27,21 @@ def test_the_worker_and_the_store_import_no_fastapi():
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_worker_without_redis_refuses_to_start():
+    env = service_env()
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "the worker needs CAMA_REDIS_URL" in proc.stdout + proc.stderr
 
 
 def test_one_resolve_device_and_one_atomic_write():

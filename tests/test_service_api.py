@@ -67,6 +67,10 @@ def test_health_and_openapi(client):
     # a multipart field the endpoint does not take is a 422 unknown_field, so the schema says so
     assert body["multipart/form-data"]["schema"]["additionalProperties"] is False
     assert "PredictRequest" in spec["components"]["schemas"]
+    # the schema says what the server checks: exactly one input form, never null
+    predict_schema = spec["components"]["schemas"]["PredictRequest"]
+    assert predict_schema["oneOf"] == [{"required": [f]} for f in ("images", "records", "rows")]
+    assert "null" not in json.dumps(predict_schema["properties"]["images"])
     assert "AdaptRequest" in spec["components"]["schemas"]
     for path in (
         "/adapt",
@@ -161,6 +165,7 @@ GOOD = [[0.0] * 28] * 28
         ({"model": "tiny", "records": [{"a": [1.0], "c": [1.0], "x": [1.0]}]}, 422, "wrong_input_kind"),
         ({"model": "tiny", "images": [GOOD], "records": []}, 422, "invalid_request"),
         ({"model": "tiny"}, 422, "invalid_request"),
+        ({"model": "tiny", "images": [GOOD], "records": None}, 422, "invalid_request"),
         ({"images": [GOOD]}, 422, "invalid_request"),
         ({"model": "tiny", "images": [GOOD], "k": 0}, 422, "invalid_request"),
         ({"model": "tiny", "images": [GOOD], "k": 51}, 422, "k_too_large"),

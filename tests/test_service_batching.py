@@ -226,3 +226,35 @@ def test_the_chunks_of_a_large_request_give_memory_back_between_them():
     )
     asyncio.run(run_requests(batcher, [(10, 3, 1), (1, 1, 2)]))
     assert len(trims) == 3  # once after each of the 3 chunks, never for the small request
+
+
+class ScreeningVersion(FakeVersion):
+    """Reports, like the screened path, how many inputs each pass leaves open (a fixed share)."""
+
+    num_classes = 10
+
+    def __init__(self, open_share: float) -> None:
+        super().__init__(1)
+        self.open_share = open_share
+        self.max_work: list[int | None] = []
+
+    def log_weights(self, inputs, noise, backend="onnx", *, screen=None, max_work=None, on_open=None):
+        self.max_work.append(max_work)
+        if screen is not None and on_open is not None:
+            on_open(round(self.open_share * len(inputs)))
+        return super().log_weights(inputs, noise, backend)
+
+
+@pytest.mark.parametrize(("open_share", "largest"), [(0.0, (50, 52)), (1.0, (10, 10))])
+def test_a_screened_pass_is_sized_by_the_work_the_screen_leaves(open_share, largest):
+    """Expected work = inputs x classes x (1 + (k-1) x open share): passes grow towards
+    chunk_work / (classes x (1 + (k-1) x MIN_OPEN_SHARE)) inputs when the screen settles everything
+    and stay at chunk_work / (k x classes) when it settles nothing; stage 2 is bounded by chunk_work."""
+    version = ScreeningVersion(open_share)
+    batcher = MicroBatcher(lambda: version, max_inputs=256, max_wait_s=0.0, chunk_work=1000, screen=15.0)  # type: ignore[arg-type,return-value]
+    ((log_w, _),) = asyncio.run(run_requests(batcher, [(1000, 10, 3)]))
+    assert version.batches[0] == 10  # the open share starts at 1: the unscreened cost
+    assert largest[0] <= max(version.batches) <= largest[1]
+    assert set(version.max_work) == {1000}
+    alone = FakeVersion.log_weights(version, inputs(1000, 0), version.noise(1000, 10, 3))
+    np.testing.assert_allclose(log_w, alone, rtol=1e-6)

@@ -64,6 +64,8 @@ def test_invalid_values_are_refused():
         Settings(k=20, max_k=10)
     with pytest.raises(ValidationError):
         Settings(batch_max_inputs=0)
+    with pytest.raises(ValidationError, match="drift_clear_z"):
+        Settings(drift_alarm_z=3.0, drift_clear_z=3.0)
 
 
 def test_gate_checks_default_on_and_switch_off_with_null(monkeypatch):

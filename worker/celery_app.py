@@ -9,15 +9,17 @@ nothing here touches CUDA, so forking the pool is safe.
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 from celery import Celery
+from celery.signals import worker_init
 
 from app.core.config import get_settings
 
 settings = get_settings()
-if not settings.redis_url:
-    raise RuntimeError("the worker needs CAMA_REDIS_URL (the embedded mode runs jobs inside the API)")
-
-celery_app = Celery("cama", broker=settings.redis_url, include=["worker.tasks"])
+# no broker without CAMA_REDIS_URL: the module imports (tools, tests), a worker refuses to start
+celery_app = Celery("cama", broker=settings.redis_url or "memory://", include=["worker.tasks"])
 celery_app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
@@ -34,3 +36,11 @@ celery_app.conf.update(
     worker_hijack_root_logger=False,
 )
 app = celery_app
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]  # Celery ships no type hints
+def require_redis(**_: Any) -> None:
+    """A worker needs the Redis broker; without ``CAMA_REDIS_URL`` it stops before taking a job."""
+    if not settings.redis_url:
+        print("the worker needs CAMA_REDIS_URL (the embedded mode runs jobs inside the API)", file=sys.stderr)
+        raise SystemExit(2)

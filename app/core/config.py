@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     # the first-sample screen (nats): all K importance samples only where the first leaves the
     # label undecided (cama.objectives.screened_log_weights); null: all K for every input
     screen_margin: float | None = Field(default=SCREEN_MARGIN, ge=0.0)
+    # how unusual each input is (cama.novelty) and drift on live traffic (cama.drift)
+    evidence_inputs: int = Field(
+        default=500, ge=0, description="canary inputs that calibrate the unusual score (0: no score)"
+    )
+    drift_window: int = Field(default=100, ge=2, description="inputs in the drift test's window")
+    drift_alarm_z: float = Field(default=5.0, gt=0)
+    drift_clear_z: float = Field(default=2.0)
     batching: bool = True
     batch_max_inputs: int = Field(default=64, ge=1)
     batch_max_wait_ms: float = Field(default=5.0, ge=0)
@@ -158,6 +165,10 @@ class Settings(BaseSettings):
     def _refuse_unsafe(self) -> Self:
         if self.max_k < self.k:
             raise ValueError(f"k={self.k} exceeds max_k={self.max_k}")
+        if self.drift_clear_z >= self.drift_alarm_z:
+            raise ValueError(
+                f"drift_clear_z={self.drift_clear_z} must be below drift_alarm_z={self.drift_alarm_z}"
+            )
         if self.environment != "development":
             token = self.token.get_secret_value() if self.token is not None else ""
             if not token:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ServerDep, StateDep, TokenDep
 from app.api.openapi import error_responses
 from app.model_server import ModelServer
-from app.schemas import ActivateRequest, ModelPublic, ModelSummary, TableSchemaPublic, VersionPublic
+from app.schemas import (
+    ActivateRequest,
+    DriftPublic,
+    ModelPublic,
+    ModelSummary,
+    TableSchemaPublic,
+    VersionPublic,
+)
 from app.serving import load_version
 from app.state import AppState
 from store.registry import ModelRegistry, RegistryError
@@ -73,6 +82,30 @@ async def get_model(name: str, state: StateDep, server: ServerDep) -> ModelPubli
     model trained from a table, its schema (column roles, class names, standardisation)."""
     server.slot(name)
     return await run_in_threadpool(_details, state.registry, server, name)
+
+
+@router.get("/{name}/drift", response_model=DriftPublic, responses=error_responses(404, 422))
+async def get_drift(name: str, server: ServerDep) -> DriftPublic:
+    """The drift test of the served version: ``state`` turns to ``drift`` when the mean unusual
+    score of the last ``window`` inputs (at the default k) is ``alarm_z`` standard errors above
+    the clean mean 1/2, and back to ``normal`` at ``clear_z`` (``cama.drift``)."""
+    slot = server.slot(name)
+    s = server.settings
+    current = slot.current
+    detector = slot.drift if current is not None and slot.drift_version == current.version else None
+    return DriftPublic(
+        model=name,
+        version=current.version if current is not None else None,
+        state=detector.state if detector is not None else "warming",
+        statistic=detector.statistic if detector is not None else None,
+        window=s.drift_window,
+        alarm_z=s.drift_alarm_z,
+        clear_z=s.drift_clear_z,
+        since=datetime.fromtimestamp(detector.since, UTC) if detector is not None else None,
+        seen=detector.seen if detector is not None else 0,
+        alarms=detector.alarms if detector is not None else 0,
+        reference_k=current.evidence.k if current is not None and current.evidence is not None else None,
+    )
 
 
 def _activate(state: AppState, name: str, version: int) -> None:

@@ -11,24 +11,30 @@ from app.api.deps import DecoderDep, ServerDep, SettingsDep
 from app.api.openapi import error_responses, request_body
 from app.api.parsing import Limits, check_work
 from app.schemas import PredictionPublic, PredictRequest, PredictResponse
+from cama.novelty import log_evidence
 from store.data import check_shapes
 from store.errors import InvalidInputError
 
 router = APIRouter(tags=["predict"])
 
 
-def _predictions(log_w: np.ndarray, classes: tuple[str, ...] | None) -> list[PredictionPublic]:
-    """p(y|x) = softmax over the per-class log-weights (eq. 6), with its arg-max label."""
-    shifted = np.exp(log_w - log_w.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
+def _predictions(
+    log_w: np.ndarray, classes: tuple[str, ...] | None, unusual: np.ndarray | None
+) -> list[PredictionPublic]:
+    """p(y|x) = softmax over the per-class log-weights (eq. 6), with its arg-max label, the
+    evidence log p(x) = logsumexp_c of the same weights, and its unusual score (cama.novelty)."""
+    log_px = log_evidence(log_w)
+    probs = np.exp(log_w - log_px[:, None])
     out = []
-    for row in probs:
+    for i, row in enumerate(probs):
         label = int(row.argmax())
         out.append(
             PredictionPublic(
                 label=label,
                 class_name=classes[label] if classes else None,
                 probabilities=[round(float(p), 6) for p in row],
+                log_px=round(float(log_px[i]), 4) if np.isfinite(log_px[i]) else None,
+                unusual=None if unusual is None else round(float(unusual[i]), 4),
             )
         )
     return out
@@ -58,6 +64,14 @@ async def predict(
     seed = parsed.seed if parsed.seed is not None else secrets.randbits(63)
     log_w, version = await server.predict(parsed.model, parsed.inputs, k, seed)
     classes = version.encoding.classes if version.encoding is not None else None
+    unusual = None
+    if version.evidence is not None and version.evidence.k == k:  # calibrated at the default K only
+        unusual = version.evidence.unusual(log_evidence(log_w))
+        server.observe(parsed.model, version, unusual)
     return PredictResponse(
-        model=parsed.model, version=version.version, k=k, seed=seed, predictions=_predictions(log_w, classes)
+        model=parsed.model,
+        version=version.version,
+        k=k,
+        seed=seed,
+        predictions=_predictions(log_w, classes, unusual),
     )

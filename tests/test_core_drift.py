@@ -1,0 +1,68 @@
+"""The unusual score (cama.novelty) and the windowed drift test (cama.drift)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cama.drift import DriftConfig, DriftDetector
+from cama.novelty import EvidenceReference, log_evidence
+
+
+def test_log_evidence_is_the_logsumexp_over_classes():
+    log_w = np.array([[0.0, np.log(3.0)], [-1000.0, -1000.0]])
+    np.testing.assert_allclose(log_evidence(log_w), [np.log(4.0), -1000.0 + np.log(2.0)])
+
+
+def test_unusual_is_the_share_of_the_reference_explained_better():
+    ref = EvidenceReference.from_scores(np.array([3.0, 1.0, 2.0, np.nan, 4.0]), k=10)
+    np.testing.assert_allclose(ref.unusual(np.array([5.0, 4.0, 2.5, 1.0, -np.inf])), [0, 0, 0.5, 0.75, 1])
+    with pytest.raises(ValueError, match="no finite"):
+        EvidenceReference.from_scores(np.array([np.nan]), k=1)
+
+
+def test_unusual_is_uniform_on_inputs_drawn_like_the_reference():
+    rng = np.random.default_rng(0)
+    ref = EvidenceReference.from_scores(rng.normal(size=1000), k=10)
+    u = ref.unusual(rng.normal(size=20000))
+    assert abs(u.mean() - 0.5) < 0.02
+    assert abs(u.var() - 1 / 12) < 0.01
+
+
+def test_no_false_alarm_on_a_long_clean_stream_and_one_alarm_per_episode():
+    rng = np.random.default_rng(1)
+    clock = iter(range(10**6))
+    det = DriftDetector(DriftConfig(window=100), clock=lambda: float(next(clock)))
+    assert det.update(rng.random(99)) is None
+    assert det.state == "warming"
+    assert det.update(rng.random(1)) == "normal"
+    det.update(rng.random(50000))
+    assert det.alarms == 0
+    # a manipulation: unusual scores near 1 turn the state within a fraction of the window
+    changes = [det.update([s]) for s in rng.uniform(0.8, 1.0, 200)]
+    first = changes.index("drift")
+    assert 10 < first < 60
+    assert det.alarms == 1
+    assert det.state == "drift"
+    assert det.since > 0
+    det.update(rng.random(300))  # back to clean: the state clears
+    assert det.state == "normal"
+    assert det.alarms == 1
+
+
+def test_config_rejects_thresholds_that_cannot_clear():
+    with pytest.raises(ValueError, match="clear_z"):
+        DriftConfig(alarm_z=2.0, clear_z=3.0)
+
+
+def test_the_benchmark_auroc_and_requests_to_alarm():
+    from benchmarks.drift import auroc, requests_to_alarm
+
+    assert auroc(np.array([0.1, 0.2]), np.array([0.8, 0.9])) == 1.0
+    assert auroc(np.array([0.8, 0.9]), np.array([0.1, 0.2])) == 0.0
+    assert auroc(np.full(5, 0.5), np.full(7, 0.5)) == 0.5  # ties count half
+    rng = np.random.default_rng(3)
+    config = DriftConfig(window=100)
+    clean = rng.random(200)
+    assert requests_to_alarm(clean, np.ones(500), config, horizon=500) < 40
+    assert requests_to_alarm(clean, rng.random(500), config, horizon=500) == 501  # never: horizon + 1
