@@ -85,7 +85,7 @@ compose-smoke: install
 	PY=$(BIN)/python scripts/compose_smoke.sh
 
 # The service's reliability suite (docs/service.md): fuzzing, bad inputs, memory, a killed worker,
-# hot-swaps, Redis down; about 25 minutes; writes benchmarks/results/reliability.json.
+# hot-swaps, Redis down; about 40 minutes on 2 cores; writes benchmarks/results/reliability.json.
 .PHONY: reliability
 reliability: install
 	nice -n 10 $(BIN)/python -m benchmarks.reliability $(RELIABILITY_ARGS)

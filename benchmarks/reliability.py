@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--fuzz-requests", type=int, default=10000)
-    parser.add_argument("--fuzz-budget-s", type=float, default=900.0)
+    parser.add_argument("--fuzz-budget-s", type=float, default=1100.0)
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument("--no-metrics", action="store_true", help="do not write docs/results/metrics.json")
     args = parser.parse_args(argv)
