@@ -37,7 +37,7 @@ import torch
 
 from app.core.config import Settings
 from app.serving import EvidenceSettings, LoadedVersion, load_version
-from benchmarks.harness import build_store
+from benchmarks.harness import mnist_store
 from cama.drift import DriftConfig, DriftDetector
 from cama.novelty import log_evidence
 from store.data import Inputs
@@ -135,11 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             sets[f"{name}_{level:g}"] = named(name, level)(base, np.random.default_rng(1)).astype(np.float32)
         sets["uniform_noise"] = rng.random(base.shape, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="cama-drift-") as tmp:
-        seed_dir = Path(tmp) / "seed"
-        seed_dir.mkdir()
-        (seed_dir / "mnist_cama.pt").symlink_to(args.checkpoint.resolve())
-        (seed_dir / "mnist_serving_data.npz").symlink_to(args.serving_data.resolve())
-        registry = build_store(Path(tmp) / "store", seed_dir, ["mnist"])
+        registry = mnist_store(Path(tmp), args.checkpoint, args.serving_data)
         evidence = EvidenceSettings(args.evidence_inputs, k, screen, defaults.chunk_work)
         version = load_version(registry, "mnist", 1, threads=args.threads, evidence=evidence)
         clean = unusual_scores(version, clean_x, k, screen, seed=1)

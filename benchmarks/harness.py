@@ -99,6 +99,15 @@ def make_measurement_seed_dir(
     return directory
 
 
+def mnist_store(root: Path, checkpoint: Path, serving_data: Path) -> ModelRegistry:
+    """A store under ``root`` seeded with one MNIST checkpoint and its serving data (linked)."""
+    seed_dir = root / "seed"
+    seed_dir.mkdir(parents=True)
+    (seed_dir / "mnist_cama.pt").symlink_to(checkpoint.resolve())
+    (seed_dir / "mnist_serving_data.npz").symlink_to(serving_data.resolve())
+    return build_store(root / "store", seed_dir, ["mnist"])
+
+
 def build_store(store: Path, seed_dir: Path, names: list[str]) -> ModelRegistry:
     """A store seeded from ``seed_dir`` (exports ONNX once per model)."""
     registry = ModelRegistry(store)

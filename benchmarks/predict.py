@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from app.serving import LoadedVersion, load_version
-from benchmarks.harness import ServiceProcess, build_store, png_base64
+from benchmarks.harness import ServiceProcess, mnist_store, png_base64
 from cama.adapt import FinetuneConfig, finetune
 from cama.checkpoint import load_checkpoint
 from cama.objectives import SCREEN_MARGIN
@@ -288,11 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     mnist = load_mnist(args.data_dir)
     with tempfile.TemporaryDirectory(prefix="cama-predict-") as tmp:
-        seed_dir = Path(tmp) / "seed"
-        seed_dir.mkdir()
-        (seed_dir / "mnist_cama.pt").symlink_to(args.checkpoint.resolve())
-        (seed_dir / "mnist_serving_data.npz").symlink_to(args.serving_data.resolve())
-        registry = build_store(Path(tmp) / "store", seed_dir, ["mnist"])
+        registry = mnist_store(Path(tmp), args.checkpoint, args.serving_data)
         version = load_version(registry, "mnist", 1, threads=args.threads)
         if args.calibrate:
             _, val = validation_split(mnist.train, 0.05, 0)
