@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from celery import Celery
 from kombu.exceptions import OperationalError
@@ -99,7 +99,12 @@ class JobService:
         self.model_store = model_store
 
     def submit(
-        self, model: str, inputs: Inputs, base_version: int | None, overrides: dict[str, Any] | None
+        self,
+        model: str,
+        inputs: Inputs,
+        base_version: int | None,
+        overrides: dict[str, Any] | None,
+        trigger: Literal["request", "drift"] = "request",
     ) -> JobRecord:
         job = JobRecord(
             id=uuid.uuid4().hex,
@@ -111,6 +116,7 @@ class JobService:
             base_version=base_version,
             created=time.time(),
             finetune=dict(overrides or {}),
+            trigger=trigger,
         )
         path = batch_path(self.model_store, job.id)
         guarded(self.store.ping)

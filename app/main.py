@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from app.api.main import api_router
 from app.api.openapi import install_openapi
 from app.api.parsing import Decoder
+from app.auto_adapt import AutoAdapter
 from app.core.config import Settings, get_settings
 from app.errors import install_error_handlers
 from app.jobs import CeleryDispatcher, JobService, ThreadDispatcher, write_token_file
@@ -109,10 +110,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         jobs,
         resolve_token(settings),
         Decoder(settings.decode_slots),
+        AutoAdapter(settings, jobs),
         notify,
     )
     await server.start()
-    reaper = asyncio.get_running_loop().create_task(reap(jobs, settings)) if settings.redis_url else None
+    loop = asyncio.get_running_loop()
+    reaper = loop.create_task(reap(jobs, settings)) if settings.redis_url else None
+    auto = app.state.cama.auto
+    watcher = loop.create_task(auto.run(settings.poll_interval_s)) if auto.buffers else None
 
     async def seed() -> None:
         problems = await asyncio.to_thread(seed_store, registry, list(server.slots), settings.seed_dir)
@@ -127,8 +132,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         seeding.cancel()
-        if reaper is not None:
-            reaper.cancel()
+        for task in (reaper, watcher):
+            if task is not None:
+                task.cancel()
         await server.stop()
         jobs.close()
 

@@ -26,6 +26,7 @@ from app.core.config import Settings
 from app.metrics import ServiceMetrics
 from app.serving import EvidenceSettings, LoadedVersion, ServedModel, load_version
 from cama.drift import DriftConfig, DriftDetector, DriftState
+from cama.novelty import route
 from store.data import Inputs
 from store.errors import NotFoundError, UnavailableError
 from store.memory import release_memory, trim_memory
@@ -34,6 +35,17 @@ from store.registry import ModelRegistry, RegistryError
 log = logging.getLogger(__name__)
 
 DRIFT_CODES: dict[DriftState, int] = {"warming": 0, "normal": 1, "drift": 2}  # cama_drift_state
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request's eq. 6 log-weights ``(B, C)``, the served version, and with routing on the
+    version that answered each input (``routes``; None without routing)."""
+
+    log_w: np.ndarray
+    version: LoadedVersion
+    routes: list[LoadedVersion] | None
+    unusual: np.ndarray | None = None  # (B,): against the version that answered each input
 
 
 @dataclass
@@ -49,6 +61,8 @@ class ModelSlot:
     batcher: MicroBatcher | None = None
     drift: DriftDetector | None = None  # the drift test of the served version
     drift_version: int | None = None
+    # routing: other versions answering beside the served one, each with its own batcher
+    adapters: dict[int, tuple[LoadedVersion, MicroBatcher]] = field(default_factory=dict)
 
 
 class ModelServer:
@@ -65,25 +79,13 @@ class ModelServer:
     # --- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         """Start batchers and the watcher (which loads every model on its first pass)."""
-        s = self.settings
         for slot in self.slots.values():
-            slot.batcher = MicroBatcher(
-                self._getter(slot),
-                max_inputs=s.batch_max_inputs if s.batching else 1,
-                max_wait_s=s.batch_max_wait_ms / 1000.0 if s.batching else 0.0,
-                chunk_work=s.chunk_work,
-                backend=s.backend,
-                screen=s.screen_margin,
-                on_batch=self._batch_observer(slot.name),
-                on_idle=release_memory,
-                on_chunk=trim_memory,
-                name=slot.name,
-            )
+            slot.batcher = self._batcher(slot.name, self._getter(slot))
             slot.batcher.start()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch()))
-        if s.redis_url:
-            self._tasks.append(loop.create_task(self._listen(s.redis_url)))
+        if self.settings.redis_url:
+            self._tasks.append(loop.create_task(self._listen(self.settings.redis_url)))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -94,6 +96,24 @@ class ModelServer:
         for slot in self.slots.values():
             if slot.batcher is not None:
                 await slot.batcher.stop()
+            for _, batcher in slot.adapters.values():
+                await batcher.stop()
+            slot.adapters.clear()
+
+    def _batcher(self, name: str, current: Callable[[], LoadedVersion]) -> MicroBatcher:
+        s = self.settings
+        return MicroBatcher(
+            current,
+            max_inputs=s.batch_max_inputs if s.batching else 1,
+            max_wait_s=s.batch_max_wait_ms / 1000.0 if s.batching else 0.0,
+            chunk_work=s.chunk_work,
+            backend=s.backend,
+            screen=s.screen_margin,
+            on_batch=self._batch_observer(name),
+            on_idle=release_memory,
+            on_chunk=trim_memory,
+            name=name,
+        )
 
     def wake(self) -> None:
         """Re-read every ACTIVE file now (called after an activation in this process)."""
@@ -121,20 +141,37 @@ class ModelServer:
         current = self.current(name)
         return ServedModel(current.num_classes, current.encoding)
 
-    async def predict(self, name: str, inputs: Inputs, k: int, seed: int) -> tuple[np.ndarray, LoadedVersion]:
-        """Eq. 6 log-weights ``(B, C)`` through the model's micro-batcher, and the version used."""
+    async def predict(self, name: str, inputs: Inputs, k: int, seed: int) -> Answer:
+        """Eq. 6 log-weights ``(B, C)`` through the model's micro-batcher, the served version and,
+        with routing on, each input's route: the version that explains it best (cama.novelty.route)."""
         slot = self.slot(name)
         self.current(name)
         if slot.batcher is None:
             raise UnavailableError(f"model {name!r} is not started", reason="model_unavailable")
-        return await slot.batcher.submit(inputs, k, seed)
+        adapters = [batcher for _, batcher in slot.adapters.values()]
+        if not adapters:
+            log_w, version = await slot.batcher.submit(inputs, k, seed)
+            answered, routes = [version] * len(inputs), None
+        else:
+            answers = await asyncio.gather(
+                slot.batcher.submit(inputs, k, seed), *(b.submit(inputs, k, seed) for b in adapters)
+            )
+            chosen, log_w = route([w for w, _ in answers])
+            versions = [v for _, v in answers]
+            version = versions[0]
+            answered = routes = [versions[i] for i in chosen]
+        unusual = None
+        if all(v.evidence is not None and v.evidence.k == k for v in answered):  # calibrated K only
+            unusual = await asyncio.to_thread(_unusual, answered, log_w, inputs)
+        return Answer(log_w, version, routes, unusual)
 
-    def observe(self, name: str, version: LoadedVersion, unusual: np.ndarray) -> None:
+    def observe(self, name: str, version: LoadedVersion, unusual: np.ndarray) -> DriftState | None:
         """Feed the unusual scores of one response to the drift test of ``version`` (a new test
-        starts with each served version); log and count a change of state."""
+        starts with each served version); log and count a change of state. Returns the test's
+        state after these scores (None for a version already swapped out)."""
         slot = self.slot(name)
         if slot.current is not version:
-            return  # answered by a version already swapped out: its test has ended
+            return None  # answered by a version already swapped out: its test has ended
         if slot.drift is None or slot.drift_version != version.version:
             s = self.settings
             slot.drift = DriftDetector(DriftConfig(s.drift_window, s.drift_alarm_z, s.drift_clear_z))
@@ -156,6 +193,7 @@ class ModelServer:
                 "seen": detector.seen,
             }
             log.warning("%s", json.dumps(record), extra=record)
+        return detector.state
 
     def ready(self) -> tuple[bool, dict[str, int | None], dict[str, str]]:
         """(every model loaded, served version per model, problems per model)."""
@@ -199,20 +237,7 @@ class ModelServer:
             if active in slot.refused:
                 return
             try:
-                loaded = await asyncio.to_thread(
-                    load_version,
-                    self.registry,
-                    name,
-                    active,
-                    device=self.settings.device,
-                    threads=self.settings.torch_threads,
-                    evidence=EvidenceSettings(
-                        self.settings.evidence_inputs,
-                        self.settings.k,
-                        self.settings.screen_margin,
-                        self.settings.chunk_work,
-                    ),
-                )
+                loaded = await asyncio.to_thread(self._load, name, active)
             except (RegistryError, OSError) as exc:
                 slot.refused[active] = str(exc)
                 kept = f"; still serving v{slot.current.version}" if slot.current else ""
@@ -230,10 +255,57 @@ class ModelServer:
             else:
                 log.info("serving %s v%d", name, loaded.version)
 
+    async def sync_adapters(self, name: str) -> None:
+        """Routing: load the ``route_versions`` most recent versions other than the served one (never
+        a refused one), each beside its own batcher; stop those no longer among them."""
+        slot = self.slot(name)
+        if self.settings.route_versions == 0 and not slot.adapters:
+            return
+        async with slot.lock:
+            wanted: list[int] = []
+            if self.settings.route_versions > 0 and slot.current is not None:
+                try:
+                    versions = await asyncio.to_thread(self.registry.versions, name)
+                except (OSError, RegistryError) as exc:
+                    log.warning("routing %s: cannot list versions: %s", name, exc)
+                    return
+                served = slot.current.version
+                others = [v for v in reversed(versions) if v != served and v not in slot.refused]
+                wanted = others[: self.settings.route_versions]
+            for version in [v for v in slot.adapters if v not in wanted]:
+                _, batcher = slot.adapters.pop(version)
+                await batcher.stop()
+                log.info("routing %s: v%d leaves the route", name, version)
+            for version in wanted:
+                if version in slot.adapters:
+                    continue
+                try:
+                    loaded = await asyncio.to_thread(self._load, name, version)
+                except (RegistryError, OSError) as exc:
+                    slot.refused[version] = str(exc)
+                    log.error("routing %s: v%d refused: %s", name, version, exc)
+                    continue
+                batcher = self._batcher(name, _fixed(loaded))
+                batcher.start()
+                slot.adapters[version] = (loaded, batcher)
+                log.info("routing %s: v%d joins the route", name, version)
+
+    def _load(self, name: str, version: int) -> LoadedVersion:
+        s = self.settings
+        return load_version(
+            self.registry,
+            name,
+            version,
+            device=s.device,
+            threads=s.torch_threads,
+            evidence=EvidenceSettings(s.evidence_inputs, s.k, s.screen_margin, s.chunk_work, s.unusual_rule),
+        )
+
     async def refresh_all(self) -> None:
         for name in self.slots:
             try:
                 await self.refresh(name)
+                await self.sync_adapters(name)
             except Exception:
                 log.exception("refreshing %s failed", name)
 
@@ -266,6 +338,24 @@ class ModelServer:
                     await client.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+
+def _unusual(answered: list[LoadedVersion], log_w: np.ndarray, inputs: Inputs) -> np.ndarray:
+    """Each input's unusual score against the version that answered it (one call per version)."""
+    out = np.empty(len(inputs))
+    for version in {id(v): v for v in answered}.values():
+        rows = np.flatnonzero([v is version for v in answered])
+        out[rows] = version.unusual(log_w[rows], inputs.take(rows))
+    return out
+
+
+def _fixed(version: LoadedVersion) -> Callable[[], LoadedVersion]:
+    """A batcher's getter for one version that never swaps (a route's adapter)."""
+
+    def get() -> LoadedVersion:
+        return version
+
+    return get
 
 
 def _decode(data: object) -> object:

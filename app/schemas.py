@@ -106,6 +106,11 @@ class PredictionPublic(BaseModel):
         description="the share of the version's clean canary inputs with a higher log p(x); "
         "given at the service's default k only",
     )
+    route: int | None = Field(
+        default=None,
+        description="with routing on (CAMA_ROUTE_VERSIONS): the version that answered this input, "
+        "the one whose log p(x) is highest",
+    )
 
 
 class DriftPublic(BaseModel):
@@ -122,10 +127,19 @@ class DriftPublic(BaseModel):
     seen: int = Field(description="inputs tested since this version was served")
     alarms: int
     reference_k: int | None = Field(description="the k the unusual score is calibrated at")
+    auto_adapt: bool = Field(
+        default=False, description="the model adapts from its own traffic (CAMA_AUTO_ADAPT)"
+    )
+    buffered: int = Field(default=0, description="unusual inputs this process keeps for a drift-started job")
+    auto_job: str | None = Field(default=None, description="the drift-started job running now")
+    routes: list[int] = Field(
+        default_factory=list, description="versions answering beside the served one (CAMA_ROUTE_VERSIONS)"
+    )
 
 
 class PredictResponse(BaseModel):
-    """Every prediction of one response comes from the same model version."""
+    """Every prediction of one response comes from the same model version, or with routing on
+    from the version each prediction's ``route`` names."""
 
     model: str
     version: int

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cama.checkpoint import CheckpointError, load_checkpoint
-from cama.novelty import EvidenceReference, log_evidence
+from cama.novelty import DEFAULT_RULE, EvidenceReference, Rule, log_evidence, m_features
 from cama.objectives import Noise, bayes_log_weights, class_log_weights, screened_log_weights
 from store.data import INPUT_NAMES, Inputs, ServingData
 from store.registry import CorruptVersionError, Manifest, ModelRegistry
@@ -157,6 +157,20 @@ class LoadedVersion:
         }
         return np.asarray(self.classes_session.run(["log_weights"], feed)[0], dtype=np.float32)
 
+    def m_features(self, inputs: Inputs, batch: int = 500) -> np.ndarray:
+        """q(m|x)'s summary ``(mu, logvar)`` per input (:func:`cama.novelty.m_features`)."""
+        parts = [
+            m_features(self.model, part.x, part.cond)
+            for part in (inputs.take(slice(i, i + batch)) for i in range(0, len(inputs), batch))
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, 2 * self.dim_m))
+
+    def unusual(self, log_w: np.ndarray, inputs: Inputs) -> np.ndarray:
+        """The unusual score of inputs answered with eq. 6's log-weights ``log_w`` (cama.novelty)."""
+        assert self.evidence is not None
+        features = self.m_features(inputs) if self.evidence.m_model is not None else None
+        return np.asarray(self.evidence.unusual(log_evidence(log_w), features))
+
     @torch.no_grad()
     def log_weights_torch(self, inputs: Inputs, noise: NoiseArrays) -> np.ndarray:
         """The torch reference path (``cama.objectives.bayes_log_weights``)."""
@@ -175,19 +189,26 @@ def calibrate_evidence(
     canary: Inputs,
     k: int,
     *,
+    fit: Inputs | None = None,
+    rule: Rule = DEFAULT_RULE,
     screen: float | None = None,
     max_work: int | None = None,
     batch: int = 100,
 ) -> EvidenceReference:
     """The clean reference of the unusual score (:mod:`cama.novelty`): ``log p(x)`` of the
-    version's canary inputs through the served path at ``k`` samples, with fixed noise."""
+    version's canary inputs through the served path at ``k`` samples, with fixed noise, and their
+    q(m|x) summaries; the Gaussian over those is fitted on ``fit`` (other clean inputs) if given."""
     scores = []
     for start in range(0, len(canary), batch):
         part = canary.take(slice(start, start + batch))
         noise = loaded.noise(len(part), k, EVIDENCE_SEED + start)
         log_w = loaded.log_weights(part, noise, "onnx", screen=screen, max_work=max_work)
         scores.append(log_evidence(log_w))
-    return EvidenceReference.from_scores(np.concatenate(scores), k)
+    features = loaded.m_features(canary)
+    fit_features = loaded.m_features(fit) if fit is not None and len(fit) >= 2 else None
+    return EvidenceReference.from_scores(
+        np.concatenate(scores), k, features=features, fit_features=fit_features, rule=rule
+    )
 
 
 def _arrays(noise: Noise) -> NoiseArrays:
@@ -258,6 +279,8 @@ def load_version(
                 loaded,
                 canary.take(slice(0, evidence.inputs)),
                 evidence.k,
+                fit=canary.take(slice(evidence.inputs, 2 * evidence.inputs)),
+                rule=evidence.rule,
                 screen=evidence.screen,
                 max_work=evidence.max_work,
             )
@@ -274,6 +297,7 @@ class EvidenceSettings:
     k: int
     screen: float | None = None
     max_work: int | None = None
+    rule: Rule = DEFAULT_RULE
 
 
 def probe_check(loaded: LoadedVersion, probe: Inputs) -> float:

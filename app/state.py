@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.api.parsing import Decoder
+from app.auto_adapt import AutoAdapter
 from app.core.config import Settings
 from app.jobs import JobService
 from app.metrics import ServiceMetrics
@@ -22,4 +23,5 @@ class AppState:
     jobs: JobService
     token: str
     decoder: Decoder
+    auto: AutoAdapter
     notify: Callable[[str, int], None] = field(default=lambda model, version: None)

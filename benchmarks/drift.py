@@ -38,8 +38,9 @@ import torch
 from app.core.config import Settings
 from app.serving import EvidenceSettings, LoadedVersion, load_version
 from benchmarks.harness import mnist_store
+from benchmarks.live_adapt import corruption_sets, live_adaptation, routing
 from cama.drift import DriftConfig, DriftDetector
-from cama.novelty import log_evidence
+from cama.novelty import RULES, Rule, log_evidence
 from store.data import Inputs
 from training.data import MNISTC_CORRUPTIONS, load_mnist, load_mnist_c, validation_split
 from training.evaluate_mnistc import TENT_VALIDATION
@@ -47,21 +48,24 @@ from training.manipulations import named
 from training.metrics import update_metrics
 
 RESULTS = Path("benchmarks/results")
+SECTIONS = ("scores", "auto_adapt", "routing")
 BATCH = 100
 
 
 def unusual_scores(
     version: LoadedVersion, x: np.ndarray, k: int, screen: float | None, seed: int
-) -> np.ndarray:
-    """The unusual score of every image, as ``POST /predict`` gives it (batches of ``BATCH``)."""
+) -> dict[Rule, np.ndarray]:
+    """The unusual score of every image by each rule of :mod:`cama.novelty`, from what
+    ``POST /predict`` computes (batches of ``BATCH``)."""
     assert version.evidence is not None
-    out = []
+    log_px, features = [], []
     for start in range(0, len(x), BATCH):
         inputs = Inputs(np.ascontiguousarray(x[start : start + BATCH], dtype=np.float32))
         noise = version.noise(len(inputs), k, seed + start)
-        log_w = version.log_weights(inputs, noise, "onnx", screen=screen)
-        out.append(version.evidence.unusual(log_evidence(log_w)))
-    return np.concatenate(out)
+        log_px.append(log_evidence(version.log_weights(inputs, noise, "onnx", screen=screen)))
+        features.append(version.m_features(inputs))
+    lp, f = np.concatenate(log_px), np.concatenate(features)
+    return {rule: version.evidence.unusual(lp, f, rule) for rule in RULES}
 
 
 def auroc(clean: np.ndarray, shifted: np.ndarray) -> float:
@@ -112,10 +116,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clean-streams", type=int, default=5, help="shuffled clean streams")
     parser.add_argument("--horizon", type=int, default=1000, help="requests after a switch")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--log-dir", type=Path, default=Path("logs"), help="the live service's log")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--no-metrics", action="store_true")
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated, of {SECTIONS} (the validation suite measures scores only)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    sections = [part for part in args.sections.split(",") if part]
+    if unknown := set(sections) - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(unknown)}")
+    if args.suite == "validation":
+        sections = [part for part in sections if part == "scores"]
+    if "routing" in sections and "auto_adapt" not in sections:
+        parser.error("routing uses the versions the auto_adapt section publishes")
+    if "scores" in sections:
+        scores_section(args)
+    if "auto_adapt" in sections:
+        live_section(args, routed="routing" in sections)
+
+
+def scores_section(args: argparse.Namespace) -> None:
+    defaults = Settings()
     k, screen = defaults.k, defaults.screen_margin
     config = DriftConfig(args.window, args.alarm_z, args.clear_z)
     mnist = load_mnist(args.data_dir)
@@ -128,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         sets = {c: corrupted.images[c][pick] for c in MNISTC_CORRUPTIONS}
     else:
         _, val = validation_split(mnist.train, 0.05, 0)
-        held = val.x[args.evidence_inputs :]  # never the canary the score is calibrated on
+        held = val.x[2 * args.evidence_inputs :]  # never the canary the score is calibrated or fitted on
         clean_x = held
         base = held[: args.n]
         for name, level in TENT_VALIDATION:
@@ -138,9 +163,17 @@ def main(argv: list[str] | None = None) -> None:
         registry = mnist_store(Path(tmp), args.checkpoint, args.serving_data)
         evidence = EvidenceSettings(args.evidence_inputs, k, screen, defaults.chunk_work)
         version = load_version(registry, "mnist", 1, threads=args.threads, evidence=evidence)
-        clean = unusual_scores(version, clean_x, k, screen, seed=1)
-        print(f"clean: {len(clean)} images, mean unusual {clean.mean():.3f} (1/2 if calibrated)", flush=True)
-        shifted = {name: unusual_scores(version, x, k, screen, seed=2) for name, x in sets.items()}
+        clean_by_rule = unusual_scores(version, clean_x, k, screen, seed=1)
+        shifted_by_rule = {name: unusual_scores(version, x, k, screen, seed=2) for name, x in sets.items()}
+    rules = {
+        rule: float(np.mean([auroc(clean_by_rule[rule], v[rule]) for v in shifted_by_rule.values()]))
+        for rule in RULES
+    }
+    print("mean AUROC by rule: " + ", ".join(f"{r} {a:.3f}" for r, a in rules.items()), flush=True)
+    served = defaults.unusual_rule  # what the service serves; the rest below is that rule's
+    clean = clean_by_rule[served]
+    shifted = {name: v[served] for name, v in shifted_by_rule.items()}
+    print(f"clean: {len(clean)} images, mean unusual {clean.mean():.3f} (1/2 if calibrated)", flush=True)
     false_alarms = sum(alarms_on(rng.permutation(clean), config) for _ in range(args.clean_streams))
     per_10k = false_alarms * 10000 / (args.clean_streams * len(clean))
     rows: dict[str, dict[str, float]] = {}
@@ -171,6 +204,12 @@ def main(argv: list[str] | None = None) -> None:
         "k": k,
         "screen": screen,
         "evidence_inputs": args.evidence_inputs,
+        "rule": served,
+        "auroc_mean_by_rule": rules,
+        "auroc_by_rule": {
+            name: {rule: auroc(clean_by_rule[rule], v[rule]) for rule in RULES}
+            for name, v in shifted_by_rule.items()
+        },
         "drift": asdict(config),
         "clean_images": len(clean),
         "clean_mean_unusual": float(clean.mean()),
@@ -191,6 +230,57 @@ def main(argv: list[str] | None = None) -> None:
         metrics["drift.detect.requests_to_alarm.median"] = median_rta
         metrics["drift.false_alarms_per_10k"] = per_10k
         update_metrics(metrics)
+
+
+def live_section(args: argparse.Namespace, *, routed: bool) -> None:
+    """Auto-adapt from live traffic and routing (:mod:`benchmarks.live_adapt`)."""
+    defaults = Settings()
+    mnist = load_mnist(args.data_dir)
+    corrupted = load_mnist_c(args.data_dir)
+    sets = corruption_sets(corrupted.images, mnist.test.y)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="cama-live-") as tmp:
+        store = mnist_store(Path(tmp), args.checkpoint, args.serving_data).root
+        common = {"k": defaults.k, "screen": defaults.screen_margin, "threads": args.threads}
+        runs = live_adaptation(store, args.log_dir, sets, mnist.test.x, **common)
+        routes = routing(store, runs, sets, mnist.test, **common) if routed else None
+    accuracy = {r.corruption: r.accuracy for r in runs}
+    mean = float(np.mean(list(accuracy.values())))
+    accepted = sum(1 for r in runs if r.job is not None and r.job["state"] == "succeeded")
+    started = sum(1 for r in runs if r.job is not None)
+    seconds = float(np.median([r.seconds for r in runs if r.job is not None])) if started else float("nan")
+    print(f"auto-adapt MNIST-C mean {mean:.3f}; jobs started {started}, accepted {accepted}")
+    report: dict[str, Any] = {
+        "checkpoint": str(args.checkpoint),
+        "k": defaults.k,
+        "screen": defaults.screen_margin,
+        "settings": {
+            "auto_adapt_inputs": defaults.auto_adapt_inputs,
+            "auto_adapt_min_unusual": defaults.auto_adapt_min_unusual,
+            "drift_window": defaults.drift_window,
+            "drift_alarm_z": defaults.drift_alarm_z,
+        },
+        "mnistc_mean": mean,
+        "jobs_started": started,
+        "jobs_accepted": accepted,
+        "median_seconds_to_adapted": seconds,
+        "runs": [asdict(r) for r in runs],
+        "routing": routes,
+    }
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    (args.results_dir / "live_adapt.json").write_text(json.dumps(report, indent=2) + "\n")
+    if args.no_metrics:
+        return
+    metrics = {f"drift.auto_adapt.{c}": a for c, a in accuracy.items()}
+    metrics |= {
+        "drift.auto_adapt.mnistc_mean": mean,
+        "drift.auto_adapt.jobs_started": float(started),
+        "drift.auto_adapt.jobs_accepted": float(accepted),
+    }
+    if routes is not None:
+        metrics["drift.routing.mixed_accuracy"] = routes["mixed_accuracy"]
+        metrics["drift.routing.best_single_accuracy"] = routes["best_single_accuracy"]
+    update_metrics(metrics)
 
 
 if __name__ == "__main__":

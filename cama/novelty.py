@@ -1,24 +1,38 @@
-"""How unusual an input is to the model: log p(x) from eq. 6's weights, calibrated on clean data.
+"""How unusual an input is to the model: log p(x) and q(m|x), each calibrated on clean data.
 
 Eq. 6 already estimates the joint ``log p(x, y_c)`` for every class c; their log-sum-exp is the
-evidence ``log p(x) = log sum_c p(x, y_c)``, so every prediction carries it at no extra cost. Its
-scale depends on the model and on K, so it is read against the same estimate on clean held-out
-inputs (the version's canary set, with the same K and noise rule): the *unusual* score of an input
-is the share of those clean inputs the model explains better,
+evidence ``log p(x) = log sum_c p(x, y_c)``. Its scale depends on the model and on K, so it is read
+against the same estimate on clean held-out inputs (the version's canary set, same K and noise
+rule): ``u_e(x)``, the share of those clean inputs with a higher ``log p(x)``. A likelihood alone
+misses what a model explains *better* than clean data (Nalisnick et al., 2019: here, shrunken or
+shifted digits); the manipulation posterior sees those. q(m|x) = N(mu(x), diag exp(logvar(x))) is
+summarised by ``f(x) = (mu, logvar)`` and its squared Mahalanobis distance ``d(x)`` from a Gaussian
+fitted to f on clean inputs (:class:`MGaussian`); ``u_m(x)`` is the share of the canary with a
+smaller distance. Three rules give the unusual score:
 
-    unusual(x) = |{x' in canary : log p(x') > log p(x)}| / |canary|,
+- ``evidence``: ``u_e(x)``;
+- ``m``: ``u_m(x)`` (the default: the best mean AUROC on the validation split's manipulations,
+  ``python -m benchmarks.drift --suite validation``, which measures all three);
+- ``max``: ``s(x) = max(u_e(x), u_m(x))`` ranked on the canary,
+  ``|{x' in canary : s(x') < s(x)}| / |canary|``.
 
-in [0, 1]; on inputs drawn like the canary it is close to uniform, which is what the drift test
-(:mod:`cama.drift`) relies on. A low evidence is what a generative model flags; inputs that a
-likelihood model explains *better* than clean data (Nalisnick et al., 2019) score near 0 and are
-not flagged by this score.
+Each is in [0, 1] and close to uniform on inputs drawn like the canary, which is what the drift
+test (:mod:`cama.drift`) relies on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+import torch
+from torch import nn
+
+Rule = Literal["evidence", "m", "max"]
+RULES: tuple[Rule, ...] = ("evidence", "m", "max")
+DEFAULT_RULE: Rule = "m"  # the best mean AUROC on the validation split (benchmarks.drift)
+RIDGE = 1e-3  # added to the covariance's diagonal, relative to its mean variance
 
 
 def log_evidence(log_w: np.ndarray) -> np.ndarray:
@@ -27,22 +41,124 @@ def log_evidence(log_w: np.ndarray) -> np.ndarray:
     return np.asarray((top + np.log(np.exp(log_w - top).sum(axis=1, keepdims=True)))[:, 0])
 
 
-@dataclass(frozen=True)
-class EvidenceReference:
-    """The clean reference: ``log p(x)`` of held-out clean inputs, sorted, and the K it was taken at."""
+def m_features(model: nn.Module, x: np.ndarray, cond: tuple[np.ndarray, ...] = ()) -> np.ndarray:
+    """``f(x) = (mu, logvar)`` of q(m|x) for a batch, ``(B, 2 dM)`` (float64)."""
+    with torch.inference_mode():
+        conds = tuple(torch.from_numpy(c) for c in cond) if cond else None
+        mu, logvar = model.infer_m(torch.from_numpy(x), conds)  # type: ignore[operator]
+    return np.concatenate([mu.double().numpy(), logvar.double().numpy()], axis=1)
 
-    scores: np.ndarray  # (N,), ascending
-    k: int
+
+@dataclass(frozen=True)
+class MGaussian:
+    """A Gaussian over q(m|x)'s summary f(x), fitted on clean inputs; ``distance`` is the squared
+    Mahalanobis distance ``(f - mean)^T precision (f - mean)``. With fewer than four inputs per
+    dimension the covariance is diagonal."""
+
+    mean: np.ndarray  # (D,)
+    precision: np.ndarray  # (D, D)
 
     @classmethod
-    def from_scores(cls, scores: np.ndarray, k: int) -> EvidenceReference:
-        finite = np.asarray(scores, dtype=np.float64)
-        finite = finite[np.isfinite(finite)]
-        if finite.size == 0:
-            raise ValueError("the clean reference holds no finite log p(x)")
-        return cls(np.sort(finite), k)
+    def fit(cls, features: np.ndarray) -> MGaussian:
+        f = np.asarray(features, dtype=np.float64)
+        f = f[np.isfinite(f).all(axis=1)]
+        n, dims = f.shape
+        if n < 2:
+            raise ValueError("q(m|x) needs at least two clean inputs")
+        cov = np.atleast_2d(np.cov(f, rowvar=False))
+        if n < 4 * dims:
+            cov = np.diag(np.diag(cov))
+        cov = cov + (RIDGE * float(np.mean(np.diag(cov))) + 1e-12) * np.eye(dims)
+        return cls(f.mean(axis=0), np.linalg.inv(cov))
 
-    def unusual(self, log_px: np.ndarray) -> np.ndarray:
-        """The share of the reference with a higher ``log p(x)`` than each value ``(B,)``."""
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        d = np.asarray(features, dtype=np.float64) - self.mean
+        out = np.einsum("bi,ij,bj->b", d, self.precision, d)
+        return np.where(np.isfinite(out), out, np.inf)
+
+
+def _share_below(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The share of a sorted reference strictly below each value."""
+    return np.asarray(np.searchsorted(reference, np.asarray(values), side="left") / reference.size)
+
+
+@dataclass(frozen=True)
+class EvidenceReference:
+    """The clean reference: the canary's ``log p(x)`` (sorted) at K samples and, where q(m|x) is
+    used, the Gaussian over f(x), the canary's distances and its combined scores (sorted)."""
+
+    scores: np.ndarray  # (N,) log p(x), ascending
+    k: int
+    m_model: MGaussian | None = None
+    m_scores: np.ndarray | None = None  # (N,) distances, ascending
+    combined: np.ndarray | None = None  # (N,) s(x') of the canary, ascending
+    rule: Rule = DEFAULT_RULE
+
+    @classmethod
+    def from_scores(
+        cls,
+        scores: np.ndarray,
+        k: int,
+        *,
+        features: np.ndarray | None = None,
+        fit_features: np.ndarray | None = None,
+        rule: Rule = DEFAULT_RULE,
+    ) -> EvidenceReference:
+        """From the canary's ``log p(x)`` and, optionally, its q(m|x) summaries ``features`` (same
+        rows) with the Gaussian fitted on ``fit_features`` (other clean inputs; default the same)."""
+        values = np.asarray(scores, dtype=np.float64)
+        keep = np.isfinite(values)
+        if not keep.any():
+            raise ValueError("the clean reference holds no finite log p(x)")
+        ref = cls(np.sort(values[keep]), k, rule=rule)
+        if features is None:
+            return ref
+        feats = np.asarray(features, dtype=np.float64)[keep]
+        m_model = MGaussian.fit(feats if fit_features is None else fit_features)
+        m_scores = np.sort(m_model.distance(feats))
+        with_m = cls(ref.scores, k, m_model, m_scores, rule=rule)
+        combined = np.sort(with_m._raw(values[keep], feats))
+        return cls(ref.scores, k, m_model, m_scores, combined, rule)
+
+    def _evidence_share(self, log_px: np.ndarray) -> np.ndarray:
         above = self.scores.size - np.searchsorted(self.scores, np.asarray(log_px), side="right")
-        return above / self.scores.size
+        return np.asarray(above / self.scores.size)
+
+    def _raw(self, log_px: np.ndarray, features: np.ndarray) -> np.ndarray:
+        assert self.m_model is not None
+        assert self.m_scores is not None
+        u_m = _share_below(self.m_scores, self.m_model.distance(features))
+        return np.asarray(np.maximum(self._evidence_share(log_px), u_m))
+
+    def unusual(
+        self, log_px: np.ndarray, features: np.ndarray | None = None, rule: Rule | None = None
+    ) -> np.ndarray:
+        """The unusual score ``(B,)`` of inputs with evidence ``log_px`` and q(m|x) summaries
+        ``features`` by ``rule`` (default the reference's own); the evidence rule where the
+        reference or the call has no q(m|x)."""
+        rule = rule or self.rule
+        if rule == "evidence" or self.m_model is None or features is None:
+            return self._evidence_share(log_px)
+        assert self.m_scores is not None
+        assert self.combined is not None
+        if rule == "m":
+            return _share_below(self.m_scores, self.m_model.distance(features))
+        return _share_below(self.combined, self._raw(log_px, features))
+
+
+def route(log_ws: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Answer each input with the version that explains it best.
+
+    The paper's manipulation m is per input; with one adapted version per manipulation, the input's
+    version is the one with the highest evidence, ``argmax_v log p_v(x)`` with
+    ``log p_v(x) = logsumexp_c log p_v(x, y_c)`` (eq. 6's weights under version v). Takes each
+    version's per-class log-weights ``(B, C)``; returns the chosen version's index per input ``(B,)``
+    and the chosen rows ``(B, C)``. Ties go to the earliest version (the served one comes first).
+    """
+    if not log_ws:
+        raise ValueError("routing needs at least one version")
+    evidence = np.stack([log_evidence(w) for w in log_ws])  # (V, B)
+    evidence = np.where(np.isfinite(evidence), evidence, -np.inf)
+    chosen = evidence.argmax(axis=0)
+    rows = np.stack(log_ws)[chosen, np.arange(chosen.size)]
+    return chosen, rows

@@ -58,6 +58,9 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False
     finetune: dict[str, Any] = Field(default_factory=dict)
     attempts: int = Field(default=0, description="times the job was started (a lost worker's run counts)")
+    trigger: Literal["request", "drift"] = Field(
+        default="request", description="request: POST /adapt; drift: started from live traffic"
+    )
 
 
 def batch_path(store: Path, job_id: str) -> Path:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cama.drift import DriftConfig, DriftDetector
-from cama.novelty import EvidenceReference, log_evidence
+from cama.novelty import RULES, EvidenceReference, MGaussian, log_evidence
 
 
 def test_log_evidence_is_the_logsumexp_over_classes():
@@ -27,6 +27,50 @@ def test_unusual_is_uniform_on_inputs_drawn_like_the_reference():
     u = ref.unusual(rng.normal(size=20000))
     assert abs(u.mean() - 0.5) < 0.02
     assert abs(u.var() - 1 / 12) < 0.01
+
+
+def test_q_m_distance_flags_what_the_evidence_explains_better_and_stays_uniform_on_clean():
+    rng = np.random.default_rng(2)
+    cov = np.array([[1.0, 0.8], [0.8, 1.0]])
+
+    def clean(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return rng.normal(size=n), rng.multivariate_normal([0.0, 0.0], cov, size=n)
+
+    lp, f = clean(1000)
+    ref = EvidenceReference.from_scores(lp, 10, features=f, fit_features=clean(1000)[1])
+    lp_new, f_new = clean(20000)
+    for rule in RULES:  # every rule is close to Uniform(0, 1) on clean inputs
+        u = ref.unusual(lp_new, f_new, rule)
+        assert abs(u.mean() - 0.5) < 0.03, rule
+        assert abs(u.var() - 1 / 12) < 0.01, rule
+    # explained *better* than clean (a high log p(x)) but off the clean q(m|x): against the
+    # correlation, at an ordinary distance from the mean along each axis
+    lp_odd = np.full(200, 5.0)
+    f_odd = np.tile([1.5, -1.5], (200, 1))
+    assert ref.unusual(lp_odd, f_odd, "evidence").max() == 0.0
+    assert ref.unusual(lp_odd, f_odd, "m").min() > 0.99
+    assert ref.unusual(lp_odd, f_odd, "max").min() > 0.99
+    # a low evidence is still flagged by the combined rule, whatever q(m|x) says
+    assert ref.unusual(np.full(5, -5.0), f[:5], "max").min() > 0.99
+    # without features, or a reference without q(m|x), the evidence rule answers
+    np.testing.assert_array_equal(ref.unusual(lp_new[:50]), ref.unusual(lp_new[:50], None, "evidence"))
+    # a reference answers by its own rule unless the call names one
+    own = EvidenceReference.from_scores(lp, 10, features=f, rule="evidence")
+    np.testing.assert_array_equal(own.unusual(lp_odd, f_odd), ref.unusual(lp_odd, f_odd, "evidence"))
+    assert ref.rule == "m"
+    np.testing.assert_array_equal(ref.unusual(lp_odd, f_odd), ref.unusual(lp_odd, f_odd, "m"))
+    plain = EvidenceReference.from_scores(lp, 10)
+    np.testing.assert_array_equal(plain.unusual(lp_new[:50], f_new[:50]), ref.unusual(lp_new[:50], None))
+
+
+def test_the_q_m_gaussian_falls_back_to_a_diagonal_with_few_inputs():
+    f = np.random.default_rng(3).normal(size=(6, 4))
+    model = MGaussian.fit(f)
+    off = model.precision - np.diag(np.diag(model.precision))
+    assert np.abs(off).max() == 0.0
+    assert np.isfinite(model.distance(f)).all()
+    with pytest.raises(ValueError, match="at least two"):
+        MGaussian.fit(f[:1])
 
 
 def test_no_false_alarm_on_a_long_clean_stream_and_one_alarm_per_episode():

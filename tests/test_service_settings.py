@@ -59,6 +59,24 @@ def test_environment_variables_including_nested_recipe(monkeypatch):
         Settings()
 
 
+def test_auto_adapt_and_routing_settings(monkeypatch):
+    s = Settings()
+    assert s.auto_adapt == []
+    assert s.route_versions == 0
+    assert s.unusual_rule == "m"
+    monkeypatch.setenv("CAMA_AUTO_ADAPT", "mnist, measurement")
+    assert Settings().auto_adapt == ["mnist", "measurement"]
+    monkeypatch.setenv("CAMA_AUTO_ADAPT", '["mnist"]')
+    assert Settings().auto_adapt == ["mnist"]
+    monkeypatch.setenv("CAMA_AUTO_ADAPT", "cifar")
+    with pytest.raises(ValidationError, match="not served"):
+        Settings()
+    monkeypatch.delenv("CAMA_AUTO_ADAPT")
+    for bad in ({"route_versions": 9}, {"auto_adapt_inputs": 1}, {"unusual_rule": "both"}):
+        with pytest.raises(ValidationError):
+            Settings(**bad)
+
+
 def test_invalid_values_are_refused():
     with pytest.raises(ValidationError):
         Settings(k=20, max_k=10)

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.parsing import Decoder
+from app.auto_adapt import AutoAdapter
 from app.core.config import Settings
 from app.errors import AuthError
 from app.jobs import JobService
@@ -50,6 +51,10 @@ def get_decoder(state: StateDep) -> Decoder:
     return state.decoder
 
 
+def get_auto(state: StateDep) -> AutoAdapter:
+    return state.auto
+
+
 def require_token(
     state: StateDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
@@ -68,3 +73,4 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 DecoderDep = Annotated[Decoder, Depends(get_decoder)]
 TokenDep = Annotated[None, Depends(require_token)]
+AutoAdaptDep = Annotated[AutoAdapter, Depends(get_auto)]

@@ -8,16 +8,18 @@ model store (as TorchServe does with its key file), so management endpoints are 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, SecretStr, TypeAdapter, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cama.adapt import HOLDOUT_FRACTION, FinetuneConfig, GateConfig
+from cama.novelty import DEFAULT_RULE, Rule
 from cama.objectives import SCREEN_MARGIN
 
 WEAK_TOKENS = frozenset({"changeme", "change-me", "secret", "token", "password", "test", "admin"})
@@ -108,9 +110,33 @@ class Settings(BaseSettings):
     evidence_inputs: int = Field(
         default=500, ge=0, description="canary inputs that calibrate the unusual score (0: no score)"
     )
+    unusual_rule: Rule = Field(
+        default=DEFAULT_RULE, description="evidence | m | max: what the unusual score reads (cama.novelty)"
+    )
     drift_window: int = Field(default=100, ge=2, description="inputs in the drift test's window")
     drift_alarm_z: float = Field(default=5.0, gt=0)
     drift_clear_z: float = Field(default=2.0)
+    # adaptation from live traffic (app.auto_adapt): opt-in per model, off by default
+    auto_adapt: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="models that adapt from their own traffic while in drift"
+    )
+    auto_adapt_inputs: int = Field(
+        default=500, ge=2, description="unusual inputs kept during a drift; a full buffer starts one job"
+    )
+    auto_adapt_min_unusual: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="inputs scoring below this are not kept"
+    )
+    auto_adapt_max_age_s: float = Field(default=900.0, gt=0, description="a kept input is dropped after this")
+    auto_adapt_cooldown_s: float = Field(
+        default=600.0, ge=0, description="no new drift job this long after one that published nothing"
+    )
+    # routing (cama.novelty.route): each input answered by the version that explains it best
+    route_versions: int = Field(
+        default=0,
+        ge=0,
+        le=8,
+        description="other versions (most recent first) that answer beside the served one (0: no routing)",
+    )
     batching: bool = True
     batch_max_inputs: int = Field(default=64, ge=1)
     batch_max_wait_ms: float = Field(default=5.0, ge=0)
@@ -156,6 +182,16 @@ class Settings(BaseSettings):
     holdout_fraction: float = Field(default=HOLDOUT_FRACTION, gt=0.0, lt=1.0)
     min_adapt_inputs: int = Field(default=10, ge=2)
 
+    @field_validator("auto_adapt", mode="before")
+    @classmethod
+    def _model_list(cls, value: Any) -> Any:
+        """``CAMA_AUTO_ADAPT=mnist,measurement`` as well as a JSON list."""
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @field_validator("finetune")
     @classmethod
     def _typed_recipe(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +205,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"drift_clear_z={self.drift_clear_z} must be below drift_alarm_z={self.drift_alarm_z}"
             )
+        unknown = sorted(set(self.auto_adapt) - set(self.models))
+        if unknown:
+            raise ValueError(f"auto_adapt names models that are not served: {unknown}")
         if self.environment != "development":
             token = self.token.get_secret_value() if self.token is not None else ""
             if not token:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ServerDep, StateDep, TokenDep
+from app.api.deps import AutoAdaptDep, ServerDep, StateDep, TokenDep
 from app.api.openapi import error_responses
 from app.model_server import ModelServer
 from app.schemas import (
@@ -85,7 +85,7 @@ async def get_model(name: str, state: StateDep, server: ServerDep) -> ModelPubli
 
 
 @router.get("/{name}/drift", response_model=DriftPublic, responses=error_responses(404, 422))
-async def get_drift(name: str, server: ServerDep) -> DriftPublic:
+async def get_drift(name: str, server: ServerDep, auto: AutoAdaptDep) -> DriftPublic:
     """The drift test of the served version: ``state`` turns to ``drift`` when the mean unusual
     score of the last ``window`` inputs (at the default k) is ``alarm_z`` standard errors above
     the clean mean 1/2, and back to ``normal`` at ``clear_z`` (``cama.drift``)."""
@@ -105,6 +105,10 @@ async def get_drift(name: str, server: ServerDep) -> DriftPublic:
         seen=detector.seen if detector is not None else 0,
         alarms=detector.alarms if detector is not None else 0,
         reference_k=current.evidence.k if current is not None and current.evidence is not None else None,
+        auto_adapt=name in auto.buffers,
+        buffered=len(auto.buffers[name]) if name in auto.buffers else 0,
+        auto_job=auto.running.get(name),
+        routes=sorted(slot.adapters),
     )
 
 

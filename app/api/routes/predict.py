@@ -7,7 +7,7 @@ import secrets
 import numpy as np
 from fastapi import APIRouter, Request
 
-from app.api.deps import DecoderDep, ServerDep, SettingsDep
+from app.api.deps import AutoAdaptDep, DecoderDep, ServerDep, SettingsDep
 from app.api.openapi import error_responses, request_body
 from app.api.parsing import Limits, check_work
 from app.schemas import PredictionPublic, PredictRequest, PredictResponse
@@ -19,10 +19,14 @@ router = APIRouter(tags=["predict"])
 
 
 def _predictions(
-    log_w: np.ndarray, classes: tuple[str, ...] | None, unusual: np.ndarray | None
+    log_w: np.ndarray,
+    classes: tuple[str, ...] | None,
+    unusual: np.ndarray | None,
+    routes: list[int] | None,
 ) -> list[PredictionPublic]:
     """p(y|x) = softmax over the per-class log-weights (eq. 6), with its arg-max label, the
-    evidence log p(x) = logsumexp_c of the same weights, and its unusual score (cama.novelty)."""
+    evidence log p(x) = logsumexp_c of the same weights, its unusual score (cama.novelty) and,
+    with routing on, the version that answered it."""
     log_px = log_evidence(log_w)
     probs = np.exp(log_w - log_px[:, None])
     out = []
@@ -35,6 +39,7 @@ def _predictions(
                 probabilities=[round(float(p), 6) for p in row],
                 log_px=round(float(log_px[i]), 4) if np.isfinite(log_px[i]) else None,
                 unusual=None if unusual is None else round(float(unusual[i]), 4),
+                route=None if routes is None else routes[i],
             )
         )
     return out
@@ -48,7 +53,7 @@ def _predictions(
     responses=error_responses(400, 404, 413, 415, 422, 503),
 )
 async def predict(
-    request: Request, server: ServerDep, settings: SettingsDep, decoder: DecoderDep
+    request: Request, server: ServerDep, settings: SettingsDep, decoder: DecoderDep, auto: AutoAdaptDep
 ) -> PredictResponse:
     """JSON ``{"model", "images" | "records" | "rows", "k", "seed"}`` or a multipart upload of
     PNG/JPEG files. Each response names the one model version that computed all its predictions."""
@@ -62,16 +67,18 @@ async def predict(
         raise InvalidInputError(f"k={k} exceeds the limit {settings.max_k}", reason="k_too_large")
     check_work(len(parsed.inputs), k, served.num_classes, settings.max_work)
     seed = parsed.seed if parsed.seed is not None else secrets.randbits(63)
-    log_w, version = await server.predict(parsed.model, parsed.inputs, k, seed)
+    answer = await server.predict(parsed.model, parsed.inputs, k, seed)
+    version = answer.version
     classes = version.encoding.classes if version.encoding is not None else None
-    unusual = None
-    if version.evidence is not None and version.evidence.k == k:  # calibrated at the default K only
-        unusual = version.evidence.unusual(log_evidence(log_w))
-        server.observe(parsed.model, version, unusual)
+    unusual = answer.unusual
+    if unusual is not None:
+        state = server.observe(parsed.model, version, unusual)
+        auto.offer(parsed.model, version.version, parsed.inputs, unusual, state)
+    routes = None if answer.routes is None else [v.version for v in answer.routes]
     return PredictResponse(
         model=parsed.model,
         version=version.version,
         k=k,
         seed=seed,
-        predictions=_predictions(log_w, classes, unusual),
+        predictions=_predictions(answer.log_w, classes, unusual, routes),
     )
