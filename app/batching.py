@@ -12,9 +12,13 @@ inputs the screen leaves open.
 
 Small requests (expected work up to ``chunk_work``) are micro-batched: the first queued one opens a
 batch and others with the same K join until ``max_wait`` has passed or the batch holds
-``max_inputs`` inputs or ``chunk_work`` expected work. A larger request runs as chunks of at most
-``chunk_work`` expected work, one chunk per turn: after each chunk it goes to the back of the
-queue, so small requests that arrived meanwhile are answered between its chunks.
+``max_inputs`` inputs or ``chunk_work`` expected work. The wait is only spent while requests
+overlap: when the previous pass answered a single request and nothing else is queued, a batch
+closes at once, so a lone client never pays ``max_wait`` on each request.
+
+A larger request runs as chunks of at most ``chunk_work`` expected work, one chunk per turn: after
+each chunk it goes to the back of the queue, so small requests that arrived meanwhile are answered
+between its chunks.
 
 A request's version is captured when its first pass starts and kept for all its chunks, so every
 prediction of a response comes from one version. Each request's noise is drawn from its own seed
@@ -88,6 +92,7 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self._heavy_since_idle = False
         self._open_share = 1.0  # running share of inputs the screen leaves open (1: no screen)
+        self._overlapping = True  # the previous pass answered more than one request
 
     def start(self) -> None:
         if self._task is None:
@@ -140,7 +145,7 @@ class MicroBatcher:
         batch, size = [first], len(first.inputs)
         limit = min(self.max_inputs, self._chunk_inputs(first, num_classes))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.max_wait_s
+        deadline = loop.time() + (self.max_wait_s if self._overlapping else 0.0)
         while size < limit:
             try:
                 item = self._queue.get_nowait()
@@ -190,6 +195,7 @@ class MicroBatcher:
 
     async def _finish_small(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         version = batch[0].version or self._current()
+        self._overlapping = len(batch) > 1
         work = sum(len(p.inputs) for p in batch) * self.expected_k(batch[0].k) * version.num_classes
         if self.chunk_work is not None and 2 * work >= self.chunk_work:
             self._heavy_since_idle = True  # a pass near the largest: give its memory back when idle

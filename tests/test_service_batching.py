@@ -125,6 +125,37 @@ def test_concurrent_requests_share_forward_passes():
     assert max(version.batches) == 16
 
 
+def test_the_wait_is_spent_only_while_requests_overlap():
+    """A lone client's requests close their batch at once; once requests overlap, a batch waits for
+    the next one (max_wait long enough that either behaviour is unmistakable)."""
+    version = FakeVersion(1)
+
+    async def scenario() -> float:
+        batcher = MicroBatcher(lambda: version, max_inputs=8, max_wait_s=2.0)  # type: ignore[arg-type,return-value]
+        batcher.start()
+        try:
+            await asyncio.gather(*(batcher.submit(inputs(1, i), 1, i) for i in range(2)))  # overlapping
+            assert version.batches == [2]
+            first = asyncio.ensure_future(batcher.submit(inputs(1, 2), 1, 2))
+            await asyncio.sleep(0.2)  # the batch it opened is still waiting for company
+            assert not first.done()
+            await batcher.submit(inputs(1, 3), 1, 3)  # joins it: two requests, one pass
+            await first
+            assert version.batches == [2, 2]
+            version.batches.clear()
+            for _ in range(2):  # the next pass answers one request ...
+                await batcher.submit(inputs(1, 4), 1, 4)
+            t0 = asyncio.get_running_loop().time()
+            for i in range(3):  # ... and from then on a lone request never waits
+                await batcher.submit(inputs(1, i), 1, i)
+            return asyncio.get_running_loop().time() - t0
+        finally:
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) < 1.0  # three waits of max_wait would take 6 s
+    assert version.batches == [1] * 5
+
+
 def test_requests_with_different_k_are_not_mixed():
     version = FakeVersion(1)
     batcher = MicroBatcher(lambda: version, max_inputs=64, max_wait_s=0.05)  # type: ignore[arg-type,return-value]
