@@ -190,6 +190,7 @@ def calibrate_evidence(
     k: int,
     *,
     fit: Inputs | None = None,
+    fit_labels: np.ndarray | None = None,
     rule: Rule = DEFAULT_RULE,
     screen: float | None = None,
     max_work: int | None = None,
@@ -197,7 +198,8 @@ def calibrate_evidence(
 ) -> EvidenceReference:
     """The clean reference of the unusual score (:mod:`cama.novelty`): ``log p(x)`` of the
     version's canary inputs through the served path at ``k`` samples, with fixed noise, and their
-    q(m|x) summaries; the Gaussian over those is fitted on ``fit`` (other clean inputs) if given."""
+    q(m|x) summaries; the Gaussians over those are fitted on ``fit`` (other clean inputs) if given,
+    the class Gaussian where ``fit_labels`` gives their labels."""
     scores = []
     for start in range(0, len(canary), batch):
         part = canary.take(slice(start, start + batch))
@@ -207,7 +209,12 @@ def calibrate_evidence(
     features = loaded.m_features(canary)
     fit_features = loaded.m_features(fit) if fit is not None and len(fit) >= 2 else None
     return EvidenceReference.from_scores(
-        np.concatenate(scores), k, features=features, fit_features=fit_features, rule=rule
+        np.concatenate(scores),
+        k,
+        features=features,
+        fit_features=fit_features,
+        fit_labels=fit_labels if fit_features is not None else None,
+        rule=rule,
     )
 
 
@@ -275,7 +282,8 @@ def load_version(
             raise CorruptVersionError(f"{name} v{version}: {graph} inputs {names}, expected {expected}")
     loaded = LoadedVersion(manifest, session, model, classes_session)
     try:
-        canary = ServingData.load(directory / "replay.npz").canary
+        serving = ServingData.load(directory / "replay.npz")
+        canary, canary_y = serving.canary, serving.canary_y
     except (OSError, ValueError, KeyError) as exc:
         raise CorruptVersionError(f"{name} v{version}: unreadable replay.npz: {exc}") from exc
     probe_check(loaded, canary.take(slice(0, PROBE_INPUTS)))
@@ -286,6 +294,7 @@ def load_version(
                 canary.take(slice(0, evidence.inputs)),
                 evidence.k,
                 fit=canary.take(slice(evidence.inputs, 2 * evidence.inputs)),
+                fit_labels=canary_y[evidence.inputs : 2 * evidence.inputs],
                 rule=evidence.rule,
                 screen=evidence.screen,
                 max_work=evidence.max_work,

@@ -19,7 +19,7 @@ the service's default K), calibrated as the service calibrates it: ``log p(x)`` 
 The MNIST-C suite uses ``--n`` images of each corruption (a fixed random draw, the same indices for
 every corruption) and the 10,000 clean test images; the validation suite uses images of the 5%
 validation split of MNIST's training set that are not in the canary, and is the one to choose the
-score and the test's settings on. Writes ``benchmarks/results/drift[_val].json`` and, for
+score and the test's settings on: it also compares the class Gaussian's ridges (``CLASS_RIDGES``). Writes ``benchmarks/results/drift[_val].json`` and, for
 MNIST-C, the keys above in ``docs/results/metrics.json``.
 """
 
@@ -40,32 +40,67 @@ from app.serving import EvidenceSettings, LoadedVersion, load_version
 from benchmarks.harness import mnist_store
 from benchmarks.live_adapt import corruption_sets, live_adaptation, routing
 from cama.drift import DriftConfig, DriftDetector
-from cama.novelty import RULES, Rule, log_evidence
-from store.data import Inputs
+from cama.novelty import CLASS_RIDGE, RULES, MGaussian, Rule, log_evidence
+from store.data import Inputs, ServingData
 from training.data import MNISTC_CORRUPTIONS, load_mnist, load_mnist_c, validation_split
 from training.evaluate_mnistc import TENT_VALIDATION
 from training.manipulations import named
 from training.metrics import update_metrics
 
 RESULTS = Path("benchmarks/results")
+CLASS_RIDGES = (0.01, 0.03, 0.1, 0.3, 1.0)  # the class Gaussian's ridges the validation suite compares
 SECTIONS = ("scores", "auto_adapt", "routing")
 BATCH = 100
 
 
-def unusual_scores(
+def evidence_and_features(
     version: LoadedVersion, x: np.ndarray, k: int, screen: float | None, seed: int
-) -> dict[Rule, np.ndarray]:
-    """The unusual score of every image by each rule of :mod:`cama.novelty`, from what
-    ``POST /predict`` computes (batches of ``BATCH``)."""
-    assert version.evidence is not None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``log p(x)`` and q(m|x)'s summary of every image, as ``POST /predict`` computes them
+    (batches of ``BATCH``)."""
     log_px, features = [], []
     for start in range(0, len(x), BATCH):
         inputs = Inputs(np.ascontiguousarray(x[start : start + BATCH], dtype=np.float32))
         noise = version.noise(len(inputs), k, seed + start)
         log_px.append(log_evidence(version.log_weights(inputs, noise, "onnx", screen=screen)))
         features.append(version.m_features(inputs))
-    lp, f = np.concatenate(log_px), np.concatenate(features)
-    return {rule: version.evidence.unusual(lp, f, rule) for rule in RULES}
+    return np.concatenate(log_px), np.concatenate(features)
+
+
+def unusual_scores(
+    version: LoadedVersion, x: np.ndarray, k: int, screen: float | None, seed: int
+) -> tuple[dict[Rule, np.ndarray], np.ndarray]:
+    """The unusual score of every image by each rule of :mod:`cama.novelty`, from what
+    ``POST /predict`` computes, and the images' q(m|x) summaries."""
+    assert version.evidence is not None
+    lp, f = evidence_and_features(version, x, k, screen, seed)
+    return {rule: version.evidence.unusual(lp, f, rule) for rule in RULES}, f
+
+
+def class_ridge_sweep(
+    version: LoadedVersion,
+    serving: ServingData,
+    n: int,
+    clean: np.ndarray,
+    shifted: dict[str, np.ndarray],
+) -> dict[str, float]:
+    """Mean AUROC of the ``m_class`` rule for each ridge in ``CLASS_RIDGES``: the class Gaussian
+    refitted on the canary's second ``n`` inputs, ranked on its first ``n`` (as the service does);
+    ``clean`` and ``shifted`` are q(m|x) summaries."""
+    canary = version.m_features(serving.canary.take(slice(0, n)))
+    fit = version.m_features(serving.canary.take(slice(n, 2 * n)))
+    labels = serving.canary_y[n : 2 * n]
+    out: dict[str, float] = {}
+    for ridge in CLASS_RIDGES:
+        model = MGaussian.fit(fit, labels, ridge)
+        reference = np.sort(model.distance(canary))
+
+        def share(f: np.ndarray, model: MGaussian = model, reference: np.ndarray = reference) -> np.ndarray:
+            return np.searchsorted(reference, model.distance(f), side="left") / reference.size
+
+        out[f"{ridge:g}"] = float(np.mean([auroc(share(clean), share(f)) for f in shifted.values()]))
+        print(f"m_class ridge {ridge:g}: mean AUROC {out[f'{ridge:g}']:.4f}", flush=True)
+    return out
 
 
 def auroc(clean: np.ndarray, shifted: np.ndarray) -> float:
@@ -116,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clean-streams", type=int, default=5, help="shuffled clean streams")
     parser.add_argument("--horizon", type=int, default=1000, help="requests after a switch")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--rule", choices=RULES, default=defaults.unusual_rule, help="the live service's unusual rule"
+    )
     parser.add_argument("--log-dir", type=Path, default=Path("logs"), help="the live service's log")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--no-metrics", action="store_true")
@@ -163,8 +201,18 @@ def scores_section(args: argparse.Namespace) -> None:
         registry = mnist_store(Path(tmp), args.checkpoint, args.serving_data)
         evidence = EvidenceSettings(args.evidence_inputs, k, screen, defaults.chunk_work)
         version = load_version(registry, "mnist", 1, threads=args.threads, evidence=evidence)
-        clean_by_rule = unusual_scores(version, clean_x, k, screen, seed=1)
-        shifted_by_rule = {name: unusual_scores(version, x, k, screen, seed=2) for name, x in sets.items()}
+        clean_by_rule, clean_f = unusual_scores(version, clean_x, k, screen, seed=1)
+        scored = {name: unusual_scores(version, x, k, screen, seed=2) for name, x in sets.items()}
+        shifted_by_rule = {name: by_rule for name, (by_rule, _) in scored.items()}
+        ridges = None
+        if args.suite == "validation":
+            ridges = class_ridge_sweep(
+                version,
+                ServingData.load(args.serving_data),
+                args.evidence_inputs,
+                clean_f,
+                {name: f for name, (_, f) in scored.items()},
+            )
     rules = {
         rule: float(np.mean([auroc(clean_by_rule[rule], v[rule]) for v in shifted_by_rule.values()]))
         for rule in RULES
@@ -206,6 +254,8 @@ def scores_section(args: argparse.Namespace) -> None:
         "evidence_inputs": args.evidence_inputs,
         "rule": served,
         "auroc_mean_by_rule": rules,
+        "class_ridge": CLASS_RIDGE,
+        "auroc_mean_by_class_ridge": ridges,
         "auroc_by_rule": {
             name: {rule: auroc(clean_by_rule[rule], v[rule]) for rule in RULES}
             for name, v in shifted_by_rule.items()
@@ -242,7 +292,7 @@ def live_section(args: argparse.Namespace, *, routed: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="cama-live-") as tmp:
         store = mnist_store(Path(tmp), args.checkpoint, args.serving_data).root
         common = {"k": defaults.k, "screen": defaults.screen_margin, "threads": args.threads}
-        runs = live_adaptation(store, args.log_dir, sets, mnist.test.x, **common)
+        runs = live_adaptation(store, args.log_dir, sets, mnist.test.x, rule=args.rule, **common)
         routes = routing(store, runs, sets, mnist.test, **common) if routed else None
     accuracy = {r.corruption: r.accuracy for r in runs}
     mean = float(np.mean(list(accuracy.values())))
@@ -255,6 +305,7 @@ def live_section(args: argparse.Namespace, *, routed: bool) -> None:
         "k": defaults.k,
         "screen": defaults.screen_margin,
         "settings": {
+            "unusual_rule": args.rule,
             "auto_adapt_inputs": defaults.auto_adapt_inputs,
             "auto_adapt_min_unusual": defaults.auto_adapt_min_unusual,
             "drift_window": defaults.drift_window,

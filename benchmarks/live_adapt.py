@@ -92,9 +92,11 @@ def live_adaptation(
     k: int,
     screen: float | None,
     threads: int,
+    rule: str | None = None,
     job_timeout_s: float = 900.0,
 ) -> list[LiveRun]:
-    """Each corruption's adapt half as live traffic to one service with auto-adapt on; each scored."""
+    """Each corruption's adapt half as live traffic to one service with auto-adapt on (and the
+    unusual score's ``rule``, default the service's); each scored."""
     registry = ModelRegistry(store)
     svc = ServiceProcess(
         log_dir / "live_adapt_api.log",
@@ -104,6 +106,7 @@ def live_adaptation(
         auto_adapt="mnist",
         auto_adapt_cooldown_s=0,  # corruptions follow one another; a refusal must not hold the next
         torch_threads=threads,
+        unusual_rule=rule,
     )
     svc.wait_ready(timeout=300)
     runs: list[LiveRun] = []

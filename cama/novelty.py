@@ -8,11 +8,17 @@ misses what a model explains *better* than clean data (Nalisnick et al., 2019: h
 shifted digits); the manipulation posterior sees those. q(m|x) = N(mu(x), diag exp(logvar(x))) is
 summarised by ``f(x) = (mu, logvar)`` and its squared Mahalanobis distance ``d(x)`` from a Gaussian
 fitted to f on clean inputs (:class:`MGaussian`); ``u_m(x)`` is the share of the canary with a
-smaller distance. Three rules give the unusual score:
+smaller distance. Clean digits of different classes sit in different places of f, so a second
+Gaussian has one mean per class and a covariance shared by the classes (fitted on labelled clean
+inputs), and its distance is the smallest over the class means, ``d_c(x) = min_y (f - mu_y)^T
+Sigma^{-1} (f - mu_y)``: no label is needed to score an input. ``u_mc(x)`` is the share of the
+canary with a smaller ``d_c``. Four rules give the unusual score:
 
 - ``evidence``: ``u_e(x)``;
-- ``m``: ``u_m(x)`` (the default: the best mean AUROC on the validation split's manipulations,
-  ``python -m benchmarks.drift --suite validation``, which measures all three);
+- ``m``: ``u_m(x)``;
+- ``m_class``: ``u_mc(x)`` (the default: the best mean AUROC on the validation split's
+  manipulations, ``python -m benchmarks.drift --suite validation``, which measures every rule
+  and the class Gaussian's ridge);
 - ``max``: ``s(x) = max(u_e(x), u_m(x))`` ranked on the canary,
   ``|{x' in canary : s(x') < s(x)}| / |canary|``.
 
@@ -29,10 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-Rule = Literal["evidence", "m", "max"]
-RULES: tuple[Rule, ...] = ("evidence", "m", "max")
-DEFAULT_RULE: Rule = "m"  # the best mean AUROC on the validation split (benchmarks.drift)
+Rule = Literal["evidence", "m", "m_class", "max"]
+RULES: tuple[Rule, ...] = ("evidence", "m", "m_class", "max")
+DEFAULT_RULE: Rule = "m_class"  # the best mean AUROC on the validation split (benchmarks.drift)
 RIDGE = 1e-3  # added to the covariance's diagonal, relative to its mean variance
+CLASS_RIDGE = 0.1  # the same for the class Gaussian (chosen on the validation split)
 
 
 def log_evidence(log_w: np.ndarray) -> np.ndarray:
@@ -51,29 +58,41 @@ def m_features(model: nn.Module, x: np.ndarray, cond: tuple[np.ndarray, ...] = (
 
 @dataclass(frozen=True)
 class MGaussian:
-    """A Gaussian over q(m|x)'s summary f(x), fitted on clean inputs; ``distance`` is the squared
-    Mahalanobis distance ``(f - mean)^T precision (f - mean)``. With fewer than four inputs per
-    dimension the covariance is diagonal."""
+    """A Gaussian over q(m|x)'s summary f(x), fitted on clean inputs, with one mean or one mean per
+    class and one covariance; ``distance`` is the smallest squared Mahalanobis distance over the
+    means, ``min_g (f - mean_g)^T precision (f - mean_g)``. With fewer than four inputs per
+    dimension the covariance is diagonal; ``ridge`` times its mean variance is added to its
+    diagonal."""
 
-    mean: np.ndarray  # (D,)
+    means: np.ndarray  # (G, D)
     precision: np.ndarray  # (D, D)
 
     @classmethod
-    def fit(cls, features: np.ndarray) -> MGaussian:
+    def fit(cls, features: np.ndarray, labels: np.ndarray | None = None, ridge: float = RIDGE) -> MGaussian:
+        """One mean (``labels`` None) or one per label present, and the covariance of the inputs
+        around their own mean."""
         f = np.asarray(features, dtype=np.float64)
-        f = f[np.isfinite(f).all(axis=1)]
+        keep = np.isfinite(f).all(axis=1)
+        f = f[keep]
         n, dims = f.shape
         if n < 2:
             raise ValueError("q(m|x) needs at least two clean inputs")
-        cov = np.atleast_2d(np.cov(f, rowvar=False))
+        groups = np.zeros(n, np.int64) if labels is None else np.asarray(labels)[keep]
+        names, index = np.unique(groups, return_inverse=True)
+        means = np.stack([f[index == g].mean(axis=0) for g in range(len(names))])
+        resid = f - means[index]
+        cov = np.atleast_2d(resid.T @ resid / max(n - len(names), 1))
         if n < 4 * dims:
             cov = np.diag(np.diag(cov))
-        cov = cov + (RIDGE * float(np.mean(np.diag(cov))) + 1e-12) * np.eye(dims)
-        return cls(f.mean(axis=0), np.linalg.inv(cov))
+        cov = cov + (ridge * float(np.mean(np.diag(cov))) + 1e-12) * np.eye(dims)
+        return cls(means, np.linalg.inv(cov))
 
     def distance(self, features: np.ndarray) -> np.ndarray:
-        d = np.asarray(features, dtype=np.float64) - self.mean
-        out = np.einsum("bi,ij,bj->b", d, self.precision, d)
+        f = np.asarray(features, dtype=np.float64)
+        out = np.full(len(f), np.inf)
+        for mean in self.means:
+            d = f - mean
+            out = np.minimum(out, ((d @ self.precision) * d).sum(axis=1))
         return np.where(np.isfinite(out), out, np.inf)
 
 
@@ -93,6 +112,8 @@ class EvidenceReference:
     m_scores: np.ndarray | None = None  # (N,) distances, ascending
     combined: np.ndarray | None = None  # (N,) s(x') of the canary, ascending
     rule: Rule = DEFAULT_RULE
+    class_model: MGaussian | None = None  # one mean per class (needs labelled clean inputs)
+    class_scores: np.ndarray | None = None  # (N,) its distances, ascending
 
     @classmethod
     def from_scores(
@@ -102,10 +123,13 @@ class EvidenceReference:
         *,
         features: np.ndarray | None = None,
         fit_features: np.ndarray | None = None,
+        fit_labels: np.ndarray | None = None,
         rule: Rule = DEFAULT_RULE,
+        class_ridge: float = CLASS_RIDGE,
     ) -> EvidenceReference:
         """From the canary's ``log p(x)`` and, optionally, its q(m|x) summaries ``features`` (same
-        rows) with the Gaussian fitted on ``fit_features`` (other clean inputs; default the same)."""
+        rows) with the Gaussian fitted on ``fit_features`` (other clean inputs; default the same)
+        and, given their labels ``fit_labels``, the class Gaussian fitted on them too."""
         values = np.asarray(scores, dtype=np.float64)
         keep = np.isfinite(values)
         if not keep.any():
@@ -114,11 +138,16 @@ class EvidenceReference:
         if features is None:
             return ref
         feats = np.asarray(features, dtype=np.float64)[keep]
-        m_model = MGaussian.fit(feats if fit_features is None else fit_features)
+        fit = feats if fit_features is None else fit_features
+        m_model = MGaussian.fit(fit)
         m_scores = np.sort(m_model.distance(feats))
         with_m = cls(ref.scores, k, m_model, m_scores, rule=rule)
         combined = np.sort(with_m._raw(values[keep], feats))
-        return cls(ref.scores, k, m_model, m_scores, combined, rule)
+        class_model = class_scores = None
+        if fit_labels is not None:
+            class_model = MGaussian.fit(fit, fit_labels, class_ridge)
+            class_scores = np.sort(class_model.distance(feats))
+        return cls(ref.scores, k, m_model, m_scores, combined, rule, class_model, class_scores)
 
     def _evidence_share(self, log_px: np.ndarray) -> np.ndarray:
         above = self.scores.size - np.searchsorted(self.scores, np.asarray(log_px), side="right")
@@ -135,13 +164,16 @@ class EvidenceReference:
     ) -> np.ndarray:
         """The unusual score ``(B,)`` of inputs with evidence ``log_px`` and q(m|x) summaries
         ``features`` by ``rule`` (default the reference's own); the evidence rule where the
-        reference or the call has no q(m|x)."""
+        reference or the call has no q(m|x), the ``m`` rule for ``m_class`` where it has no class
+        Gaussian."""
         rule = rule or self.rule
         if rule == "evidence" or self.m_model is None or features is None:
             return self._evidence_share(log_px)
         assert self.m_scores is not None
         assert self.combined is not None
-        if rule == "m":
+        if rule == "m_class" and self.class_model is not None and self.class_scores is not None:
+            return _share_below(self.class_scores, self.class_model.distance(features))
+        if rule in ("m", "m_class"):
             return _share_below(self.m_scores, self.m_model.distance(features))
         return _share_below(self.combined, self._raw(log_px, features))
 

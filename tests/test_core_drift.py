@@ -57,10 +57,34 @@ def test_q_m_distance_flags_what_the_evidence_explains_better_and_stays_uniform_
     # a reference answers by its own rule unless the call names one
     own = EvidenceReference.from_scores(lp, 10, features=f, rule="evidence")
     np.testing.assert_array_equal(own.unusual(lp_odd, f_odd), ref.unusual(lp_odd, f_odd, "evidence"))
-    assert ref.rule == "m"
+    assert ref.rule == "m_class"  # without labels there is no class Gaussian: the m rule answers
     np.testing.assert_array_equal(ref.unusual(lp_odd, f_odd), ref.unusual(lp_odd, f_odd, "m"))
     plain = EvidenceReference.from_scores(lp, 10)
     np.testing.assert_array_equal(plain.unusual(lp_new[:50], f_new[:50]), ref.unusual(lp_new[:50], None))
+
+
+def test_the_class_gaussian_flags_what_lies_between_the_classes_and_stays_uniform_on_clean():
+    """Two classes far apart in f: an input half-way between them sits near the pooled mean (the
+    m rule passes it) but far from both class means (the m_class rule flags it)."""
+    rng = np.random.default_rng(4)
+    centres = np.array([[-4.0, 0.0], [4.0, 0.0]])
+
+    def clean(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        y = rng.integers(0, 2, n)
+        return rng.normal(size=n), centres[y] + rng.normal(size=(n, 2)), y
+
+    lp, f, _ = clean(1000)
+    _, fit, fit_y = clean(1000)
+    ref = EvidenceReference.from_scores(lp, 10, features=f, fit_features=fit, fit_labels=fit_y)
+    assert ref.class_model is not None and ref.class_model.means.shape == (2, 2)
+    lp_new, f_new, _ = clean(20000)
+    u = ref.unusual(lp_new, f_new, "m_class")  # uniform on clean inputs, no label needed
+    assert abs(u.mean() - 0.5) < 0.03
+    assert abs(u.var() - 1 / 12) < 0.01
+    between = rng.normal(scale=0.3, size=(200, 2))
+    assert ref.unusual(lp_new[:200], between, "m").max() < 0.5
+    assert ref.unusual(lp_new[:200], between, "m_class").min() > 0.99
+    assert ref.unusual(lp_new[:200], between).min() > 0.99  # m_class is the default rule
 
 
 def test_the_q_m_gaussian_falls_back_to_a_diagonal_with_few_inputs():

@@ -63,7 +63,7 @@ def test_auto_adapt_and_routing_settings(monkeypatch):
     s = Settings()
     assert s.auto_adapt == []
     assert s.route_versions == 0
-    assert s.unusual_rule == "m"
+    assert s.unusual_rule == "m_class"
     monkeypatch.setenv("CAMA_AUTO_ADAPT", "mnist, measurement")
     assert Settings().auto_adapt == ["mnist", "measurement"]
     monkeypatch.setenv("CAMA_AUTO_ADAPT", '["mnist"]')

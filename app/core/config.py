@@ -111,7 +111,8 @@ class Settings(BaseSettings):
         default=500, ge=0, description="canary inputs that calibrate the unusual score (0: no score)"
     )
     unusual_rule: Rule = Field(
-        default=DEFAULT_RULE, description="evidence | m | max: what the unusual score reads (cama.novelty)"
+        default=DEFAULT_RULE,
+        description="evidence | m | m_class | max: what the unusual score reads (cama.novelty)",
     )
     drift_window: int = Field(default=100, ge=2, description="inputs in the drift test's window")
     drift_alarm_z: float = Field(default=5.0, gt=0)
