@@ -19,8 +19,9 @@ the service's default K), calibrated as the service calibrates it: ``log p(x)`` 
 The MNIST-C suite uses ``--n`` images of each corruption (a fixed random draw, the same indices for
 every corruption) and the 10,000 clean test images; the validation suite uses images of the 5%
 validation split of MNIST's training set that are not in the canary, and is the one to choose the
-score and the test's settings on: it also compares the class Gaussian's ridges (``CLASS_RIDGES``). Writes ``benchmarks/results/drift[_val].json`` and, for
-MNIST-C, the keys above in ``docs/results/metrics.json``.
+score and the test's settings on: it also compares the class Gaussian's ridges (``CLASS_RIDGES``).
+Writes ``benchmarks/results/drift[_val].json`` and, for MNIST-C, the keys above in
+``docs/results/metrics.json``.
 """
 
 from __future__ import annotations

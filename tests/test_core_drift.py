@@ -76,7 +76,8 @@ def test_the_class_gaussian_flags_what_lies_between_the_classes_and_stays_unifor
     lp, f, _ = clean(1000)
     _, fit, fit_y = clean(1000)
     ref = EvidenceReference.from_scores(lp, 10, features=f, fit_features=fit, fit_labels=fit_y)
-    assert ref.class_model is not None and ref.class_model.means.shape == (2, 2)
+    assert ref.class_model is not None
+    assert ref.class_model.means.shape == (2, 2)
     lp_new, f_new, _ = clean(20000)
     u = ref.unusual(lp_new, f_new, "m_class")  # uniform on clean inputs, no label needed
     assert abs(u.mean() - 0.5) < 0.03
