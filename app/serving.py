@@ -224,8 +224,8 @@ def _arrays(noise: Noise) -> NoiseArrays:
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
-    """One session per version: its thread count, threads that sleep when idle, and no CPU memory
-    arena (memory returns after load)."""
+    """The ONNX Runtime options of each graph of a version: its thread count, threads that sleep
+    when idle, and no CPU memory arena (memory returns after load)."""
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = False
     if threads:
@@ -233,7 +233,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
         opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     # idle threads sleep instead of spinning: on a small CPU shared with the event loop, the
-    # request decoding and the other sessions, spinning threads take the cycles those need
+    # request decoding and the other graphs, spinning threads take the cycles those need
     # (README, "Prediction cost": higher HTTP throughput and a lower p99 without it)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")

@@ -41,7 +41,7 @@ from app.serving import EvidenceSettings, LoadedVersion, load_version
 from benchmarks.harness import mnist_store
 from benchmarks.live_adapt import corruption_sets, live_adaptation, routing
 from cama.drift import DriftConfig, DriftDetector
-from cama.novelty import CLASS_RIDGE, RULES, MGaussian, Rule, log_evidence
+from cama.novelty import CLASS_RIDGE, RULES, MGaussian, Rule, log_evidence, share_below
 from store.data import Inputs, ServingData
 from training.data import MNISTC_CORRUPTIONS, load_mnist, load_mnist_c, validation_split
 from training.evaluate_mnistc import TENT_VALIDATION
@@ -95,11 +95,10 @@ def class_ridge_sweep(
     for ridge in CLASS_RIDGES:
         model = MGaussian.fit(fit, labels, ridge)
         reference = np.sort(model.distance(canary))
-
-        def share(f: np.ndarray, model: MGaussian = model, reference: np.ndarray = reference) -> np.ndarray:
-            return np.searchsorted(reference, model.distance(f), side="left") / reference.size
-
-        out[f"{ridge:g}"] = float(np.mean([auroc(share(clean), share(f)) for f in shifted.values()]))
+        clean_u = share_below(reference, model.distance(clean))
+        out[f"{ridge:g}"] = float(
+            np.mean([auroc(clean_u, share_below(reference, model.distance(f))) for f in shifted.values()])
+        )
         print(f"m_class ridge {ridge:g}: mean AUROC {out[f'{ridge:g}']:.4f}", flush=True)
     return out
 

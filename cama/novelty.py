@@ -96,7 +96,7 @@ class MGaussian:
         return np.where(np.isfinite(out), out, np.inf)
 
 
-def _share_below(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
+def share_below(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The share of a sorted reference strictly below each value."""
     return np.asarray(np.searchsorted(reference, np.asarray(values), side="left") / reference.size)
 
@@ -156,7 +156,7 @@ class EvidenceReference:
     def _raw(self, log_px: np.ndarray, features: np.ndarray) -> np.ndarray:
         assert self.m_model is not None
         assert self.m_scores is not None
-        u_m = _share_below(self.m_scores, self.m_model.distance(features))
+        u_m = share_below(self.m_scores, self.m_model.distance(features))
         return np.asarray(np.maximum(self._evidence_share(log_px), u_m))
 
     def unusual(
@@ -172,10 +172,10 @@ class EvidenceReference:
         assert self.m_scores is not None
         assert self.combined is not None
         if rule == "m_class" and self.class_model is not None and self.class_scores is not None:
-            return _share_below(self.class_scores, self.class_model.distance(features))
+            return share_below(self.class_scores, self.class_model.distance(features))
         if rule in ("m", "m_class"):
-            return _share_below(self.m_scores, self.m_model.distance(features))
-        return _share_below(self.combined, self._raw(log_px, features))
+            return share_below(self.m_scores, self.m_model.distance(features))
+        return share_below(self.combined, self._raw(log_px, features))
 
 
 def route(log_ws: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
