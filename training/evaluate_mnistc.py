@@ -43,7 +43,6 @@ cached in ``docs/results/mnistc_eval.json`` (``training.eval_cache``); the table
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -56,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cama.adapt import AdaptOutcome, FinetuneConfig, GateConfig, Labelled, adapt_batch
+from cama.adapt import AdaptOutcome, FinetuneConfig, GateConfig
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
 from cama.objectives import SCREEN_MARGIN, bayes_predict
@@ -65,7 +64,7 @@ from store.data import ServingData
 from training.baselines import evaluate_accuracy, load_baseline
 from training.data import MNISTC_CORRUPTIONS, Split, load_mnist, load_mnist_c, validation_split
 from training.eval_cache import Cache, MissingModelError, recipe_id
-from training.experiment import halves
+from training.experiment import adapt_as_served, halves
 from training.manipulations import named
 from training.metrics import update_metrics
 from training.tent import tent_accuracy
@@ -166,18 +165,7 @@ def gate_id(gate: GateConfig) -> str:
 def adapt_like_the_service(s: Setup, adapt_x: np.ndarray) -> tuple[ImageCama, AdaptOutcome]:
     """A copy of the served CAMA after ``POST /adapt``'s code path on ``adapt_x`` (unlabelled),
     kept also where the gate refuses it (the caller scores it as ``cama_adapted``)."""
-    model = copy.deepcopy(s.cama)
-    data = s.serving
-    outcome = adapt_batch(
-        model,
-        torch.from_numpy(adapt_x).to(s.device),
-        s.recipe,
-        s.gate,
-        replay=Labelled(*(torch.from_numpy(a).to(s.device) for a in (data.replay.x, data.replay_y))),
-        canary=Labelled(*(torch.from_numpy(a).to(s.device) for a in (data.canary.x, data.canary_y))),
-        keep_refused=True,
-    )
-    return model.eval(), outcome
+    return adapt_as_served(s.cama, adapt_x, s.recipe, s.gate, s.serving, keep_refused=True)
 
 
 def tent_lr(s: Setup, arch: str) -> float:

@@ -15,10 +15,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from cama.adapt import FinetuneConfig, finetune
+from cama.adapt import AdaptOutcome, FinetuneConfig, GateConfig, Labelled, adapt_batch, finetune
 from cama.config import ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
 from cama.objectives import bayes_predict
+from store.data import ServingData
 from training.data import Mnist, Split
 from training.manipulations import named
 
@@ -163,3 +164,33 @@ def recipe_from_args(args: argparse.Namespace, base: FinetuneConfig) -> Finetune
     """``base`` with the ``--ft-*`` options of :func:`add_recipe_args` applied."""
     changes = {"max_steps": args.ft_steps, "lr_schedule": args.ft_schedule, "decay_fraction": args.ft_decay}
     return replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
+def adapt_as_served(
+    model: ImageCama,
+    adapt_x: np.ndarray,
+    recipe: FinetuneConfig,
+    gate: GateConfig,
+    serving: ServingData,
+    *,
+    keep_refused: bool = False,
+) -> tuple[ImageCama, AdaptOutcome]:
+    """A copy of ``model`` after ``POST /adapt``'s code path (``cama.adapt.adapt_batch``) on the
+    unlabelled ``adapt_x``, with the model's replay and canary sets; a refused job leaves the copy
+    as it was unless ``keep_refused`` (an evaluation that scores what the gate refused)."""
+    device = model_device(model)
+    adapted = copy.deepcopy(model)
+
+    def labelled(x: np.ndarray, y: np.ndarray) -> Labelled:
+        return Labelled(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+
+    outcome = adapt_batch(
+        adapted,
+        torch.from_numpy(adapt_x).to(device),
+        recipe,
+        gate,
+        replay=labelled(serving.replay.x, serving.replay_y),
+        canary=labelled(serving.canary.x, serving.canary_y),
+        keep_refused=keep_refused,
+    )
+    return adapted.eval(), outcome
