@@ -199,12 +199,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dataset", choices=DATASETS, default="data")
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist")
     parser.add_argument(
         "--model",
         choices=["dnn", "cnn", "bncnn", "pool_cnn"],
         default=None,
-        help="default: dnn on data, pool_cnn (the appendix-C CIFAR CNN) on cifar_binary",
+        help="default: dnn on mnist, pool_cnn (the appendix-C CIFAR CNN) on cifar_binary",
     )
     parser.add_argument(
         "--bncnn-head", choices=["gap", "flatten"], default="gap", help="BN-CNN head (global pool or dense)"
