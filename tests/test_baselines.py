@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -66,9 +67,14 @@ def mnist_small() -> Mnist:
     )
 
 
+def classes_of(model: torch.nn.Module) -> int:
+    """The number of logits the baseline's config names."""
+    return int(cast(Any, model).config.num_classes)
+
+
 def images_for(model: torch.nn.Module, n: int) -> torch.Tensor:
     """Random images of the shape the baseline's config names (MNIST's unless it says otherwise)."""
-    cfg = model.config
+    cfg = cast(Any, model).config
     side = getattr(cfg, "image_size", 28)
     return torch.rand(n, getattr(cfg, "in_channels", 1), side, side)
 
@@ -81,7 +87,7 @@ def test_output_shape_and_finite(kind: str) -> None:
     for mode in (True, False):
         model.train(mode)
         logits = model(x)
-        assert logits.shape == (5, model.config.num_classes)
+        assert logits.shape == (5, classes_of(model))
         assert torch.isfinite(logits).all()
 
 
@@ -89,7 +95,7 @@ def test_output_shape_and_finite(kind: str) -> None:
 def test_every_parameter_gets_a_gradient(kind: str) -> None:
     torch.manual_seed(0)
     model = build_baseline(kind).train()
-    labels = torch.arange(8) % model.config.num_classes
+    labels = torch.arange(8) % classes_of(model)
     torch.autograd.backward(F.cross_entropy(model(images_for(model, 8)), labels))
     for name, p in model.named_parameters():
         assert p.grad is not None, name
