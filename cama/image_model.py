@@ -1,8 +1,11 @@
 """Deep CAMA for images (paper section 3.1, fig. 4, appendix C).
 
 p(x, y, z, m) = p(m) p(z) p(y) p(x | y, z, m) with p(y) uniform, p(z) = N(0, I), p(m) = N(0, I),
-p(x | y, z, m) = Bernoulli(mean(y, z, m)) over pixels;
+p(x | y, z, m) = Bernoulli(mean(y, z, m)) over every pixel of every channel (x in [0, 1]);
 q(z, m | x, y) = q(z | x, y, m) q(m | x), both diagonal Gaussians.
+
+Images are ``(B, C, H, W)`` with the shape of ``ImageCamaConfig.image_shape`` (MNIST 1 x 28 x 28,
+CIFAR-binary 3 x 32 x 32).
 """
 
 from __future__ import annotations
@@ -52,11 +55,17 @@ class ImageCama(nn.Module):
         self.nn_y = mlp((config.num_classes, *config.y_layers), final_activation=True)
         self.nn_z = mlp((config.dim_z, *config.z_layers), final_activation=True)
         self.nn_m = mlp((config.dim_m, *config.m_layers), final_activation=True)
-        self.merge = DeconvDecoder(hidden, config.merge_channels)
+        size = (config.height, config.width)
+        self.merge = DeconvDecoder(
+            hidden, config.merge_channels, config.channels, size, config.decoder_stride1_layers
+        )
         # q(m|x): NN_M^q
-        self.q_m_cnn = ConvEncoder(config.encoder_channels, kernel=3)
+        self.q_m_cnn = ConvEncoder(
+            config.encoder_channels, kernel=3, in_channels=config.channels, image_size=size
+        )
         self.q_m_mlp = mlp(
-            (self.q_m_cnn.out_features, config.encoder_hidden, 2 * config.dim_m), final_activation=False
+            (self.q_m_cnn.out_features, *[config.encoder_hidden] * config.q_m_depth, 2 * config.dim_m),
+            final_activation=False,
         )
         last = self.q_m_mlp[-1]
         assert isinstance(last, nn.Linear)
@@ -64,21 +73,33 @@ class ImageCama(nn.Module):
         with torch.no_grad():
             last.bias.zero_()
             last.bias[config.dim_m :] = config.q_m_logvar_init
-        # q(z|x,y,m): NN_Z^q, the m input kept as its own layer (part of NN_M^q)
-        self.q_z_cnn = ConvEncoder(config.encoder_channels, kernel=5)
-        self.q_z_x = mlp((self.q_z_cnn.out_features, config.encoder_hidden), final_activation=True)
-        self.q_z_in_x = nn.Linear(config.encoder_hidden, config.z_head_hidden)
+        # q(z|x,y,m): NN_Z^q, the m input kept as its own layer (part of NN_M^q). Its first layer on
+        # the concatenation (x-features, y, m) is written as the sum of one linear map per part.
+        self.q_z_cnn: ConvEncoder | None = None
+        self.q_z_x: nn.Module = nn.Identity()  # shared encoder: the CNN's features go in directly
+        x_features = self.q_m_cnn.out_features
+        if not config.share_encoder:
+            self.q_z_cnn = ConvEncoder(
+                config.encoder_channels, kernel=5, in_channels=config.channels, image_size=size
+            )
+            self.q_z_x = mlp((self.q_z_cnn.out_features, config.encoder_hidden), final_activation=True)
+            x_features = config.encoder_hidden
+        self.q_z_in_x = nn.Linear(x_features, config.z_head_hidden)
         self.q_z_in_y = nn.Linear(config.num_classes, config.z_head_hidden, bias=False)
         self.q_z_in_m = nn.Linear(config.dim_m, config.z_head_hidden, bias=False)
         nn.init.zeros_(self.q_z_in_m.weight)
+        # further hidden layers of NN_Z^q's MLP (none for MNIST)
+        self.q_z_hidden = mlp([config.z_head_hidden] * config.z_head_depth, final_activation=True)
         self.q_z_out = nn.Linear(config.z_head_hidden, 2 * config.dim_z)
         # transform pathway: NN_M^p mechanisms (+ the inference-side cleaner, part of NN_M^q)
         self.mechanisms: MechanismNetwork | None = None
         self.cleaner: Cleaner | None = None
         if config.m_pathway == "transform":
-            self.mechanisms = MechanismNetwork(config.dim_m, config.transform_layers, config.transforms)
+            self.mechanisms = MechanismNetwork(
+                config.dim_m, config.transform_layers, config.transforms, config.channels
+            )
             if "clean" in config.transforms:
-                self.cleaner = Cleaner(config.cleaner_channels)
+                self.cleaner = Cleaner(config.cleaner_channels, config.channels)
 
     def reinit_m_inference(self, seed: int = 0) -> None:
         """Give q(m|x) a randomly initialised output layer (mean) before fine-tuning.
@@ -106,17 +127,23 @@ class ImageCama(nn.Module):
         return out[:, : self.dim_m], out[:, self.dim_m :]
 
     # --- work shared by every class hypothesis ---------------------------------------------------
+    def x_features(self, x: Tensor) -> Tensor:
+        """The x-part of q(z|x,y,m): its own CNN and MLP, or NN_M^q's CNN when shared, ``(N, F)``."""
+        cnn = self.q_m_cnn if self.q_z_cnn is None else self.q_z_cnn
+        features: Tensor = self.q_z_x(cnn(x))
+        return features
+
     def prepare(self, x: Tensor, m: Tensor, cond: Any = None) -> ImageContext:
         """x-features of q(z|x,y,m); in the transform pathway, of x mapped back to canonical form."""
         if self.mechanisms is None:
-            return ImageContext(m=m, features=self.q_z_x(self.q_z_cnn(x)).unsqueeze(0), params=None)
+            return ImageContext(m=m, features=self.x_features(x).unsqueeze(0), params=None)
         k, b = m.shape[0], x.shape[0]
         with torch.autocast(x.device.type, enabled=False):  # geometry in float32, also under bf16
             params = self.mechanisms(m.float())  # (K, B, size)
             flat = {name: value.reshape(k * b, -1) for name, value in params.items()}
             xs = x.float().unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
             canonical = canonicalize(xs, flat, self.cleaner)
-        features = self.q_z_x(self.q_z_cnn(canonical)).view(k, b, -1)
+        features = self.x_features(canonical).view(k, b, -1)
         return ImageContext(m=m, features=features, params=params)
 
     # --- q(z|x,y,m) -------------------------------------------------------------------------------
@@ -127,12 +154,12 @@ class ImageCama(nn.Module):
             + self.q_z_in_y(y)  # (C, 1, 1 or B, H)
             + self.q_z_in_m(ctx.m).unsqueeze(0)  # (1, K, B, H)
         )
-        out = self.q_z_out(h).float()
+        out = self.q_z_out(self.q_z_hidden(h)).float()
         return out[..., : self.dim_z], out[..., self.dim_z :]
 
     # --- p(x|y,z,m) -------------------------------------------------------------------------------
     def canonical_logits(self, y: Tensor, z: Tensor, m: Tensor) -> Tensor:
-        """Bernoulli logits of p(x|y,z,m) before mechanisms, ``(C, K, B, 1, 28, 28)``.
+        """Bernoulli logits of p(x|y,z,m) before mechanisms, ``(C', K, B, C, H, W)``.
 
         NN_merge^p(NN_Y^p(y) + NN_Z^p(z) + NN_M^p(m)); in the transform pathway NN_M^p stays at
         its do(m=0) value, m acting through the mechanisms instead.
@@ -140,11 +167,11 @@ class ImageCama(nn.Module):
         m_in = m if self.mechanisms is None else m.new_zeros(m.shape[-1])
         h = self.nn_y(y) + self.nn_z(z) + self.nn_m(m_in).unsqueeze(0)  # (C, K, B, H)
         lead = h.shape[:-1]
-        logits: Tensor = self.merge(h.reshape(-1, h.shape[-1])).view(*lead, 1, 28, 28)
+        logits: Tensor = self.merge(h.reshape(-1, h.shape[-1])).view(*lead, *self.config.image_shape)
         return logits.float()  # the likelihood is summed in float32, also under bf16 autocast
 
     def mean_image(self, ctx: ImageContext, y: Tensor, z: Tensor) -> Tensor:
-        """Bernoulli mean of p(x|y,z,m), ``(C, K, B, 1, 28, 28)``."""
+        """Bernoulli mean of p(x|y,z,m), ``(C', K, B, C, H, W)``."""
         logits = self.canonical_logits(y, z, ctx.m)
         if ctx.params is None:
             return bernoulli_mean(logits).clamp(PROB_EPS, 1.0 - PROB_EPS)
@@ -154,13 +181,14 @@ class ImageCama(nn.Module):
             for name, value in ctx.params.items()
         }
         with torch.autocast(logits.device.type, enabled=False):
-            p = apply_mechanisms(bernoulli_mean(logits).reshape(-1, 1, 28, 28), flat, self.config.blur_kernel)
+            means = bernoulli_mean(logits).reshape(-1, *self.config.image_shape)
+            p = apply_mechanisms(means, flat, self.config.blur_kernel)
         return p.view_as(logits)
 
     def log_likelihood(self, x: Tensor, ctx: ImageContext, y: Tensor, z: Tensor) -> Tensor:
         """log p(x|y,z,m) = sum_pixels x log p + (1 - x) log(1 - p), ``(C, K, B)``."""
-        p = self.mean_image(ctx, y, z).flatten(-3)  # (C, K, B, 784)
-        xf = x.flatten(1)  # (B, 784)
+        p = self.mean_image(ctx, y, z).flatten(-3)  # (C', K, B, C * H * W)
+        xf = x.flatten(1)  # (B, C * H * W)
         return (xf * torch.log(p) + (1.0 - xf) * torch.log1p(-p)).sum(-1)
 
     def log_prior_y(self, y: Tensor, cond: Any = None) -> Tensor:
@@ -169,7 +197,12 @@ class ImageCama(nn.Module):
 
     # --- selective fine-tuning ------------------------------------------------------------------
     def m_parameters(self) -> list[nn.Parameter]:
-        """NN_M^p and NN_M^q: the networks that depend on m (fig. 4, shaded)."""
+        """NN_M^p and NN_M^q: the networks that depend on m (fig. 4, shaded).
+
+        NN_M^q includes its CNN; with ``share_encoder`` (appendix C, CIFAR) NN_Z^q reads x through
+        that CNN too, so fine-tuning also moves q(z|x,y,m)'s x-features, as in the paper; p's
+        networks other than NN_M^p stay fixed either way.
+        """
         modules: list[nn.Module] = [self.q_m_cnn, self.q_m_mlp, self.q_z_in_m]
         if self.mechanisms is None:
             modules.append(self.nn_m)

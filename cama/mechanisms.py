@@ -5,17 +5,22 @@ at do(m=0) and, because the head starts at zero, zero for every m before fine-tu
 mechanism is the identity at ``theta = 0`` and acts on the canonical Bernoulli mean image
 p(x|y,z,do(m=0)) produced from y and z:
 
-- ``warp``: affine resampling (shift, scale, rotation, shear), 6 parameters;
+- ``warp``: affine resampling (shift, scale, rotation, shear), the same for every channel, 6
+  parameters;
 - ``blur``: a normalised 5x5 kernel ``delta + beta (G_s - delta)`` (blur for beta > 0, sharpen
-  for beta < 0), 2 parameters;
-- ``photometric``: gain and offset ``g p + b``, 2 parameters;
-- ``outlier``: a mixture ``p + eps (u - p)`` with a corruption level u, which lets noise and
-  outliers be explained by m instead of by y or z, 2 parameters;
-- ``field``: a spatially varying mixture ``p + w (u - p)`` whose weight ``w`` and level ``u``
-  are smooth maps (a 7x7 grid per map, bilinearly upsampled), which lets a local veil, band or
-  stain be explained by m: ``2 * 49`` parameters;
+  for beta < 0), the same for every channel, 2 parameters;
+- ``photometric``: gain and offset ``g_c p + b_c`` per channel (a colour cast on RGB), ``2 C``
+  parameters (gains first, then offsets);
+- ``outlier``: a mixture ``p + eps (u_c - p)`` with one weight and a corruption level per
+  channel, which lets noise and outliers be explained by m instead of by y or z, ``1 + C``
+  parameters;
+- ``field``: a spatially varying mixture ``p + w (u_c - p)`` whose weight ``w`` (shared by the
+  channels) and levels ``u_c`` are smooth maps (a 7x7 grid per map, bilinearly upsampled), which
+  lets a local veil, band or stain be explained by m: ``(1 + C) * 49`` parameters;
 - ``clean``: on the inference side only, an m-gated residual conv that q(z|x,y,m) applies after
   undoing warp and photometric change, 1 parameter.
+
+For greyscale images (C = 1) the sizes are those of the first, MNIST-only version (2, 2, 2 * 49).
 
 The inference network q(z|x,y,m) sees the observed image mapped back through the inverse of the
 invertible mechanisms (field, photometric, warp), so that z is inferred from a canonical image.
@@ -31,16 +36,20 @@ from cama.config import Transform
 from cama.layers import mlp
 
 FIELD_GRID = 7
-PARAM_SIZES: dict[Transform, int] = {
-    "warp": 6,
-    "blur": 2,
-    "photometric": 2,
-    "outlier": 2,
-    "field": 2 * FIELD_GRID * FIELD_GRID,
-    "clean": 1,
-}
 PROB_EPS = 1e-6
 FIELD_MIN_KEEP = 0.05  # the field's inverse divides by 1 - w, kept at least this
+
+
+def param_sizes(channels: int = 1) -> dict[Transform, int]:
+    """How many parameters each mechanism takes on ``channels``-channel images."""
+    return {
+        "warp": 6,
+        "blur": 2,
+        "photometric": 2 * channels,
+        "outlier": 1 + channels,
+        "field": (1 + channels) * FIELD_GRID * FIELD_GRID,
+        "clean": 1,
+    }
 
 
 def bernoulli_mean(logits: Tensor) -> Tensor:
@@ -60,11 +69,14 @@ def bernoulli_mean(logits: Tensor) -> Tensor:
 class MechanismNetwork(nn.Module):
     """NN_M^p of the transform pathway: m -> theta(m), zero at m = 0 and at initialisation."""
 
-    def __init__(self, dim_m: int, layers: tuple[int, ...], transforms: tuple[Transform, ...]):
+    def __init__(
+        self, dim_m: int, layers: tuple[int, ...], transforms: tuple[Transform, ...], channels: int = 1
+    ) -> None:
         super().__init__()
         self.transforms = transforms
+        self.sizes = param_sizes(channels)
         self.trunk = mlp((dim_m, *layers), final_activation=True)
-        self.head = nn.Linear(layers[-1], sum(PARAM_SIZES[t] for t in transforms))
+        self.head = nn.Linear(layers[-1], sum(self.sizes[t] for t in transforms))
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
@@ -76,8 +88,8 @@ class MechanismNetwork(nn.Module):
         out: dict[Transform, Tensor] = {}
         start = 0
         for name in self.transforms:
-            out[name] = raw[..., start : start + PARAM_SIZES[name]]
-            start += PARAM_SIZES[name]
+            out[name] = raw[..., start : start + self.sizes[name]]
+            start += self.sizes[name]
         return out
 
 
@@ -126,7 +138,7 @@ def _affine_grid(affine: Tensor, h: int, w: int) -> Tensor:
 
 
 def _resample(img: Tensor, affine: Tensor) -> Tensor:
-    """Sample ``img (N, 1, H, W)`` at ``affine @ grid``, zeros outside."""
+    """Sample ``img (N, C, H, W)`` at ``affine @ grid`` (every channel alike), zeros outside."""
     grid = _affine_grid(affine, img.shape[2], img.shape[3])
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -169,30 +181,36 @@ def _upsample_matrix(n_out: int, n_in: int, like: Tensor) -> Tensor:
     return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
-def _field_maps(theta: Tensor, h: int, w: int) -> tuple[Tensor, Tensor]:
-    """Field parameters ``(N, 2 * g * g)`` -> weight ``tanh`` and level ``sigmoid`` maps ``(N, 1, h, w)``."""
+def _field_maps(theta: Tensor, c: int, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Field parameters ``(N, (1 + C) * g * g)`` -> weight ``tanh`` map ``(N, 1, h, w)`` and level
+    ``sigmoid`` maps ``(N, C, h, w)``."""
     g = FIELD_GRID
-    grids = theta.view(-1, 2, g, g)
-    up = _upsample_matrix(h, g, theta) @ grids @ _upsample_matrix(w, g, theta).T  # (N, 2, h, w)
+    grids = theta.view(-1, 1 + c, g, g)
+    up = _upsample_matrix(h, g, theta) @ grids @ _upsample_matrix(w, g, theta).T  # (N, 1 + C, h, w)
     return torch.tanh(up[:, :1]), bernoulli_mean(up[:, 1:])
 
 
+def _photometric(theta: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """Photometric parameters ``(N, 2 C)`` -> per-channel gain ``exp`` and offset, ``(N, C, 1, 1)`` each."""
+    return torch.exp(theta[:, :c]).view(-1, c, 1, 1), theta[:, c:].view(-1, c, 1, 1)
+
+
 def apply_mechanisms(p: Tensor, params: dict[Transform, Tensor], blur_kernel: int) -> Tensor:
-    """Manipulate the canonical Bernoulli mean ``p (N, 1, 28, 28)`` with ``params`` ``(N, size)``."""
+    """Manipulate the canonical Bernoulli mean ``p (N, C, H, W)`` with ``params`` ``(N, size)``."""
+    c = p.shape[1]
     if "warp" in params:
         p = _resample(p, _affine(params["warp"]))
     if "blur" in params:
         p = _blur(p, params["blur"], blur_kernel)
     if "photometric" in params:
-        gain = torch.exp(params["photometric"][:, 0]).view(-1, 1, 1, 1)
-        offset = params["photometric"][:, 1].view(-1, 1, 1, 1)
+        gain, offset = _photometric(params["photometric"], c)
         p = gain * p + offset
     if "outlier" in params:
         eps = torch.tanh(params["outlier"][:, 0]).view(-1, 1, 1, 1)
-        level = bernoulli_mean(params["outlier"][:, 1]).view(-1, 1, 1, 1)
+        level = bernoulli_mean(params["outlier"][:, 1:]).view(-1, c, 1, 1)
         p = p + eps * (level - p)
     if "field" in params:
-        weight, level_map = _field_maps(params["field"], p.shape[2], p.shape[3])
+        weight, level_map = _field_maps(params["field"], c, p.shape[2], p.shape[3])
         p = p + weight * (level_map - p)
     return p.clamp(PROB_EPS, 1.0 - PROB_EPS)
 
@@ -200,26 +218,28 @@ def apply_mechanisms(p: Tensor, params: dict[Transform, Tensor], blur_kernel: in
 class Cleaner(nn.Module):
     """Part of NN_M^q: an m-gated residual conv ``x + gamma(m) r(x)`` before q(z|x,y,m)'s encoder."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, image_channels: int = 1) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, 1, 3, padding=1)
+            nn.Conv2d(image_channels, channels, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, image_channels, 3, padding=1),
         )
 
     def forward(self, x: Tensor, gamma: Tensor) -> Tensor:
-        """``x (N, 1, 28, 28)``, ``gamma (N, 1)``."""
+        """``x (N, C, H, W)``, ``gamma (N, 1)``."""
         out: Tensor = x + gamma.view(-1, 1, 1, 1) * self.net(x)
         return out
 
 
 def canonicalize(x: Tensor, params: dict[Transform, Tensor], cleaner: Cleaner | None) -> Tensor:
-    """Map observed images ``(N, 1, 28, 28)`` back through the invertible mechanisms."""
+    """Map observed images ``(N, C, H, W)`` back through the invertible mechanisms."""
+    c = x.shape[1]
     if "field" in params:
-        weight, level_map = _field_maps(params["field"], x.shape[2], x.shape[3])
+        weight, level_map = _field_maps(params["field"], c, x.shape[2], x.shape[3])
         x = (x - weight * level_map) / (1.0 - weight).clamp_min(FIELD_MIN_KEEP)
     if "photometric" in params:
-        gain = torch.exp(params["photometric"][:, 0]).view(-1, 1, 1, 1)
-        offset = params["photometric"][:, 1].view(-1, 1, 1, 1)
+        gain, offset = _photometric(params["photometric"], c)
         x = (x - offset) / gain
     if "warp" in params:
         x = _resample(x, _invert_affine(_affine(params["warp"])))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from training.baselines import (
     BaselineConfigError,
     BNCNNConfig,
     DNNConfig,
+    PoolCNN,
     SmallCNN,
     build_baseline,
     evaluate_accuracy,
@@ -65,15 +67,27 @@ def mnist_small() -> Mnist:
     )
 
 
+def classes_of(model: torch.nn.Module) -> int:
+    """The number of logits the baseline's config names."""
+    return int(cast(Any, model).config.num_classes)
+
+
+def images_for(model: torch.nn.Module, n: int) -> torch.Tensor:
+    """Random images of the shape the baseline's config names (MNIST's unless it says otherwise)."""
+    cfg = cast(Any, model).config
+    side = getattr(cfg, "image_size", 28)
+    return torch.rand(n, getattr(cfg, "in_channels", 1), side, side)
+
+
 @pytest.mark.parametrize("kind", sorted(BASELINES))
 def test_output_shape_and_finite(kind: str) -> None:
     torch.manual_seed(0)
     model = build_baseline(kind)
-    x = torch.rand(5, 1, 28, 28)
+    x = images_for(model, 5)
     for mode in (True, False):
         model.train(mode)
         logits = model(x)
-        assert logits.shape == (5, 10)
+        assert logits.shape == (5, classes_of(model))
         assert torch.isfinite(logits).all()
 
 
@@ -81,7 +95,8 @@ def test_output_shape_and_finite(kind: str) -> None:
 def test_every_parameter_gets_a_gradient(kind: str) -> None:
     torch.manual_seed(0)
     model = build_baseline(kind).train()
-    torch.autograd.backward(F.cross_entropy(model(torch.rand(8, 1, 28, 28)), torch.arange(8)))
+    labels = torch.arange(8) % classes_of(model)
+    torch.autograd.backward(F.cross_entropy(model(images_for(model, 8)), labels))
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
@@ -98,6 +113,15 @@ def test_architectures_follow_the_paper() -> None:
     bn = BNCNN()
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules()) == 3
     assert not any(isinstance(m, torch.nn.Dropout) for m in bn.modules())
+    cifar = PoolCNN()  # appendix C, CIFAR-binary: 3 x conv3x3 128 + pool, MLP [4*4*128, 1000, 1000]
+    convs = [m for m in cifar.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (3, 128, (3, 3)),
+        (128, 128, (3, 3)),
+        (128, 128, (3, 3)),
+    ]
+    dense = [(m.in_features, m.out_features) for m in cifar.modules() if isinstance(m, torch.nn.Linear)]
+    assert dense == [(4 * 4 * 128, 1000), (1000, 1000), (1000, 2)]
 
 
 def test_config_rejects_mismatched_dropout() -> None:
@@ -127,7 +151,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(kind: str, tmp_path: Path
     model = build_baseline(kind)
     model.train()
     with torch.no_grad():
-        model(torch.rand(16, 1, 28, 28))  # moves BatchNorm running statistics off their defaults
+        model(images_for(model, 16))  # moves BatchNorm running statistics off their defaults
     model.eval()
     path = tmp_path / f"{kind}.pt"
     digest = save_baseline(path, model, provenance={"data_sha256": "abc"}, metrics={"val_accuracy": 0.5})
@@ -141,7 +165,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(kind: str, tmp_path: Path
     assert meta.provenance["data_sha256"] == "abc"
     assert "git_commit" in meta.provenance
     assert meta.metrics == {"val_accuracy": 0.5}
-    x = torch.rand(7, 1, 28, 28)
+    x = images_for(model, 7)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
@@ -192,6 +216,17 @@ def test_augmented_batch_adds_a_manipulated_copy() -> None:
     assert torch.equal(xa[:4], torch.from_numpy(x))
     xc, _ = augmented_batch(x, y, TrainConfig(), np.random.default_rng(0))
     assert xc.shape == (4, 1, 28, 28)
+
+
+def test_flip_mirrors_some_images_left_right_and_keeps_labels() -> None:
+    x = np.random.default_rng(0).random((64, 3, 4, 4), dtype=np.float32)
+    y = np.arange(64)
+    xf, yf = augmented_batch(x, y, TrainConfig(flip=True), np.random.default_rng(0))
+    mirrored = [bool(torch.equal(xf[i], torch.from_numpy(x[i, :, :, ::-1].copy()))) for i in range(64)]
+    kept = [bool(torch.equal(xf[i], torch.from_numpy(x[i]))) for i in range(64)]
+    assert all(a or b for a, b in zip(mirrored, kept, strict=True))
+    assert 10 < sum(mirrored) < 54
+    assert yf.tolist() == y.tolist()
 
 
 def test_tent_halves_split_the_test_set() -> None:

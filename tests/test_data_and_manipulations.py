@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import struct
 from pathlib import Path
 
@@ -202,3 +203,46 @@ def test_generic_family_manipulates_every_image_within_range():
     changed = np.abs(a - x).reshape(64, -1).max(1) > 0
     assert changed.all()  # at least one family acts on every image
     assert M.named("generic", 0.0) is M.generic
+
+
+CIFAR_DIR = D.resolve_data_dir(None) if os.environ.get(D.DATA_DIR_ENV) else Path("/work/shared/data")
+
+
+def test_cifar_binary_loads_the_real_file_checksummed() -> None:
+    if not (CIFAR_DIR / D.CIFAR_BINARY_FILE).exists():
+        pytest.skip("cifar_binary.npz not available")
+    data = D.load_cifar_binary(CIFAR_DIR)
+    assert data.checksum == D.CIFAR_BINARY_SHA256
+    assert data.train.x.shape == (10000, 3, 32, 32)
+    assert data.test.x.shape == (2000, 3, 32, 32)
+    assert data.train.x.dtype == np.float32
+    assert data.train.x.min() >= 0.0
+    assert data.train.x.max() <= 1.0
+    assert np.bincount(data.train.y).tolist() == [5000, 5000]  # 0 airplane, 1 frog
+    assert np.bincount(data.test.y).tolist() == [1000, 1000]
+    # channels first, in R, G, B order: airplanes are bluer than frogs (data README's class means)
+    means = [data.train.x[data.train.y == c].mean(axis=(0, 2, 3)) for c in (0, 1)]
+    np.testing.assert_allclose(means[0], [0.5257, 0.5603, 0.5889], atol=1e-3)
+    np.testing.assert_allclose(means[1], [0.4701, 0.4384, 0.3452], atol=1e-3)
+    assert D.load_dataset("cifar_binary", CIFAR_DIR).checksum == data.checksum
+    with pytest.raises(D.DataError, match="SHA-256"):
+        D.load_cifar_binary(CIFAR_DIR, sha256="0" * 64)
+
+
+def test_cifar_binary_refuses_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(D.DataError, match=r"no cifar_binary\.npz"):
+        D.load_cifar_binary(tmp_path)
+    path = tmp_path / D.CIFAR_BINARY_FILE
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (4, 32, 32), dtype=np.uint8),  # no channel axis
+        y_train=np.array([0, 1, 0, 1], dtype=np.uint8),
+        x_test=rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8),
+        y_test=np.array([0, 1], dtype=np.uint8),
+    )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(D.DataError, match="expected"):
+        D.load_cifar_binary(tmp_path, sha256=digest)
+    with pytest.raises(ValueError, match="unknown data set"):
+        D.load_dataset("imagenet", tmp_path)

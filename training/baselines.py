@@ -1,9 +1,11 @@
-"""Discriminative baselines for MNIST (paper appendix B and C) and their self-describing checkpoints.
+"""Discriminative baselines (paper appendix B and C) and their self-describing checkpoints.
 
-- ``DNN``: the appendix-C MLP, hidden widths [512, 256, 126, 512], ReLU, dropout
+- ``DNN``: the appendix-C MNIST MLP, hidden widths [512, 256, 126, 512], ReLU, dropout
   [0.25, 0.25, 0.25, 0.5], 10 logits.
 - ``SmallCNN``: the 4-convolution keras ``cifar10_cnn`` network of appendix B, on 1x28x28.
 - ``BNCNN``: a small CNN with BatchNorm after every convolution, the model TENT adapts.
+- ``PoolCNN``: the appendix-C CIFAR-binary CNN, 3 x {conv 3x3, ReLU, max-pool} with [128, 128, 128]
+  channels and an MLP [4*4*128, 1000, 1000] to 2 logits.
 
 Checkpoints are the core's (``cama.checkpoint``): config (with its ``kind``), weights, provenance
 and metrics; this module registers the baselines' kinds, so that :func:`load_baseline` (and
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 
 from cama.checkpoint import Checkpoint, CheckpointError, load_checkpoint, register_model_kind, save_checkpoint
 
-BaselineKind = Literal["dnn", "cnn", "bncnn"]
+BaselineKind = Literal["dnn", "cnn", "bncnn", "pool_cnn"]
 
 
 class BaselineConfigError(ValueError):
@@ -76,7 +78,25 @@ class BNCNNConfig:
     dense: int = 256
 
 
-BaselineConfig = DNNConfig | SmallCNNConfig | BNCNNConfig
+@dataclass(frozen=True)
+class PoolCNNConfig:
+    """The appendix-C CIFAR-binary CNN: conv blocks {conv kxk SAME, ReLU, max-pool 2}, then an MLP.
+
+    The appendix's last layer has 10 units (CIFAR-10); CIFAR-binary has 2 classes, so 2 logits.
+    ``dropout`` (not in the appendix, 0 by default) is applied after each hidden dense layer.
+    """
+
+    kind: Literal["pool_cnn"] = "pool_cnn"
+    in_channels: int = 3
+    image_size: int = 32
+    channels: tuple[int, ...] = (128, 128, 128)
+    kernel: int = 3
+    hidden: tuple[int, ...] = (1000, 1000)
+    dropout: float = 0.0
+    num_classes: int = 2
+
+
+BaselineConfig = DNNConfig | SmallCNNConfig | BNCNNConfig | PoolCNNConfig
 
 
 # --- networks ---------------------------------------------------------------------------------
@@ -181,10 +201,41 @@ class BNCNN(nn.Module):
         return logits
 
 
+class PoolCNN(nn.Module):
+    """conv-ReLU-maxpool blocks (pooling rounds up: 32 -> 16 -> 8 -> 4), flatten, ReLU MLP, logits."""
+
+    def __init__(self, config: PoolCNNConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or PoolCNNConfig()
+        blocks: list[nn.Module] = []
+        width, side = cfg.in_channels, cfg.image_size
+        for channels in cfg.channels:
+            blocks += [
+                nn.Conv2d(width, channels, cfg.kernel, padding=cfg.kernel // 2),
+                nn.ReLU(),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
+            width, side = channels, -(-side // 2)
+        self.features = nn.Sequential(*blocks, nn.Flatten())  # (B, C' * side * side)
+        head: list[nn.Module] = []
+        n_in = width * side * side
+        for hidden in cfg.hidden:
+            head += [nn.Linear(n_in, hidden), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            n_in = hidden
+        head.append(nn.Linear(n_in, cfg.num_classes))
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``(B, classes)`` of images ``(B, C, H, W)``."""
+        logits: Tensor = self.head(self.features(x))
+        return logits
+
+
 BASELINES: dict[str, tuple[type[Any], type[nn.Module]]] = {
     "dnn": (DNNConfig, DNN),
     "cnn": (SmallCNNConfig, SmallCNN),
     "bncnn": (BNCNNConfig, BNCNN),
+    "pool_cnn": (PoolCNNConfig, PoolCNN),
 }
 
 

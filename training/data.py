@@ -1,8 +1,10 @@
-"""MNIST loading: standard IDX files (gzipped or not) or ``mnist.npz``, with checksummed download.
+"""Image data sets: MNIST (standard IDX files, gzipped or not, or ``mnist.npz``, with checksummed
+download), MNIST-C's test split, and CIFAR-binary (CIFAR-10 airplane vs frog, ``cifar_binary.npz``).
 
 The data directory comes from ``--data-dir`` or the ``CAMA_DATA_DIR`` environment variable
-(default ``./data``). Where the files are missing and the user has a network, ``download_mnist``
-fetches them from the standard mirrors and verifies each file's MD5.
+(default ``./data``). Where the MNIST files are missing and the user has a network,
+``download_mnist`` fetches them from the standard mirrors and verifies each file's MD5.
+Every loader returns images as float32 in [0, 1], ``(N, C, H, W)``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Split:
-    """Images as float32 in [0, 1], ``(N, 1, 28, 28)``, and int64 labels ``(N,)``."""
+    """Images as float32 in [0, 1], ``(N, C, H, W)`` (MNIST ``(N, 1, 28, 28)``), and int64 labels ``(N,)``."""
 
     x: np.ndarray
     y: np.ndarray
@@ -49,12 +51,15 @@ class Split:
 
 
 @dataclass(frozen=True)
-class Mnist:
-    """The MNIST train and test splits and the SHA-256 of the files they came from."""
+class ImageDataset:
+    """The train and test splits of an image data set and the SHA-256 of the files they came from."""
 
     train: Split
     test: Split
     checksum: str
+
+
+Mnist = ImageDataset  # the name the MNIST experiments use
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -103,7 +108,7 @@ def _split(images: np.ndarray, labels: np.ndarray) -> Split:
     return Split(x=x, y=labels.astype(np.int64))
 
 
-def load_mnist(data_dir: str | os.PathLike[str] | None = None) -> Mnist:
+def load_mnist(data_dir: str | os.PathLike[str] | None = None) -> ImageDataset:
     """Load MNIST from ``<dir>/mnist/*idx*``, ``<dir>/*idx*`` or ``<dir>/mnist.npz`` (in that order)."""
     root = resolve_data_dir(data_dir)
     for directory in (root / "mnist", root):
@@ -112,7 +117,7 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None) -> Mnist:
         if all(p is not None for p in paths):
             found = [p for p in paths if p is not None]
             arrays = [read_idx(p) for p in found]
-            return Mnist(
+            return ImageDataset(
                 train=_split(arrays[0], arrays[1]),
                 test=_split(arrays[2], arrays[3]),
                 checksum=_sha256(found),
@@ -120,7 +125,7 @@ def load_mnist(data_dir: str | os.PathLike[str] | None = None) -> Mnist:
     npz = root / "mnist.npz"
     if npz.exists():
         with np.load(npz) as d:
-            return Mnist(
+            return ImageDataset(
                 train=_split(d["x_train"], d["y_train"]),
                 test=_split(d["x_test"], d["y_test"]),
                 checksum=_sha256([npz]),
@@ -238,6 +243,53 @@ def _images(arr: np.ndarray) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[1:] != (28, 28):
         raise DataError(f"expected 28x28 images, got shape {arr.shape}")
     return (arr.astype(np.float32) / 255.0)[:, None, :, :]
+
+
+CIFAR_BINARY_FILE = "cifar_binary.npz"
+CIFAR_BINARY_SHA256 = "3cadbca910e3427b2c30d43b81c4ae627e071ed2fef0de9b36e814927e27ff12"
+CIFAR_BINARY_CLASSES = ("airplane", "frog")  # labels 0 and 1 (CIFAR-10 classes 0 and 6)
+
+
+def load_cifar_binary(
+    data_dir: str | os.PathLike[str] | None = None, *, sha256: str = CIFAR_BINARY_SHA256
+) -> ImageDataset:
+    """CIFAR-binary (paper section 4.1): CIFAR-10's airplane (0) and frog (1) images from
+    ``<dir>/cifar_binary.npz``, 10,000 train and 2,000 test, ``(N, 3, 32, 32)`` float32 in [0, 1].
+
+    The file's SHA-256 must equal ``sha256`` (the published file's by default).
+    """
+    path = resolve_data_dir(data_dir) / CIFAR_BINARY_FILE
+    if not path.exists():
+        raise DataError(f"no {CIFAR_BINARY_FILE} under {path.parent} (set {DATA_DIR_ENV} or --data-dir)")
+    digest = _sha256([path])
+    if digest != sha256:
+        raise DataError(f"{path}: SHA-256 {digest}, expected {sha256}")
+    with np.load(path) as d:
+        train = Split(_rgb_images(d["x_train"]), d["y_train"].astype(np.int64))
+        test = Split(_rgb_images(d["x_test"]), d["y_test"].astype(np.int64))
+    for name, split in (("train", train), ("test", test)):
+        if split.x.shape[0] != len(split) or not np.isin(split.y, (0, 1)).all():
+            raise DataError(f"{path}: {name} split has mismatched images/labels or labels outside {{0, 1}}")
+    return ImageDataset(train=train, test=test, checksum=digest)
+
+
+def _rgb_images(arr: np.ndarray) -> np.ndarray:
+    """uint8 ``(N, H, W, 3)`` -> float32 in [0, 1], ``(N, 3, H, W)``."""
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise DataError(f"expected (N, H, W, 3) images, got shape {arr.shape}")
+    return np.ascontiguousarray((arr.astype(np.float32) / 255.0).transpose(0, 3, 1, 2))
+
+
+DATASETS = ("mnist", "cifar_binary")
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> ImageDataset:
+    """One of :data:`DATASETS` by name."""
+    if name == "mnist":
+        return load_mnist(data_dir)
+    if name == "cifar_binary":
+        return load_cifar_binary(data_dir)
+    raise ValueError(f"unknown data set {name!r}; known: {DATASETS}")
 
 
 VAL_FRACTION = 0.05  # of the training set, held out for model selection (the paper's protocol)

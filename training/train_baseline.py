@@ -1,14 +1,16 @@
-"""Train a discriminative MNIST baseline (DNN, CNN or BN-CNN), clean or with shift augmentation.
+"""Train a discriminative baseline (DNN, CNN, BN-CNN on MNIST; the appendix-C CNN on CIFAR-binary).
 
     python -m training.train_baseline --model dnn --epochs 40 --out models/mnist_dnn.pt
     python -m training.train_baseline --model dnn --augment vshift --aug-range 0.5 \\
         --out models/mnist_dnn_aug_vshift.pt
     python -m training.train_baseline --model bncnn --epochs 6 --out models/mnist_bncnn.pt
     python -m training.train_baseline --model bncnn --out models/mnist_bncnn.pt --eval-only
+    python -m training.train_baseline --dataset cifar_binary --epochs 20 --flip --out models/cifar_cnn.pt
 
 Follows ``training.train_cama``: 5% of the training set is held out (seeded) for validation and
 the checkpoint with the best clean validation accuracy is kept; Adam with cosine decay per step.
-Augmented training (paper fig. 1) concatenates each batch with a manipulated copy of itself.
+Augmented training (paper fig. 1) concatenates each batch with a manipulated copy of itself;
+``--flip`` mirrors a random half of each batch left-right (natural images).
 ``--dry-run`` runs one batch; ``--resume`` continues from ``<out>.state``. After training the
 best checkpoint's clean test accuracy is added to its metrics; for BatchNorm models the TENT
 accuracies on the held-out half of the manipulated test set are printed as well.
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from training.baselines import build_baseline, evaluate_accuracy, load_baseline, save_baseline
-from training.data import Mnist, Split, batches, load_mnist, validation_split
+from training.data import DATASETS, ImageDataset, Split, batches, load_dataset, validation_split
 from training.manipulations import named
 from training.tent import BATCHNORM_TYPES, tent_accuracy
 
@@ -50,13 +52,18 @@ class TrainConfig:
     val_fraction: float = 0.05
     augment: str | None = None  # "vshift" / "hshift" / "generic": each batch plus a manipulated copy
     aug_range: float = 0.5
+    flip: bool = False  # mirror a random half of each batch left-right
     dry_run: bool = False
 
 
 def augmented_batch(
     xb: np.ndarray, yb: np.ndarray, cfg: TrainConfig, rng: np.random.Generator
 ) -> tuple[Tensor, Tensor]:
-    """The batch itself, or (with ``cfg.augment``) the batch concatenated with a manipulated copy."""
+    """The batch itself, or (with ``cfg.augment``) the batch concatenated with a manipulated copy;
+    with ``cfg.flip`` a random half of the images mirrored left-right first."""
+    if cfg.flip:
+        mirror = rng.random(len(xb)) < 0.5
+        xb = np.where(mirror[:, None, None, None], xb[..., ::-1], xb)
     if cfg.augment is None:
         return torch.from_numpy(xb), torch.from_numpy(yb)
     xm = named(cfg.augment, cfg.aug_range)(xb, rng)
@@ -176,14 +183,14 @@ def tent_report(model: nn.Module, test: Split, seed: int = 0) -> dict[str, float
     return report
 
 
-def evaluate_checkpoint(path: Path, mnist: Mnist, *, record: bool) -> dict[str, float]:
+def evaluate_checkpoint(path: Path, data: ImageDataset, *, record: bool) -> dict[str, float]:
     """Clean test accuracy of a saved baseline (kept in its metrics if ``record``); TENT for BN models."""
     model, meta = load_baseline(path)
-    result = {"test_accuracy": evaluate_accuracy(model, mnist.test.x, mnist.test.y)}
+    result = {"test_accuracy": evaluate_accuracy(model, data.test.x, data.test.y)}
     if record:
         save_baseline(path, model, provenance=meta.provenance, metrics={**meta.metrics, **result})
     if any(isinstance(m, BATCHNORM_TYPES) for m in model.modules()):
-        result.update(tent_report(model, mnist.test))
+        result.update(tent_report(model, data.test))
     return result
 
 
@@ -192,12 +199,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=["dnn", "cnn", "bncnn"], default="dnn")
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist")
+    parser.add_argument(
+        "--model",
+        choices=["dnn", "cnn", "bncnn", "pool_cnn"],
+        default=None,
+        help="default: dnn on mnist, pool_cnn (the appendix-C CIFAR CNN) on cifar_binary",
+    )
     parser.add_argument(
         "--bncnn-head", choices=["gap", "flatten"], default="gap", help="BN-CNN head (global pool or dense)"
     )
-    parser.add_argument("--data-dir", default=None, help="MNIST directory (default $CAMA_DATA_DIR or ./data)")
-    parser.add_argument("--out", type=Path, default=None, help="checkpoint (default models/mnist_<model>.pt)")
+    parser.add_argument("--data-dir", default=None, help="data directory (default $CAMA_DATA_DIR or ./data)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="checkpoint (default models/mnist_<model>.pt, models/cifar_cnn.pt on cifar_binary)",
+    )
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
@@ -205,6 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--augment", choices=["vshift", "hshift", "generic"], default=None)
     parser.add_argument("--aug-range", type=float, default=TrainConfig.aug_range)
+    parser.add_argument("--flip", action="store_true", help="random left-right mirroring of training images")
+    parser.add_argument("--dropout", type=float, default=None, help="pool_cnn: dropout after dense layers")
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dry-run", action="store_true", help="one batch, one epoch")
@@ -213,17 +233,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def baseline_config(kind: str, args: argparse.Namespace) -> dict[str, object] | None:
+    """The config of the ``--model`` kind with the command line's options (``None``: defaults)."""
+    if kind == "bncnn":
+        return {"kind": "bncnn", "head": args.bncnn_head}
+    if kind == "pool_cnn" and args.dropout is not None:
+        return {"kind": "pool_cnn", "dropout": args.dropout}
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out: Path = args.out or Path(f"models/mnist_{args.model}.pt")
-    mnist = load_mnist(args.data_dir)
+    model_kind = args.model or ("pool_cnn" if args.dataset == "cifar_binary" else "dnn")
+    default_out = "models/cifar_cnn.pt" if args.dataset == "cifar_binary" else f"models/mnist_{model_kind}.pt"
+    out: Path = args.out or Path(default_out)
+    data = load_dataset(args.dataset, args.data_dir)
     if args.eval_only:
-        print(json.dumps(evaluate_checkpoint(out, mnist, record=False)))
+        print(json.dumps(evaluate_checkpoint(out, data, record=False)))
         return
-    train_split = mnist.train
+    train_split = data.train
     if args.train_limit:
         train_split = Split(train_split.x[: args.train_limit], train_split.y[: args.train_limit])
     tr, val = validation_split(train_split, TrainConfig.val_fraction, args.seed)
@@ -235,18 +266,21 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         augment=args.augment,
         aug_range=args.aug_range,
+        flip=args.flip,
         dry_run=args.dry_run,
     )
     torch.manual_seed(args.seed)
-    model = build_baseline(
-        args.model, {"kind": "bncnn", "head": args.bncnn_head} if args.model == "bncnn" else None
-    )
-    provenance: dict[str, object] = {"data_sha256": mnist.checksum, "dataset": "mnist", "train_size": len(tr)}
+    model = build_baseline(model_kind, baseline_config(model_kind, args))
+    provenance: dict[str, object] = {
+        "data_sha256": data.checksum,
+        "dataset": args.dataset,
+        "train_size": len(tr),
+    }
     result = train(model, tr, val, cfg, out, resume=args.resume, provenance=provenance)
     if args.dry_run:
-        result["test_accuracy"] = evaluate_accuracy(model, mnist.test.x[:256], mnist.test.y[:256])
+        result["test_accuracy"] = evaluate_accuracy(model, data.test.x[:256], data.test.y[:256])
     else:
-        result.update(evaluate_checkpoint(out, mnist, record=True))
+        result.update(evaluate_checkpoint(out, data, record=True))
     print(json.dumps(result))
 
 
