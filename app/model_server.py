@@ -139,7 +139,7 @@ class ModelServer:
     def served_model(self, name: str) -> ServedModel:
         """What request parsing needs of a served model (404 unknown, 503 not loaded)."""
         current = self.current(name)
-        return ServedModel(current.num_classes, current.encoding)
+        return ServedModel(current.num_classes, current.encoding, current.manifest.inputs)
 
     async def predict(self, name: str, inputs: Inputs, k: int, seed: int) -> Answer:
         """Eq. 6 log-weights ``(B, C)`` through the model's micro-batcher, the served version and,

@@ -22,7 +22,7 @@ from store.jobs import JobRecord, JobState
 JobPublic = JobRecord  # GET /jobs/{id} answers the job record as it is
 
 
-ImageItem = str | list[list[float]]
+ImageItem = str | list[list[float]] | list[list[list[float]]]  # base64, H x W or C x H x W
 
 
 class MeasurementRecord(BaseModel):
@@ -44,7 +44,7 @@ def _no_default(schema: dict[str, Any]) -> None:
 
 
 class InputsRequest(BaseModel):
-    """The inputs of a request: ``images`` (base64 PNG/JPEG or 28x28 arrays in [0, 1]), ``records``
+    """The inputs of a request: ``images`` (base64 PNG/JPEG or C x H x W arrays in [0, 1]), ``records``
     (model space) or ``rows`` (a table model's columns in the table's own units). Types are strict:
     a string or a boolean is never taken for a number."""
 
@@ -57,7 +57,10 @@ class InputsRequest(BaseModel):
 
     model: str = Field(min_length=1, max_length=64, examples=["mnist"])
     images: list[ImageItem] | SkipJsonSchema[None] = Field(
-        default=None, description="base64 PNG/JPEG, or 28x28 arrays in [0, 1]", json_schema_extra=_no_default
+        default=None,
+        description="base64 PNG/JPEG, or arrays in [0, 1]: C x H x W (H x W for a one-channel model); "
+        "GET /models/{name} -> inputs.x gives the shape",
+        json_schema_extra=_no_default,
     )
     records: list[MeasurementRecord] | SkipJsonSchema[None] = Field(
         default=None, json_schema_extra=_no_default

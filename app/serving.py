@@ -42,6 +42,7 @@ class ServedModel:
 
     num_classes: int
     encoding: RowEncoding | None
+    inputs: dict[str, list[int]]  # per-input shape without the batch, e.g. {"x": [3, 32, 32]}
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,21 @@ from store.data import save_serving_data
 from store.registry import ModelRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
+# service settings under which the promotion gate accepts every job: for tests of the job path
+# with tiny models (the gate itself is tested on its own)
+ACCEPTING_GATE: dict[str, Any] = {
+    "gate_margin": 1.0,
+    "gate_min_elbo_gain": -1e9,
+    "gate_max_label_kl_rise": 1e9,
+    "gate_max_confidence_drop": 1.0,
+    "gate_min_confidence": "null",
+}
 
 
-def tiny_image_model(seed: int = 0) -> ImageCama:
+def tiny_image_model(seed: int = 0, **config: Any) -> ImageCama:
     """A few-thousand-parameter transform-pathway image CAMA with non-trivial mechanisms."""
     torch.manual_seed(seed)
-    model = with_m_pathway(ImageCama(ImageCamaConfig.tiny()), "transform")
+    model = with_m_pathway(ImageCama(ImageCamaConfig.tiny(**config)), "transform")
     assert model.mechanisms is not None
     with torch.no_grad():
         for p in model.mechanisms.head.parameters():
@@ -67,6 +76,28 @@ def make_seed_dir(directory: Path, name: str = "tiny", *, n_replay: int = 64, n_
     replay = digit_like_images(n_replay, seed=1)
     canary = digit_like_images(n_canary, seed=2)
     save_serving_data(directory / f"{name}_serving_data.npz", replay, canary)
+    return directory
+
+
+def rgb_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic uint8 ``(n, 3, 32, 32)`` images of two classes (a red or a green square) and labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, size=n)
+    images = rng.integers(0, 60, size=(n, 3, 32, 32), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        images[i, int(label), 8:24, 8:24] = 230
+    return images, labels.astype(np.int64)
+
+
+def make_rgb_seed_dir(directory: Path, name: str = "rgb", *, n_replay: int = 64, n_canary: int = 64) -> Path:
+    """``<dir>/<name>_cama.pt`` and ``<dir>/<name>_serving_data.npz`` for a tiny 3 x 32 x 32, 2-class
+    image model (the shape of ``ImageCamaConfig.cifar_binary``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model = tiny_image_model(channels=3, image_size=32, num_classes=2)
+    save_checkpoint(directory / f"{name}_cama.pt", model, provenance={"dataset": "synthetic"})
+    save_serving_data(
+        directory / f"{name}_serving_data.npz", rgb_images(n_replay, seed=1), rgb_images(n_canary, seed=2)
+    )
     return directory
 
 

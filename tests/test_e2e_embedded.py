@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from benchmarks.harness import (
+    ACCEPTING_GATE,
     ContinuousClient,
     ServiceProcess,
     clone_store,
@@ -53,11 +54,7 @@ def accepting(tmp_path_factory):
     svc, registry = start(
         tmp_path_factory,
         "accepting",
-        gate_margin=1.0,
-        gate_min_elbo_gain=-1e9,
-        gate_max_label_kl_rise=1e9,
-        gate_max_confidence_drop=1.0,
-        gate_min_confidence="null",
+        **ACCEPTING_GATE,
     )
     try:
         yield svc, registry

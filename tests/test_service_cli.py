@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks.harness import ROOT, clone_store, make_measurement_seed_dir, service_env, template_store
+from store.data import ServingData
 from store.registry import ModelRegistry
 
 
@@ -46,27 +47,23 @@ def test_export_model_publishes_a_checkpoint(tmp_path):
     assert registry.verify("meas", 1).kind == "measurement"
 
 
-def test_export_model_builds_mnist_serving_data(tmp_path):
-    target = tmp_path / "mnist_serving_data.npz"
+@pytest.mark.parametrize(("dataset", "shape"), [("mnist", (1, 28, 28)), ("cifar_binary", (3, 32, 32))])
+def test_export_model_builds_image_serving_data(tmp_path, dataset, shape):
+    target = tmp_path / f"{dataset}_serving_data.npz"
     out = run(
         [
             "training.export_model",
-            "--make-serving-data",
-            "mnist",
-            "--out",
-            str(target),
-            "--canary",
-            "10",
-            "--replay",
-            "20",
+            *("--make-serving-data", dataset, "--out", str(target), "--canary", "10", "--replay", "20"),
         ]
     )
     assert out.returncode == 0, out.stderr[-2000:]
     with np.load(target) as d:
-        assert d["canary_x"].shape == (10, 28, 28)
+        assert d["canary_x"].shape == (10, *shape)
         assert d["canary_x"].dtype == np.uint8
-        assert d["replay_x"].shape == (20, 28, 28)
-        assert set(np.unique(d["replay_y"])) <= set(range(10))
+        assert d["replay_x"].shape == (20, *shape)
+        classes = 10 if dataset == "mnist" else 2
+        assert set(np.unique(d["replay_y"])) <= set(range(classes))
+    assert ServingData.load(target).canary.x.shape == (10, *shape)
 
 
 def test_committed_mnist_serving_data_is_small_and_labelled():

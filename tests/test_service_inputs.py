@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.inputs import files_to_inputs, images_to_inputs, records_to_inputs
+from app.inputs import files_to_inputs, image_shape, images_to_inputs, records_to_inputs
 from app.schemas import MeasurementRecord
 from benchmarks.harness import bomb_png, png_base64
 from store.data import check_shapes
@@ -63,6 +63,54 @@ def test_png_jpeg_data_url_and_arrays_decode_to_unit_range():
 )
 def test_bad_images_have_reasons(item, reason):
     assert reason_of(images_to_inputs, [item], LIMIT) == reason
+
+
+RGB = (3, 32, 32)
+
+
+def rgb_png(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    """``pixels (3, H, W)`` in [0, 1] -> an RGB file."""
+    buf = io.BytesIO()
+    Image.fromarray((pixels.transpose(1, 2, 0) * 255).round().astype(np.uint8), "RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_rgb_models_take_rgb_files_grey_files_and_channels_first_arrays():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, RGB).astype(np.float32) / 255
+    png = rgb_png(pixels)
+    inputs = images_to_inputs([base64.b64encode(png).decode(), pixels.tolist()], LIMIT, RGB)
+    assert inputs.x.shape == (2, *RGB)
+    np.testing.assert_array_equal(inputs.x[0], pixels)  # channels in R, G, B order, rows then columns
+    np.testing.assert_array_equal(inputs.x[1], pixels)
+    grey = files_to_inputs([encoded("PNG", (32, 32))], LIMIT, RGB).x
+    np.testing.assert_allclose(grey, 128 / 255, atol=1e-6)  # a grey file is repeated over the channels
+    flat = np.broadcast_to(np.array([0.2, 0.5, 0.8], dtype=np.float32)[:, None, None], RGB)
+    jpeg = files_to_inputs([rgb_png(flat, "JPEG")], LIMIT, RGB).x  # lossy: a flat colour survives
+    np.testing.assert_allclose(jpeg[0], flat, atol=3 / 255)
+    assert image_shape({"x": [3, 32, 32]}) == RGB
+
+
+@pytest.mark.parametrize(
+    ("item", "reason"),
+    [
+        (base64.b64encode(encoded("PNG")).decode(), "bad_shape"),  # 28x28 to a 32x32 model
+        ([[0.5] * 32] * 32, "bad_shape"),  # H x W only for one-channel models
+        ([[[0.5] * 32] * 32] * 1, "bad_shape"),
+        ([[[0.5] * 32] * 32] * 2 + [[[0.5] * 31] * 32], "bad_shape"),  # ragged
+        ([[[0.5] * 32] * 32] * 2 + [[["a"] * 32] * 32], "bad_shape"),
+        ([[[1.5] * 32] * 32] * 3, "out_of_range"),
+    ],
+)
+def test_bad_rgb_images_have_reasons(item, reason):
+    assert reason_of(images_to_inputs, [item], LIMIT, RGB) == reason
+
+
+def test_one_channel_models_also_take_channels_first_arrays_and_refuse_other_shapes():
+    image = np.full((1, 28, 28), 0.25, dtype=np.float32)
+    np.testing.assert_array_equal(images_to_inputs([image.tolist()], LIMIT).x[0], image)
+    assert reason_of(image_shape, {"x": [10]}) == "wrong_input_kind"  # a measurement model
+    assert reason_of(image_shape, {"x": [2, 32, 32]}) == "wrong_input_kind"
 
 
 def test_limits_and_empty_inputs():

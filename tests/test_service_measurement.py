@@ -6,7 +6,14 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.harness import ServiceProcess, build_store, make_measurement_seed_dir, wait_job, wait_served
+from benchmarks.harness import (
+    ACCEPTING_GATE,
+    ServiceProcess,
+    build_store,
+    make_measurement_seed_dir,
+    wait_job,
+    wait_served,
+)
 from cama.adapt import FinetuneConfig
 from cama.checkpoint import load_checkpoint
 
@@ -26,11 +33,7 @@ def service(tmp_path_factory):
         seed_dir=str(seed_dir),
         models=["meas"],
         token=TOKEN,
-        gate_margin=1.0,
-        gate_max_label_kl_rise=1e9,
-        gate_max_confidence_drop=1.0,
-        gate_min_confidence="null",
-        gate_min_elbo_gain=-1e9,  # the tiny model: accept deterministically (the gate is tested elsewhere)
+        **ACCEPTING_GATE,
         finetune={"epochs": 1, "batch_size": 16},
     )
     svc.store = store  # type: ignore[attr-defined]

@@ -19,7 +19,7 @@ def test_development_defaults_are_the_embedded_mode(monkeypatch):
     s = Settings()
     assert s.embedded
     assert s.token is None
-    assert s.models == ["mnist", "measurement"]
+    assert s.models == ["mnist", "cifar_binary", "measurement"]
     assert s.gate_margin == 0.005
     assert s.k == 10
     assert s.batching

@@ -1,8 +1,9 @@
-"""Adversarial robustness (paper section 4.1, figs 11 and 13): FGSM and PGD against the DNN and CAMA,
-before and after CAMA's fine-tuning on the attacked set.
+"""Adversarial robustness (paper section 4.1, figs 11-13): FGSM and PGD against the DNN (the CNN on
+CIFAR-binary) and CAMA, before and after CAMA's fine-tuning on the attacked set.
 
     python -m training.evaluate_adversarial --dataset mnist          # the two together: under
     python -m training.evaluate_adversarial --dataset measurement    # 3 hours on 2 CPU cores
+    python -m training.evaluate_adversarial --dataset cifar          # CIFAR-binary
     python -m training.evaluate_adversarial --sections               # only rewrite table, plots, metrics
 
 L-inf attacks (``training.attacks``) with the margin loss on the logits; CAMA's logits are eq. 6's
@@ -17,17 +18,19 @@ accuracy is computed in float32. CAMA is attacked in three settings (methods):
   transformation, Athalye et al. 2018), scored as served;
 
 and ``cama_ft`` / ``cama_ft_eot``: CAMA fine-tuned on the whole attacked set (unlabelled, as the
-paper does for attacks) of the ``cama`` / ``cama_eot`` attack and scored on it. For MNIST the
+paper does for attacks) of the ``cama`` / ``cama_eot`` attack and scored on it. For images the
 fine-tuning is ``POST /adapt``'s own code path (``cama.adapt.adapt_batch``: the checkpoint's
 recipe, the gate, replay and canary; a refused job scores as the unadapted model); for the
 measurement data it is eq. 8 with the service's measurement recipe on the affine m pathway, as in
 ``training.evaluate_measurement``. ``<dataset>.clean_after_ft.cama`` is the lowest clean accuracy
 after any of those fine-tunings.
 
-Data: MNIST, a seeded draw of ``--n`` test images, attacked by ``--batch``; clean accuracy after
-fine-tuning on ``--clean-n`` other test images. Measurement data: the appendix-C generator, per
-seed a CAMA and a DNN trained as ``training.evaluate_measurement`` trains them, the 500 test rows
-attacked on the children X and the co-parents C only (standardised units), means over seeds.
+Data: MNIST or CIFAR-binary, a seeded draw of ``--n`` test images, attacked by ``--batch``;
+clean accuracy after fine-tuning on ``--clean-n`` other test images. The models: the served CAMA
+checkpoint, its serving data (replay and canary) and the baseline of ``IMAGE_DATA``. Measurement
+data: the appendix-C generator, per seed a CAMA and a DNN trained as
+``training.evaluate_measurement`` trains them, the 500 test rows attacked on the children X and
+the co-parents C only (standardised units), means over seeds.
 
 Sanity checks of the evaluation (Carlini et al. 2019), MNIST: accuracy non-increasing in eps
 (within ``MONOTONE_SLACK`` for the stochastic settings); PGD at eps 0.5 near chance for the DNN and
@@ -35,12 +38,14 @@ for CAMA; 10x the PGD steps raising no model's accuracy by more than 1 point (fi
 images); a transfer attack from the DNN weaker than the white-box EOT attack; an adaptive attack
 through the adaptation (``cama_ft_adaptive``: PGD against the fine-tuned model, then the fine-tuning
 run again on that batch, scored after it); and the PGD used here within 1 point of foolbox's
-``LinfPGD`` on the DNN with the same loss, steps and step size.
+``LinfPGD`` on the DNN with the same loss, steps and step size. CIFAR-binary: the first and the
+transfer attack.
 
 Keys ``adv.<dataset>.<attack>.<eps>.<method>``; figures are cached in
 ``docs/results/adversarial_<dataset>_eval.json`` (``training.eval_cache``) and adversarial examples
 under ``--work-dir``, so an interrupted run resumes; tables go to ``docs/results/adversarial.md``,
-plots to ``adversarial_mnist.png`` (fig. 11) and ``adversarial_measurement.png`` (fig. 13).
+plots to ``adversarial_mnist.png`` (fig. 11), ``adversarial_cifar.png`` (fig. 12) and
+``adversarial_measurement.png`` (fig. 13).
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ from cama.protocol import CamaModel
 from store.data import ServingData
 from training.attacks import Attack, LogitsFn, batched_perturb
 from training.baselines import load_baseline
-from training.data import load_mnist
+from training.data import load_dataset
 from training.eval_cache import Cache, recipe_id
 from training.experiment import adapt_as_served
 from training.metrics import update_metrics
@@ -80,9 +85,38 @@ from training.metrics import update_metrics
 RESULTS = Path("docs/results")
 ATTACKS = ("fgsm", "pgd")
 METHODS = ("dnn", "cama", "cama_fixed", "cama_eot", "cama_ft", "cama_ft_eot")
-EPS = {"mnist": (0.05, 0.1, 0.2, 0.3), "measurement": (0.1, 0.2, 0.5, 1.0)}
-COSTLY_EPS = {"mnist": (0.1, 0.3), "measurement": (0.5, 1.0)}  # EOT and fine-tuning
-PGD_STEPS = {"mnist": 10, "measurement": 20}
+EPS = {
+    "mnist": (0.05, 0.1, 0.2, 0.3),
+    "cifar": (0.01, 0.02, 0.05, 0.1, 0.2),
+    "measurement": (0.1, 0.2, 0.5, 1.0),
+}
+COSTLY_EPS = {"mnist": (0.1, 0.3), "cifar": (0.05,), "measurement": (0.5, 1.0)}  # EOT and fine-tuning
+PGD_STEPS = {"mnist": 10, "cifar": 10, "measurement": 20}
+BASELINE = {"mnist": "dnn", "cifar": "cnn", "measurement": "dnn"}  # the discriminative model's key
+STEPS_EPS = {"mnist": 0.1, "cifar": 0.05}  # the eps of the 10x-steps check
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """An image data set of the evaluation: its loader's name and the models' default files."""
+
+    dataset: str  # training.data.load_dataset's name
+    checkpoint: str
+    baseline: str
+    serving_data: str
+
+
+IMAGE_DATA = {
+    "mnist": ImageData(
+        "mnist", "models/mnist_cama.pt", "models/mnist_dnn.pt", "models/mnist_serving_data.npz"
+    ),
+    "cifar": ImageData(
+        "cifar_binary",
+        "models/cifar_binary_cama.pt",
+        "models/cifar_cnn.pt",
+        "models/cifar_binary_serving_data.npz",
+    ),
+}
 CHANCE_EPS = 0.5  # MNIST: every model near chance (<= CHANCE_LEVEL) under PGD at this eps
 CHANCE_LEVEL = 0.2
 EOT_DRAWS = 10
@@ -227,7 +261,8 @@ def white_box(
     for attack_name in ATTACKS:
         for eps in EPS[run.dataset]:
             costly = eps in COSTLY_EPS[run.dataset]
-            settings = {"dnn": ("dnn", 1), "cama": ("cama", 1), "cama_fixed": ("cama_fixed", 1)}
+            baseline = BASELINE[run.dataset]
+            settings = {baseline: (baseline, 1), "cama": ("cama", 1), "cama_fixed": ("cama_fixed", 1)}
             if costly:
                 settings["cama_eot"] = ("cama", EOT_DRAWS)
             adv: dict[str, torch.Tensor] = {}
@@ -276,27 +311,30 @@ def image_split(v: torch.Tensor) -> tuple[torch.Tensor, Any]:
     return v, None
 
 
-def evaluate_mnist(args: argparse.Namespace) -> None:
-    """Fig. 11 and the sanity checks on a seeded draw of ``args.n`` MNIST test images."""
-    cama, meta = load_checkpoint(args.checkpoint)
+def evaluate_images(args: argparse.Namespace, dataset: str) -> None:
+    """Fig. 11 (MNIST) or fig. 12 (CIFAR-binary) on a seeded draw of ``args.n`` test images, and the
+    sanity checks (all of them on MNIST; monotonicity and transfer on CIFAR-binary)."""
+    files = IMAGE_DATA[dataset]
+    checkpoint = Path(args.checkpoint or files.checkpoint)
+    cama, meta = load_checkpoint(checkpoint)
     assert isinstance(cama, ImageCama)
     cama.eval().requires_grad_(False)
-    dnn = load_baseline(args.dnn)[0].eval().requires_grad_(False)
-    mnist = load_mnist(args.data_dir)
-    order = np.random.default_rng(args.seed).permutation(len(mnist.test))
-    x = torch.from_numpy(mnist.test.x[order[: args.n]])
-    y = torch.from_numpy(mnist.test.y[order[: args.n]]).long()
-    clean_x = torch.from_numpy(mnist.test.x[order[args.n : args.n + args.clean_n]])
-    clean_y = torch.from_numpy(mnist.test.y[order[args.n : args.n + args.clean_n]]).long()
+    dnn = load_baseline(args.dnn or files.baseline)[0].eval().requires_grad_(False)
+    data = load_dataset(files.dataset, args.data_dir)
+    order = np.random.default_rng(args.seed).permutation(len(data.test))
+    x = torch.from_numpy(data.test.x[order[: args.n]])
+    y = torch.from_numpy(data.test.y[order[: args.n]]).long()
+    clean_x = torch.from_numpy(data.test.x[order[args.n : args.n + args.clean_n]])
+    clean_y = torch.from_numpy(data.test.y[order[args.n : args.n + args.clean_n]]).long()
     recipe = FinetuneConfig.from_dict(
         args.recipe, base=FinetuneConfig.from_dict(meta.provenance.get("adapt_recipe") or {})
     )
-    gate, serving = GateConfig(), ServingData.load(args.serving_data)
+    gate, serving = GateConfig(), ServingData.load(args.serving_data or files.serving_data)
     run = Run(
-        dataset="mnist",
-        cache=Cache(args.out_dir / "adversarial_mnist_eval.json", args.force),
+        dataset=dataset,
+        cache=Cache(args.out_dir / f"adversarial_{dataset}_eval.json", args.force),
         work_dir=args.work_dir,
-        model_id=sha256_file(args.checkpoint)[:12],
+        model_id=sha256_file(checkpoint)[:12],
         recipe=recipe_id(recipe),
         bf16=args.bf16,
         batch=args.batch,
@@ -313,8 +351,9 @@ def evaluate_mnist(args: argparse.Namespace) -> None:
             lambda v, labels: served_image_accuracy(model, v, labels),
         )
 
+    baseline = BASELINE[dataset]
     targets = {
-        "dnn": Classifier(lambda v, d: dnn(v), dnn_accuracy),
+        baseline: Classifier(lambda v, d: dnn(v), dnn_accuracy),
         "cama": cama_classifier(cama),
         "cama_fixed": Classifier(
             cama_logits(cama, image_split, fixed=True, bf16=args.bf16),
@@ -336,10 +375,40 @@ def evaluate_mnist(args: argparse.Namespace) -> None:
             accepted=outcome.accepted,
         )
 
-    run.cache.get(run.key("clean.dnn"), lambda: dnn_accuracy(x, y))
+    run.cache.get(run.key(f"clean.{baseline}"), lambda: dnn_accuracy(x, y))
     run.cache.get(run.key("clean.cama"), lambda: served_image_accuracy(cama, x, y), model=run.model_id)
     white_box(run, targets, x, y, bounds=(0.0, 1.0), finetune=finetune)
-    sanity_mnist(run, targets, x, y, dnn, finetune, args)
+    run.cache.get(
+        run.key("clean_before_ft.cama"),
+        partial(served_image_accuracy, cama, clean_x, clean_y),
+        model=run.model_id,
+    )
+    if dataset == "mnist":
+        sanity_mnist(run, targets, x, y, dnn, finetune, args)
+    else:
+        transfer(run, targets, x, y)
+        more_steps(run, targets, x, y, args.sanity_n)
+
+
+def transfer(run: Run, targets: dict[str, Classifier], x: torch.Tensor, y: torch.Tensor) -> None:
+    """A transfer attack: PGD against the discriminative baseline, scored on the served CAMA."""
+    baseline = BASELINE[run.dataset]
+    for eps in COSTLY_EPS[run.dataset]:
+        name = f"pgd.{eps_key(eps)}.{baseline}"
+
+        attack = attack_of("pgd", eps, run.dataset)
+
+        def make(a: Attack = attack) -> torch.Tensor:
+            return batched_perturb(
+                targets[baseline].logits, x, y, a, batch=run.batch, bounds=(0.0, 1.0), seed=ATTACK_SEED
+            )
+
+        adv = run.examples(name, make)
+        run.cache.get(
+            run.key(f"pgd.{eps_key(eps)}.cama_transfer"),
+            partial(targets["cama"].accuracy, adv, y),
+            model=run.model_id,
+        )
 
 
 def sanity_mnist(
@@ -364,14 +433,7 @@ def sanity_mnist(
 
         return run.examples(name, make)
 
-    # transfer from the DNN (the white-box figure's examples), scored on the served CAMA
-    for eps in COSTLY_EPS["mnist"]:
-        adv = attacked(f"pgd.{eps_key(eps)}.dnn", "dnn", attack_of("pgd", eps, "mnist"), x, y)
-        run.cache.get(
-            run.key(f"pgd.{eps_key(eps)}.cama_transfer"),
-            partial(targets["cama"].accuracy, adv, y),
-            model=run.model_id,
-        )
+    transfer(run, targets, x, y)  # the white-box figure's DNN examples, scored on the served CAMA
     # the PGD here against foolbox's on the DNN (cross-entropy, same steps and step size)
     for eps in COSTLY_EPS["mnist"]:
         attack = Attack(eps=eps, steps=PGD_STEPS["mnist"], loss="ce")
@@ -405,12 +467,24 @@ def sanity_mnist(
             name, "dnn" if method == "dnn" else method, attack_of("pgd", CHANCE_EPS, "mnist"), x, y
         )
         run.cache.get(run.key(name), partial(targets[method].accuracy, adv, y), model=run.model_id)
-    # 10x the steps, on the first sanity_n images
-    n = args.sanity_n
-    for method in ("dnn", "cama_fixed"):
-        for steps in (PGD_STEPS["mnist"], 10 * PGD_STEPS["mnist"]):
-            name = f"pgd{steps}.0.1.{method}.first{n}"
-            adv = attacked(name, method, attack_of("pgd", 0.1, "mnist", steps=steps), x[:n], y[:n])
+    more_steps(run, targets, x, y, args.sanity_n)
+
+
+def more_steps(run: Run, targets: dict[str, Classifier], x: torch.Tensor, y: torch.Tensor, n: int) -> None:
+    """PGD with the usual and with 10x the steps at ``STEPS_EPS``, on the first ``n`` images, against
+    the baseline and the fixed-noise CAMA (the deterministic targets)."""
+    eps = STEPS_EPS[run.dataset]
+    for method in (BASELINE[run.dataset], "cama_fixed"):
+        for steps in (PGD_STEPS[run.dataset], 10 * PGD_STEPS[run.dataset]):
+            name = f"pgd{steps}.{eps_key(eps)}.{method}.first{n}"
+            attack = attack_of("pgd", eps, run.dataset, steps=steps)
+
+            def make(t: Classifier = targets[method], a: Attack = attack) -> torch.Tensor:
+                return batched_perturb(
+                    t.logits, x[:n], y[:n], a, batch=run.batch, bounds=(0.0, 1.0), seed=ATTACK_SEED
+                )
+
+            adv = run.examples(name, make)
             run.cache.get(
                 run.key("sanity", name),
                 partial(targets[method].accuracy, adv, y[:n]),
@@ -549,7 +623,7 @@ def figures(dataset: str, out_dir: Path) -> dict[str, float]:
 
 
 def summary(m: dict[str, float], dataset: str) -> dict[str, float]:
-    """``clean_after_ft.cama`` (the lowest) and, for MNIST, the sanity checks as 1 (pass) / 0 (fail)."""
+    """``clean_after_ft.cama`` (the lowest) and, for images, the sanity checks as 1 (pass) / 0 (fail)."""
     out: dict[str, float] = {}
     for suffix in ("", "_adapted"):
         methods = {f"cama_ft{suffix}", f"cama_ft_eot{suffix}"}
@@ -560,20 +634,21 @@ def summary(m: dict[str, float], dataset: str) -> dict[str, float]:
         ]
         if clean_after:
             out[f"adv.{dataset}.clean_after_ft{suffix}.cama"] = min(clean_after)
-    if dataset != "mnist":
+    if dataset == "measurement":
         return out
-    checks = sanity_checks(m)
-    out.update({f"adv.mnist.sanity.{name}": float(ok) for name, (ok, _) in checks.items()})
+    checks = sanity_checks(m, dataset)
+    out.update({f"adv.{dataset}.sanity.{name}": float(ok) for name, (ok, _) in checks.items()})
     return out
 
 
-def sanity_checks(m: dict[str, float]) -> dict[str, tuple[bool, str]]:
-    """Each MNIST sanity check: (passed, what was compared)."""
+def sanity_checks(m: dict[str, float], dataset: str = "mnist") -> dict[str, tuple[bool, str]]:
+    """Each sanity check measured for an image data set: (passed, what was compared)."""
     checks: dict[str, tuple[bool, str]] = {}
     rises = []
+    pre = f"adv.{dataset}"
     for attack in ATTACKS:
-        for method in ("dnn", "cama", "cama_fixed", "cama_eot"):
-            values = [m.get(f"adv.mnist.{attack}.{eps_key(e)}.{method}") for e in (*EPS["mnist"], CHANCE_EPS)]
+        for method in (BASELINE[dataset], "cama", "cama_fixed", "cama_eot"):
+            values = [m.get(f"{pre}.{attack}.{eps_key(e)}.{method}") for e in (*EPS[dataset], CHANCE_EPS)]
             known = [v for v in values if v is not None]
             rises += [b - a for a, b in itertools.pairwise(known)]
     if rises:
@@ -581,21 +656,22 @@ def sanity_checks(m: dict[str, float]) -> dict[str, tuple[bool, str]]:
             max(rises) <= MONOTONE_SLACK,
             f"largest rise between neighbouring eps {max(rises):+.3f}",
         )
-    chance = {k: v for k, v in m.items() if k.startswith(f"adv.mnist.pgd.{eps_key(CHANCE_EPS)}.")}
+    chance = {k: v for k, v in m.items() if k.startswith(f"{pre}.pgd.{eps_key(CHANCE_EPS)}.")}
     if chance:
         checks["chance_at_0.5"] = (
             max(chance.values()) <= CHANCE_LEVEL,
             ", ".join(f"{k.split('.')[-1]} {v:.3f}" for k, v in chance.items()),
         )
     gains = []
-    for method in ("dnn", "cama_fixed"):
+    at = eps_key(STEPS_EPS[dataset])
+    for method in (BASELINE[dataset], "cama_fixed"):
         few = [
-            v for k, v in m.items() if k.startswith(f"adv.mnist.sanity.pgd{PGD_STEPS['mnist']}.0.1.{method}.")
+            v for k, v in m.items() if k.startswith(f"{pre}.sanity.pgd{PGD_STEPS[dataset]}.{at}.{method}.")
         ]
         many = [
             v
             for k, v in m.items()
-            if k.startswith(f"adv.mnist.sanity.pgd{10 * PGD_STEPS['mnist']}.0.1.{method}.")
+            if k.startswith(f"{pre}.sanity.pgd{10 * PGD_STEPS[dataset]}.{at}.{method}.")
         ]
         if few and many:
             gains.append((method, many[0] - few[0]))
@@ -604,24 +680,24 @@ def sanity_checks(m: dict[str, float]) -> dict[str, tuple[bool, str]]:
             all(g <= 0.01 for _, g in gains),
             ", ".join(f"{name} {g:+.3f}" for name, g in gains),
         )
-    transfer = [
-        (e, m[f"adv.mnist.pgd.{eps_key(e)}.cama_transfer"], m[f"adv.mnist.pgd.{eps_key(e)}.cama_eot"])
-        for e in COSTLY_EPS["mnist"]
-        if f"adv.mnist.pgd.{eps_key(e)}.cama_transfer" in m and f"adv.mnist.pgd.{eps_key(e)}.cama_eot" in m
+    transferred = [
+        (e, m[f"{pre}.pgd.{eps_key(e)}.cama_transfer"], m[f"{pre}.pgd.{eps_key(e)}.cama_eot"])
+        for e in COSTLY_EPS[dataset]
+        if f"{pre}.pgd.{eps_key(e)}.cama_transfer" in m and f"{pre}.pgd.{eps_key(e)}.cama_eot" in m
     ]
-    if transfer:
+    if transferred:
         checks["transfer_weaker"] = (
-            all(t >= w for _, t, w in transfer),
-            ", ".join(f"eps {e:g}: transfer {t:.3f} vs EOT {w:.3f}" for e, t, w in transfer),
+            all(t >= w for _, t, w in transferred),
+            ", ".join(f"eps {e:g}: transfer {t:.3f} vs EOT {w:.3f}" for e, t, w in transferred),
         )
     diffs = [
         (
             e,
-            m[f"adv.mnist.crosscheck.pgd.{eps_key(e)}.ours"],
-            m[f"adv.mnist.crosscheck.pgd.{eps_key(e)}.foolbox"],
+            m[f"{pre}.crosscheck.pgd.{eps_key(e)}.ours"],
+            m[f"{pre}.crosscheck.pgd.{eps_key(e)}.foolbox"],
         )
-        for e in COSTLY_EPS["mnist"]
-        if f"adv.mnist.crosscheck.pgd.{eps_key(e)}.foolbox" in m
+        for e in COSTLY_EPS[dataset]
+        if f"{pre}.crosscheck.pgd.{eps_key(e)}.foolbox" in m
     ]
     if diffs:
         checks["foolbox_within_1pt"] = (
@@ -631,15 +707,21 @@ def sanity_checks(m: dict[str, float]) -> dict[str, tuple[bool, str]]:
     return checks
 
 
+def methods_of(dataset: str) -> tuple[str, ...]:
+    """The figure's methods, the discriminative baseline under its data set's name."""
+    return tuple(BASELINE[dataset] if method == "dnn" else method for method in METHODS)
+
+
 def table(m: dict[str, float], dataset: str) -> str:
     """Markdown: accuracy per attack and eps (rows) and method (columns)."""
+    methods = methods_of(dataset)
     lines = [
-        f"| attack | eps | {' | '.join(METHODS)} |",
-        "|---|---:|" + "---:|" * len(METHODS),
+        f"| attack | eps | {' | '.join(methods)} |",
+        "|---|---:|" + "---:|" * len(methods),
     ]
     for attack in ATTACKS:
         for eps in EPS[dataset]:
-            cells = [m.get(f"adv.{dataset}.{attack}.{eps_key(eps)}.{method}") for method in METHODS]
+            cells = [m.get(f"adv.{dataset}.{attack}.{eps_key(eps)}.{method}") for method in methods]
             lines.append(
                 f"| {attack} | {eps:g} | " + " | ".join("" if c is None else f"{c:.3f}" for c in cells) + " |"
             )
@@ -650,7 +732,7 @@ def plot(m: dict[str, float], dataset: str, path: Path) -> None:
     """Accuracy against eps, one panel per attack, one line per method (figs. 11 and 13)."""
     fig, axes = plt.subplots(1, len(ATTACKS), figsize=(10, 3.8), sharey=True)
     for ax, attack in zip(axes, ATTACKS, strict=True):
-        for method in METHODS:
+        for method in methods_of(dataset):
             points = [
                 (e, m[f"adv.{dataset}.{attack}.{eps_key(e)}.{method}"])
                 for e in EPS[dataset]
@@ -682,8 +764,8 @@ def write_outputs(out_dir: Path, *, metrics_file: bool = True) -> dict[str, floa
         sections.append(f"## {dataset}\n\n{table(m, dataset)}\n")
         extra = {k: v for k, v in m.items() if ".cama_transfer" in k or "adaptive" in k or "clean" in k}
         sections.append("\n".join(f"- `{k}`: {v:.3f}" for k, v in sorted(extra.items())) + "\n")
-        if dataset == "mnist":
-            checks = sanity_checks(m)
+        if dataset != "measurement":
+            checks = sanity_checks(m, dataset)
             sections.append(
                 "Sanity checks:\n\n"
                 + "\n".join(
@@ -710,15 +792,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", choices=sorted(EPS), default=None, help="measure this dataset")
     parser.add_argument("--sections", action="store_true", help="measure nothing; rewrite the outputs")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--checkpoint", default="models/mnist_cama.pt")
-    parser.add_argument("--dnn", default="models/mnist_dnn.pt")
-    parser.add_argument("--serving-data", default="models/mnist_serving_data.npz")
+    parser.add_argument("--checkpoint", default=None, help="images: default models/<dataset>... (IMAGE_DATA)")
+    parser.add_argument("--dnn", default=None, help="images: the DNN (MNIST) or CNN (CIFAR-binary) baseline")
+    parser.add_argument("--serving-data", default=None, help="images: the replay and canary of the gate")
     parser.add_argument(
         "--recipe", type=json.loads, default={}, help="recipe overrides (JSON) over the checkpoint's own"
     )
-    parser.add_argument("--n", type=int, default=50, help="MNIST test images attacked")
+    parser.add_argument("--n", type=int, default=50, help="test images attacked")
     parser.add_argument(
-        "--clean-n", type=int, default=1000, help="MNIST clean images scored after fine-tuning"
+        "--clean-n", type=int, default=1000, help="clean test images scored after fine-tuning"
     )
     parser.add_argument("--sanity-n", type=int, default=20, help="images of the 10x-steps check")
     parser.add_argument("--batch", type=int, default=50)
@@ -737,8 +819,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.dataset == "mnist":
-        evaluate_mnist(args)
+    if args.dataset in IMAGE_DATA:
+        evaluate_images(args, args.dataset)
     elif args.dataset == "measurement":
         evaluate_measurement(args)
     elif not args.sections:

@@ -58,13 +58,12 @@ import torch
 from cama.adapt import AdaptOutcome, FinetuneConfig, GateConfig
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
-from cama.objectives import SCREEN_MARGIN, bayes_predict
 from cama.runtime import resolve_device
 from store.data import ServingData
 from training.baselines import evaluate_accuracy, load_baseline
 from training.data import MNISTC_CORRUPTIONS, Split, load_mnist, load_mnist_c, validation_split
 from training.eval_cache import Cache, MissingModelError, recipe_id
-from training.experiment import adapt_as_served, halves
+from training.experiment import adapt_as_served, halves, served_accuracy
 from training.manipulations import named
 from training.metrics import update_metrics
 from training.tent import tent_accuracy
@@ -144,17 +143,6 @@ class Setup:
         adapt_idx, score_idx = halves(Split(x, y))
         n = self.args.score_limit
         return Split(x[adapt_idx], y[adapt_idx]), Split(x[score_idx][:n], y[score_idx][:n])
-
-
-def served_accuracy(model: ImageCama, split: Split, *, k: int = 10, seed: int = 0) -> float:
-    """Accuracy of eq. 6 as ``POST /predict`` computes it: K samples behind the first-sample screen."""
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    pred = bayes_predict(
-        model, torch.from_numpy(split.x).to(device), k=k, generator=gen, screen=SCREEN_MARGIN
-    )
-    return float((pred.labels.cpu().numpy() == split.y).mean())
 
 
 def gate_id(gate: GateConfig) -> str:

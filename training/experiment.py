@@ -18,7 +18,7 @@ import torch
 from cama.adapt import AdaptOutcome, FinetuneConfig, GateConfig, Labelled, adapt_batch, finetune
 from cama.config import ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
-from cama.objectives import bayes_predict
+from cama.objectives import SCREEN_MARGIN, bayes_predict
 from store.data import ServingData
 from training.data import Mnist, Split
 from training.manipulations import named
@@ -55,6 +55,17 @@ def manipulated_halves(test: Split, manipulation: str, level: float, seed: int =
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device a model's parameters live on."""
     return next(model.parameters()).device
+
+
+def served_accuracy(model: ImageCama, split: Split, *, k: int = 10, seed: int = 0) -> float:
+    """Accuracy of eq. 6 as ``POST /predict`` computes it: K samples behind the first-sample screen."""
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    pred = bayes_predict(
+        model, torch.from_numpy(split.x).to(device), k=k, generator=gen, screen=SCREEN_MARGIN
+    )
+    return float((pred.labels.cpu().numpy() == split.y).mean())
 
 
 def cama_accuracy(

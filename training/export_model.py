@@ -2,12 +2,13 @@
 
     python -m training.export_model --checkpoint models/mnist_cama.pt --name mnist --store model_store
     python -m training.export_model --make-serving-data mnist --out models/mnist_serving_data.npz
+    python -m training.export_model --make-serving-data cifar_binary   # models/cifar_binary_serving_data.npz
 
 A registry version holds the core checkpoint, its ONNX export (eq. 6 with explicit noise) and
 ``replay.npz``: labelled clean replay data for eq. 8's clean term and a labelled clean canary
-set for the promotion gate. For MNIST these come from the training set (replay) and the 5%
-validation split (canary) of ``training.train_cama``; the committed
-``models/mnist_serving_data.npz`` (uint8) means the service needs no dataset at run time.
+set for the promotion gate. For the image data sets (MNIST, CIFAR-binary) these come from the
+training set (replay) and the 5% validation split (canary) of ``training.train_cama``; the
+committed ``models/<name>_serving_data.npz`` (uint8) means the service needs no dataset at run time.
 """
 
 from __future__ import annotations
@@ -23,19 +24,26 @@ import numpy as np
 from store.artifacts import export_checkpoint
 from store.data import save_serving_data
 from store.registry import ModelRegistry
-from training.data import VAL_FRACTION, load_mnist, validation_split
+from training.data import DATASETS, VAL_FRACTION, load_dataset, validation_split
 
 
-def mnist_serving_data(
-    out: Path, *, n_canary: int = 1000, n_replay: int = 2000, seed: int = 0, data_dir: str | None = None
+def image_serving_data(
+    out: Path,
+    *,
+    dataset: str = "mnist",
+    n_canary: int = 1000,
+    n_replay: int = 2000,
+    seed: int = 0,
+    data_dir: str | None = None,
 ) -> Path:
-    """Canary: the first ``n_canary`` of the 5% validation split; replay: ``n_replay`` training images."""
-    mnist = load_mnist(data_dir)
-    train, val = validation_split(mnist.train, VAL_FRACTION, seed=0)
+    """Canary: the first ``n_canary`` of the 5% validation split (never trained on; fewer where the
+    split is smaller); replay: ``n_replay`` training images. Stored as uint8 ``(N, C, H, W)``."""
+    data = load_dataset(dataset, data_dir)
+    train, val = validation_split(data.train, VAL_FRACTION, seed=0)
     replay_idx = np.sort(np.random.default_rng(seed).choice(len(train), size=n_replay, replace=False))
 
     def as_uint8(x: np.ndarray) -> np.ndarray:
-        return np.round(x[:, 0] * 255.0).astype(np.uint8)  # (N, 28, 28)
+        return np.round(x * 255.0).astype(np.uint8)
 
     return save_serving_data(
         out,
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-activate", action="store_true", help="publish without making it the active version"
     )
-    parser.add_argument("--make-serving-data", choices=["mnist", "measurement"], default=None)
+    parser.add_argument("--make-serving-data", choices=[*DATASETS, "measurement"], default=None)
     parser.add_argument(
         "--out",
         type=Path,
@@ -89,10 +97,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.make_serving_data:
         out = args.out or Path("models") / f"{args.make_serving_data}_serving_data.npz"
-        if args.make_serving_data == "mnist":
-            path = mnist_serving_data(out, n_canary=args.canary, n_replay=args.replay, data_dir=args.data_dir)
-        else:
+        if args.make_serving_data == "measurement":
             path = measurement_serving_data(out, n_canary=args.canary, n_replay=args.replay)
+        else:
+            path = image_serving_data(
+                out,
+                dataset=args.make_serving_data,
+                n_canary=args.canary,
+                n_replay=args.replay,
+                data_dir=args.data_dir,
+            )
         print(f"wrote {path} ({path.stat().st_size} bytes)")
         if args.checkpoint is None:
             return
@@ -100,9 +114,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--checkpoint and --name are required to export")
     serving = args.serving_data or args.checkpoint.parent / f"{args.name}_serving_data.npz"
     if not serving.exists():
-        if args.name != "mnist":
+        if args.name not in DATASETS:
             parser.error(f"{serving} does not exist (build it with --make-serving-data)")
-        mnist_serving_data(serving, n_canary=args.canary, n_replay=args.replay, data_dir=args.data_dir)
+        image_serving_data(
+            serving, dataset=args.name, n_canary=args.canary, n_replay=args.replay, data_dir=args.data_dir
+        )
     manifest = export_checkpoint(
         ModelRegistry(args.store), args.name, args.checkpoint, serving, activate=not args.no_activate
     )

@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.errors import ServiceError, validation_body
-from app.inputs import files_to_inputs, images_to_inputs, records_to_inputs
+from app.inputs import files_to_inputs, image_shape, images_to_inputs, records_to_inputs
 from app.schemas import AdaptRequest, InputsRequest, PredictRequest
 from app.serving import ServedModel
 from store.data import Inputs
@@ -178,7 +178,8 @@ class Decoder:
                     )
                 inputs = await run_in_threadpool(served.encoding.encode, req.rows)
             elif req.images is not None:
-                inputs = await run_in_threadpool(images_to_inputs, req.images, limits.max_image_bytes)
+                shape = image_shape(served.inputs)
+                inputs = await run_in_threadpool(images_to_inputs, req.images, limits.max_image_bytes, shape)
             else:
                 inputs = await run_in_threadpool(records_to_inputs, req.records or [])
         return req, inputs, req.rows is not None
@@ -221,12 +222,12 @@ class Decoder:
                 fields[key] = value
             if not uploads:
                 raise InvalidInputError("no image files uploaded (field 'images')", reason="no_inputs")
-            check_model(fields.get("model", ""))
+            shape = image_shape(check_model(fields.get("model", "")).inputs)
             blobs = [await upload.read() for upload in uploads]
         finally:
             await form.close()
         async with self._slots:
-            inputs = await run_in_threadpool(files_to_inputs, blobs, limits.max_image_bytes)
+            inputs = await run_in_threadpool(files_to_inputs, blobs, limits.max_image_bytes, shape)
         return fields, inputs
 
     async def read_predict(

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     # models and their registry
     model_store: Path = Path("model_store")
     seed_dir: Path = Path("models")  # <seed_dir>/<name>_cama.pt + <name>_serving_data.npz seed an empty store
-    models: list[str] = Field(default_factory=lambda: ["mnist", "measurement"])
+    models: list[str] = Field(default_factory=lambda: ["mnist", "cifar_binary", "measurement"])
     poll_interval_s: float = Field(default=1.0, gt=0)
 
     # jobs: Redis + Celery, or the embedded in-process worker when redis_url is unset
