@@ -89,3 +89,10 @@ compose-smoke: install
 .PHONY: reliability
 reliability: install
 	nice -n 10 $(BIN)/python -m benchmarks.reliability $(RELIABILITY_ARGS)
+
+# CIFAR-binary (paper section 4.1, appendix C): the CNN baseline and CAMA trained with eq. 5 on
+# Gaussian-noise copies (sigma 0.1); each prints its clean test accuracy (docs/reproduce.md).
+.PHONY: train-cifar
+train-cifar: install
+	$(BIN)/python -m training.train_baseline --dataset cifar_binary --epochs 20 --flip --dropout 0.5 --threads 1 --out models/cifar_cnn.pt
+	$(BIN)/python -m training.train_cama --dataset cifar_binary --augment noise --aug-range 0.1 --epochs 28 --threads 1 --out models/cifar_cama.pt

@@ -57,6 +57,13 @@ def horizontal_shift(x: np.ndarray, shift_range: float, rng: np.random.Generator
     return shift(x, shift_range, "horizontal", rng)
 
 
+def random_mirror(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mirror each image left-right with probability 1/2 (training data of natural images)."""
+    mirror = rng.random(len(x)) < 0.5
+    flipped: np.ndarray = np.where(mirror[:, None, None, None], x[..., ::-1], x)
+    return flipped
+
+
 def gaussian_noise(x: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
     """Add N(0, std^2) to every pixel and clip to [0, 1]."""
     noisy: np.ndarray = np.clip(x + rng.normal(0.0, std, size=x.shape).astype(x.dtype), 0.0, 1.0)

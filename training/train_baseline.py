@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from training.baselines import build_baseline, evaluate_accuracy, load_baseline, save_baseline
 from training.data import DATASETS, ImageDataset, Split, batches, load_dataset, validation_split
-from training.manipulations import named
+from training.manipulations import named, random_mirror
 from training.tent import BATCHNORM_TYPES, tent_accuracy
 
 # The TENT evaluation protocol: manipulated test set, adapt on one half, report the other.
@@ -62,8 +62,7 @@ def augmented_batch(
     """The batch itself, or (with ``cfg.augment``) the batch concatenated with a manipulated copy;
     with ``cfg.flip`` a random half of the images mirrored left-right first."""
     if cfg.flip:
-        mirror = rng.random(len(xb)) < 0.5
-        xb = np.where(mirror[:, None, None, None], xb[..., ::-1], xb)
+        xb = random_mirror(xb, rng)
     if cfg.augment is None:
         return torch.from_numpy(xb), torch.from_numpy(yb)
     xm = named(cfg.augment, cfg.aug_range)(xb, rng)

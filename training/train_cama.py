@@ -47,7 +47,7 @@ from training.data import (
     validation_split,
 )
 from training.experiment import cama_accuracy
-from training.manipulations import named
+from training.manipulations import named, random_mirror
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class TrainConfig:
     augment: str | None = None  # "vshift" / "hshift" / "noise" / "generic": eq. 5 with manipulated copies
     aug_range: float = 0.5
     lam: float = 0.5
+    flip: bool = False  # mirror a random half of each batch left-right before the eq. 5 copies
     bf16: bool = False
     dry_run: bool = False
     time_budget_s: float | None = None  # shorten the run (and its cosine schedule) to fit this budget
@@ -121,7 +122,8 @@ def train(
             desc=f"epoch {epoch + 1}/{epochs}",
             mininterval=10,
         )
-        for xb, yb in bar:
+        for batch_x, yb in bar:
+            xb = random_mirror(batch_x, rng) if cfg.flip else batch_x
             x, y = torch.from_numpy(xb).to(device), torch.from_numpy(yb).to(device)
             xm = None if manipulate is None else torch.from_numpy(manipulate(xb, rng)).to(device)
             with autocast:
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--aug-range", type=float, default=TrainConfig.aug_range)
     parser.add_argument("--lam", type=float, default=TrainConfig.lam)
+    parser.add_argument("--flip", action="store_true", help="random left-right mirroring of training images")
     parser.add_argument(
         "--bf16", action="store_true", help="bfloat16 autocast (faster on AVX512-BF16/AMX CPUs)"
     )
@@ -324,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         augment=args.augment,
         aug_range=args.aug_range,
         lam=args.lam,
+        flip=args.flip,
         bf16=args.bf16,
         dry_run=args.dry_run,
         time_budget_s=args.time_budget,
