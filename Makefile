@@ -95,4 +95,4 @@ reliability: install
 .PHONY: train-cifar
 train-cifar: install
 	$(BIN)/python -m training.train_baseline --dataset cifar_binary --epochs 20 --flip --dropout 0.5 --threads 1 --out models/cifar_cnn.pt
-	$(BIN)/python -m training.train_cama --dataset cifar_binary --augment noise --aug-range 0.1 --epochs 28 --threads 1 --out models/cifar_cama.pt
+	$(BIN)/python -m training.train_cama --dataset cifar_binary --augment noise --aug-range 0.1 --epochs 28 --threads 1 --out models/cifar_binary_cama.pt

@@ -53,6 +53,7 @@ def test_every_mnist_entry_point_is_smoke_tested():
         "training.measurement_oracles",
         "training.export_model",
         "training.evaluate_adversarial",  # tests/test_attacks.py runs it end to end
+        "training.evaluate_cifar",  # tests/test_cli_cifar.py
     }
     assert with_main - other_suites <= ENTRY_POINTS, with_main - other_suites - ENTRY_POINTS
 

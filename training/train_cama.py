@@ -4,8 +4,8 @@ augmented (eq. 5).
     python -m training.train_cama --out models/mnist_cama.pt --epochs 30
     python -m training.train_cama --augment vshift --aug-range 0.5 --out models/mnist_cama_aug_v.pt
     python -m training.train_cama --dataset cifar_binary --augment noise --aug-range 0.1 \
-        --out models/cifar_cama.pt
-    python -m training.train_cama --dataset cifar_binary --out models/cifar_cama.pt --eval-only
+        --out models/cifar_binary_cama.pt
+    python -m training.train_cama --dataset cifar_binary --out models/cifar_binary_cama.pt --eval-only
 
 On CIFAR-binary the model is :meth:`ImageCamaConfig.cifar_binary` (appendix C); the paper trains
 it with eq. 5 on copies with Gaussian noise of standard deviation 0.1 (``--augment noise
@@ -57,6 +57,7 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
+    weight_decay: float = 0.0  # decoupled (AdamW); 0 is plain Adam
     seed: int = 0
     val_fraction: float = VAL_FRACTION
     val_k: int = 2
@@ -92,7 +93,7 @@ def train(
     """Maximise eq. 3 (or eq. 5 with ``cfg.augment``) with Adam and cosine decay; keep the best."""
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
     state_path = out.with_suffix(out.suffix + ".state")
@@ -253,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument(
+        "--weight-decay", type=float, default=TrainConfig.weight_decay, help="decoupled weight decay (AdamW)"
+    )
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument("--val-k", type=int, default=TrainConfig.val_k)
     parser.add_argument("--test-k", type=int, default=10, help="eq. 6 samples per class for test accuracy")
@@ -322,6 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         seed=args.seed,
         val_k=args.val_k,
         augment=args.augment,
