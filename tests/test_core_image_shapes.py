@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.harness import brute_force_log_weights, check_selective_steps
 from cama import adapt
 from cama import objectives as O
 from cama.checkpoint import load_checkpoint, save_checkpoint
 from cama.config import ImageCamaConfig, Transform
-from cama.distributions import log_normal, log_standard_normal, reparameterize
 from cama.export import export_onnx
 from cama.image_model import ImageCama, with_m_pathway
 from cama.mechanisms import apply_mechanisms, canonicalize, param_sizes
@@ -114,32 +114,6 @@ def test_rgb_forward_and_elbos(pathway: str, share_encoder: bool) -> None:
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def brute_force_log_weights(model: ImageCama, x: torch.Tensor, noise: O.Noise) -> torch.Tensor:
-    """Eq. 6 one image, one class and one sample at a time."""
-    k = noise.m.shape[0]
-    out = torch.empty(x.shape[0], model.num_classes)
-    for b in range(x.shape[0]):
-        xb = x[b : b + 1]
-        mu_m, lv_m = model.infer_m(xb)
-        for c in range(model.num_classes):
-            y = torch.nn.functional.one_hot(torch.tensor([c]), model.num_classes).float().view(1, 1, 1, -1)
-            terms = []
-            for j in range(k):
-                m = reparameterize(mu_m, lv_m, noise.m[j, b : b + 1]).view(1, 1, -1)
-                ctx = model.prepare(xb, m)
-                mu_z, lv_z = model.infer_z(ctx, y)
-                z = reparameterize(mu_z, lv_z, noise.z[c, j, b].view(1, 1, 1, -1))
-                log_w = (
-                    model.log_likelihood(xb, ctx, y, z)
-                    - math.log(model.num_classes)
-                    + log_standard_normal(z)
-                    - log_normal(z, mu_z, lv_z)
-                )
-                terms.append(log_w.view(()))
-            out[b, c] = torch.logsumexp(torch.stack(terms), 0) - math.log(k)
-    return out
-
-
 @pytest.mark.parametrize("pathway", ["additive", "transform"])
 def test_rgb_bayes_rule_matches_brute_force_and_sums_to_one(pathway: str) -> None:
     model = tiny_rgb(pathway)
@@ -158,7 +132,6 @@ def test_rgb_bayes_rule_matches_brute_force_and_sums_to_one(pathway: str) -> Non
 @pytest.mark.parametrize("pathway", ["additive", "transform"])
 def test_rgb_selective_finetune_moves_only_the_m_networks_and_resets(pathway: str) -> None:
     model = tiny_rgb(pathway).train()
-    before = adapt.snapshot(model)
     selected = {id(p) for p in adapt.collect_params(model)}
     names = {n for n, p in model.named_parameters() if id(p) in selected}
     assert "q_z_in_m.weight" in names
@@ -167,21 +140,7 @@ def test_rgb_selective_finetune_moves_only_the_m_networks_and_resets(pathway: st
     assert not any(
         n.startswith(("nn_y.", "nn_z.", "merge.", "q_z_in_x.", "q_z_hidden.", "q_z_out.")) for n in names
     )
-    adapt.configure_model(model)
-    adapt.check_model(model)
-    opt = torch.optim.Adam(adapt.collect_params(model), lr=1e-2)
-    clean_x, clean_y = rgb_batch(6, seed=2)
-    test_x, _ = rgb_batch(6, seed=3)
-    for _ in range(2):
-        adapt.finetune_step(model, opt, (clean_x, clean_y), test_x, alpha=0.5)
-    after = model.state_dict()
-    for name, p in model.named_parameters():
-        if id(p) in selected:
-            assert p.grad is not None, name
-        else:
-            assert p.grad is None, name
-            assert torch.equal(after[name], before[name]), f"{name} changed"
-    assert any(not torch.equal(after[n], before[n]) for n in names)
+    before = check_selective_steps(model, rgb_batch(6, seed=2), rgb_batch(6, seed=3)[0], steps=2)
     adapt.reset(model, before)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

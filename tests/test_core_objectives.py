@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from benchmarks.harness import brute_force_log_weights
 from cama import objectives as O
 from cama.config import ImageCamaConfig
-from cama.distributions import log_normal, log_standard_normal, reparameterize
 from cama.image_model import ImageCama, with_m_pathway
 
 
@@ -89,32 +89,6 @@ def test_augmented_and_finetune_objectives_mix_their_terms(batch):
     torch.testing.assert_close(l1, l3)
     obj, clean_term, test_term = O.finetune_objective(model, (x, y), x, alpha=0.25)
     torch.testing.assert_close(obj, 0.25 * clean_term + 0.75 * test_term)
-
-
-def brute_force_log_weights(model: ImageCama, x: torch.Tensor, noise: O.Noise) -> torch.Tensor:
-    """Eq. 6 one data point, one class and one sample at a time, with no batching."""
-    k = noise.m.shape[0]
-    out = torch.empty(x.shape[0], model.num_classes)
-    for b in range(x.shape[0]):
-        xb = x[b : b + 1]
-        mu_m, lv_m = model.infer_m(xb)
-        for c in range(model.num_classes):
-            y = torch.nn.functional.one_hot(torch.tensor([c]), model.num_classes).float().view(1, 1, 1, -1)
-            terms = []
-            for j in range(k):
-                m = reparameterize(mu_m, lv_m, noise.m[j, b : b + 1]).view(1, 1, -1)
-                ctx = model.prepare(xb, m)
-                mu_z, lv_z = model.infer_z(ctx, y)
-                z = reparameterize(mu_z, lv_z, noise.z[c, j, b].view(1, 1, 1, -1))
-                log_w = (
-                    model.log_likelihood(xb, ctx, y, z)
-                    + math.log(1.0 / model.num_classes)
-                    + log_standard_normal(z)
-                    - log_normal(z, mu_z, lv_z)
-                )
-                terms.append(log_w.view(()))
-            out[b, c] = torch.logsumexp(torch.stack(terms), 0) - math.log(k)
-    return out
 
 
 @pytest.mark.parametrize("pathway", ["additive", "transform"])
