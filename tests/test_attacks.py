@@ -184,3 +184,73 @@ def test_the_measurement_attack_runs_end_to_end(tmp_path):
     table = (tmp_path / "adversarial.md").read_text()
     assert "## measurement" in table
     assert (tmp_path / "adversarial_measurement.png").stat().st_size > 0
+
+
+def test_strongest_keeps_the_most_harmful_candidate_per_input():
+    from training.attacks import strongest
+
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # logits = v: the margin is v_1 - v_0 for y = 0
+    y = torch.zeros(3, dtype=torch.long)
+    a = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    b = torch.tensor([[0.4, 0.6], [0.6, 0.4], [0.5, 0.5]])
+    best = strongest(linear(weight), [a, b], y, draws=range(1), batch=2)
+    assert torch.equal(best, torch.stack([b[0], a[1], a[2]]))  # a tie keeps the first
+
+
+def test_fgsm_at_a_budget_keeps_what_broke_an_input_at_a_smaller_one(tmp_path):
+    """FGSM's single step overshoots: here class 1 wins only for v in (0.517, 0.583), so from
+    v = 0.5 the steps of 0.02 and 0.05 break the input and the step of 0.1 jumps past. The figure
+    at 0.1 and 0.2 keeps the 0.05 example, which lies inside those balls."""
+    from training.eval_cache import Cache
+    from training.evaluate_adversarial import EPS, Attacked, Classifier, Run
+
+    def f(v, draw):
+        return torch.cat([torch.zeros_like(v), 1.0 - 30.0 * (v - 0.55).abs()], 1)
+
+    def accuracy(v, labels):
+        return float((f(v, 0).argmax(1) == labels).float().mean())
+
+    run = Run("cifar", Cache(tmp_path / "c.json", False), tmp_path, "m", "r", bf16=False, batch=4)
+    v, y = torch.full((1, 1), 0.5), torch.zeros(1, dtype=torch.long)
+    attacked = Attacked(run, {"cnn": Classifier(f, accuracy)}, v, y, (0.0, 1.0))
+    figure = {eps: attacked.accuracy("fgsm", eps, "cnn") for eps in EPS["cifar"]}
+    assert figure == {0.01: 1.0, 0.02: 0.0, 0.05: 0.0, 0.1: 0.0, 0.2: 0.0}
+    single_step = torch.load(tmp_path / "cifar" / "m.fgsm.0.1.cnn.pt")
+    assert torch.allclose(single_step, torch.tensor([[0.6]]))
+    assert accuracy(single_step, y) == 1.0
+    assert (attacked("fgsm", 0.2, "cnn") - v).abs().max() <= 0.2
+
+
+def test_the_transfer_and_more_steps_figures_make_their_examples_only_when_measured(tmp_path):
+    from training.eval_cache import Cache
+    from training.evaluate_adversarial import Classifier, Run, more_steps, transfer
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 2)
+    f = linear(weight)
+
+    def accuracy(v, labels):
+        return float((f(v, 0).argmax(1) == labels).float().mean())
+
+    v = torch.rand(8, 6)
+    y = f(v, 0).argmax(1)  # every input right before the attack
+    targets = {name: Classifier(f, accuracy) for name in ("cnn", "cama", "cama_fixed")}
+    run = Run("cifar", Cache(tmp_path / "c.json", False), tmp_path, "m", "r", bf16=False, batch=4)
+    transfer(run, targets, v, y)
+    more_steps(run, targets, v, y, 4)
+    figures = {k: e["value"] for k, e in run.cache.data.items()}
+    assert set(figures) == {
+        "adv.cifar.pgd.0.05.cama_transfer",
+        "adv.cifar.sanity.pgd10.0.05.cnn.first4",
+        "adv.cifar.sanity.pgd100.0.05.cnn.first4",
+        "adv.cifar.sanity.pgd10.0.05.cama_fixed.first4",
+        "adv.cifar.sanity.pgd100.0.05.cama_fixed.first4",
+    }
+    assert all(0.0 <= value <= 1.0 for value in figures.values())
+    made = sorted(p.name for p in (tmp_path / "cifar").iterdir())
+    assert len(made) == 5
+    for path in (tmp_path / "cifar").iterdir():
+        path.unlink()
+    transfer(run, targets, v, y)  # cached figures: no examples are made again
+    more_steps(run, targets, v, y, 4)
+    assert not any((tmp_path / "cifar").iterdir())

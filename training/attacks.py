@@ -21,7 +21,7 @@ range (``None``: unbounded, as standardised measurements are).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,14 +55,19 @@ class Attack:
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
 
 
-def attack_loss(logits: Tensor, y: Tensor, loss: Loss) -> Tensor:
-    """Summed over the batch: ``max_{j != y} f_j - f_y`` (margin) or ``-log softmax(f)_y`` (ce)."""
+def example_loss(logits: Tensor, y: Tensor, loss: Loss) -> Tensor:
+    """Per input ``(B,)``: ``max_{j != y} f_j - f_y`` (margin) or ``-log softmax(f)_y`` (ce)."""
     logits = logits.float()
     if loss == "ce":
-        return F.cross_entropy(logits, y, reduction="sum")
+        return F.cross_entropy(logits, y, reduction="none")
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return (other - true).sum()
+    return other - true
+
+
+def attack_loss(logits: Tensor, y: Tensor, loss: Loss) -> Tensor:
+    """:func:`example_loss` summed over the batch."""
+    return example_loss(logits, y, loss).sum()
 
 
 def _project(
@@ -145,3 +150,34 @@ def batched_perturb(
         )
         draw += attack.steps * attack.eot
     return torch.cat(out)
+
+
+@torch.no_grad()
+def strongest(
+    f: LogitsFn,
+    candidates: Sequence[Tensor],
+    y: Tensor,
+    *,
+    draws: range,
+    batch: int,
+    loss: Loss = "margin",
+) -> Tensor:
+    """Per input, the candidate with the largest ``mean over draws of L(f(v, draw), y)``.
+
+    An attack run at several budgets eps_1 < ... < eps_k keeps, for each input, the perturbation
+    that does most harm among those inside the largest ball (each smaller ball lies inside it), as
+    an attack with restarts keeps its best restart. Ties keep the earlier candidate.
+    """
+    best = candidates[0].clone()
+    for start in range(0, y.shape[0], batch):
+        part = slice(start, start + batch)
+        scores = torch.stack(
+            [
+                torch.stack([example_loss(f(c[part], d), y[part], loss) for d in draws]).mean(0)
+                for c in candidates
+            ]
+        )
+        pick = scores.argmax(0)  # argmax returns the first maximum
+        stacked = torch.stack([c[part] for c in candidates])
+        best[part] = stacked[pick, torch.arange(pick.shape[0])]
+    return best

@@ -8,8 +8,11 @@ CIFAR-binary) and CAMA, before and after CAMA's fine-tuning on the attacked set.
 
 L-inf attacks (``training.attacks``) with the margin loss on the logits; CAMA's logits are eq. 6's
 per-class log-weights log p(x, y_c) with K = 10. PGD: a random start, ``PGD_STEPS`` steps of
-2.5 eps / steps. The attacker differentiates in bf16 autocast where the CPU has it; every
-accuracy is computed in float32. CAMA is attacked in three settings (methods):
+2.5 eps / steps, run anew at each eps. FGSM at eps keeps, per input, the most harmful (by the
+attack's loss) of FGSM's examples at the figure's budgets up to eps, all of which lie in the eps
+ball: a single step of eps can jump past the decision boundary that a smaller step crosses.
+The attacker differentiates in bf16 autocast where the CPU has it; every accuracy is computed in
+float32. CAMA is attacked in three settings (methods):
 
 - ``cama``, the paper's: each gradient through one fresh draw of the importance-sampling noise,
   scored as ``POST /predict`` answers (fresh noise, the first-sample screen);
@@ -75,7 +78,7 @@ from cama.image_model import ImageCama
 from cama.objectives import SCREEN_MARGIN, Noise, bayes_log_weights, bayes_predict, sample_noise
 from cama.protocol import CamaModel
 from store.data import ServingData
-from training.attacks import Attack, LogitsFn, batched_perturb
+from training.attacks import Attack, LogitsFn, batched_perturb, strongest
 from training.baselines import load_baseline
 from training.data import load_dataset
 from training.eval_cache import Cache, recipe_id
@@ -227,6 +230,17 @@ class Run:
         torch.save(out, path)
         return out
 
+    def scored(
+        self,
+        name: str,
+        compute: Callable[[], torch.Tensor],
+        accuracy: Callable[[torch.Tensor, torch.Tensor], float],
+        y: torch.Tensor,
+    ) -> float:
+        """``accuracy`` on the examples ``name`` (:meth:`examples`): a figure's computation, which
+        makes the examples only where the figure is not cached."""
+        return accuracy(self.examples(name, compute), y)
+
 
 @dataclass
 class Tuned:
@@ -247,6 +261,78 @@ def attack_of(name: str, eps: float, dataset: str, *, eot: int = 1, steps: int |
     return Attack(eps=eps, steps=steps or PGD_STEPS[dataset], eot=eot)
 
 
+def settings_at(dataset: str, eps: float) -> dict[str, tuple[str, int]]:
+    """The attacked methods at ``eps``: method -> (the target it differentiates, gradient draws)."""
+    baseline = BASELINE[dataset]
+    settings = {baseline: (baseline, 1), "cama": ("cama", 1), "cama_fixed": ("cama_fixed", 1)}
+    if eps in COSTLY_EPS[dataset]:
+        settings["cama_eot"] = ("cama", EOT_DRAWS)
+    return settings
+
+
+@dataclass
+class Attacked:
+    """The adversarial examples of a figure's attacks, each computed on first use.
+
+    FGSM at eps keeps, per input, the most harmful of its examples at every budget of the figure up
+    to eps (:func:`training.attacks.strongest`), since its single step overshoots at large budgets;
+    PGD at each eps is its own run.
+    """
+
+    run: Run
+    targets: dict[str, Classifier]
+    v: torch.Tensor
+    y: torch.Tensor
+    bounds: tuple[float, float] | None
+    prefix: str = ""
+    memo: dict[tuple[str, float, str], torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, attack_name: str, eps: float, method: str) -> torch.Tensor:
+        """The examples of ``method`` under ``attack_name`` at ``eps``."""
+        key = (attack_name, eps, method)
+        if key not in self.memo:
+            target, eot = settings_at(self.run.dataset, eps)[method]
+            classifier = self.targets[target]
+            attack = attack_of(attack_name, eps, self.run.dataset, eot=eot)
+            name = f"{self.prefix}{attack_name}.{eps_key(eps)}.{method}"
+            examples = self.run.examples(
+                name,
+                partial(
+                    batched_perturb,
+                    classifier.logits,
+                    self.v,
+                    self.y,
+                    attack,
+                    batch=self.run.batch,
+                    bounds=self.bounds,
+                    seed=ATTACK_SEED,
+                ),
+            )
+            smaller = [
+                e for e in EPS[self.run.dataset] if e < eps and method in settings_at(self.run.dataset, e)
+            ]
+            if attack_name == "fgsm" and smaller:
+                candidates = [self(attack_name, smaller[-1], method), examples]
+                examples = self.run.examples(
+                    f"{name}.strongest",
+                    partial(
+                        strongest,
+                        classifier.logits,
+                        candidates,
+                        self.y,
+                        draws=range(eot),
+                        batch=self.run.batch,
+                    ),
+                )
+            self.memo[key] = examples
+        return self.memo[key]
+
+    def accuracy(self, attack_name: str, eps: float, method: str) -> float:
+        """The accuracy of ``method``'s target on its examples."""
+        target, _ = settings_at(self.run.dataset, eps)[method]
+        return self.targets[target].accuracy(self(attack_name, eps, method), self.y)
+
+
 def white_box(
     run: Run,
     targets: dict[str, Classifier],
@@ -257,48 +343,36 @@ def white_box(
     finetune: Callable[[torch.Tensor], Tuned],
     prefix: str = "",
 ) -> None:
-    """Every attack, eps and method of the figure; ``finetune(v_adv)``: CAMA fine-tuned on ``v_adv``."""
+    """Every attack, eps and method of the figure (:class:`Attacked`); ``finetune(v_adv)``: CAMA
+    fine-tuned on ``v_adv``."""
+    attacked = Attacked(run, targets, v, y, bounds, prefix)
     for attack_name in ATTACKS:
         for eps in EPS[run.dataset]:
-            costly = eps in COSTLY_EPS[run.dataset]
-            baseline = BASELINE[run.dataset]
-            settings = {baseline: (baseline, 1), "cama": ("cama", 1), "cama_fixed": ("cama_fixed", 1)}
-            if costly:
-                settings["cama_eot"] = ("cama", EOT_DRAWS)
-            adv: dict[str, torch.Tensor] = {}
-            for method, (target, eot) in settings.items():
-                attack = attack_of(attack_name, eps, run.dataset, eot=eot)
-                name = f"{prefix}{attack_name}.{eps_key(eps)}.{method}"
-
-                def make(t: Classifier = targets[target], a: Attack = attack) -> torch.Tensor:
-                    return batched_perturb(
-                        t.logits, v, y, a, batch=run.batch, bounds=bounds, seed=ATTACK_SEED
-                    )
-
-                adv[method] = run.examples(name, make)
+            for method in settings_at(run.dataset, eps):
                 run.cache.get(
-                    run.key(name),
-                    partial(targets[target].accuracy, adv[method], y),
+                    run.key(f"{prefix}{attack_name}.{eps_key(eps)}.{method}"),
+                    partial(attacked.accuracy, attack_name, eps, method),
                     model=run.model_id,
                 )
-            if not costly:
+            if eps not in COSTLY_EPS[run.dataset]:
                 continue
             for method, source in (("cama_ft", "cama"), ("cama_ft_eot", "cama_eot")):
                 name = f"{prefix}{attack_name}.{eps_key(eps)}.{method}"
                 if run.cache.fresh(run.key(name), run.model_id, run.recipe):
                     continue
-                tuned = finetune(adv[source])
+                examples = attacked(attack_name, eps, source)
+                tuned = finetune(examples)
                 clean = f"{prefix}clean_after_ft.{attack_name}.{eps_key(eps)}.{method}"
                 figures: list[tuple[str, Callable[[], float]]] = []
                 if tuned.served is not tuned.adapted:  # a gate judged the fine-tuning
                     figures += [
-                        (f"{name}_adapted", partial(tuned.adapted.accuracy, adv[source], y)),
+                        (f"{name}_adapted", partial(tuned.adapted.accuracy, examples, y)),
                         (f"{clean}_adapted", tuned.clean_adapted),
                         (f"{name}_gate", partial(float, tuned.accepted)),
                     ]
                 figures += [
                     (clean, tuned.clean_served),
-                    (name, partial(tuned.served.accuracy, adv[source], y)),  # last: marks the set done
+                    (name, partial(tuned.served.accuracy, examples, y)),  # last: marks the set done
                 ]
                 for key, compute in figures:
                     run.cache.get(run.key(key), compute, model=run.model_id, recipe=run.recipe)
@@ -398,15 +472,19 @@ def transfer(run: Run, targets: dict[str, Classifier], x: torch.Tensor, y: torch
 
         attack = attack_of("pgd", eps, run.dataset)
 
-        def make(a: Attack = attack) -> torch.Tensor:
-            return batched_perturb(
-                targets[baseline].logits, x, y, a, batch=run.batch, bounds=(0.0, 1.0), seed=ATTACK_SEED
-            )
-
-        adv = run.examples(name, make)
+        make = partial(
+            batched_perturb,
+            targets[baseline].logits,
+            x,
+            y,
+            attack,
+            batch=run.batch,
+            bounds=(0.0, 1.0),
+            seed=ATTACK_SEED,
+        )
         run.cache.get(
             run.key(f"pgd.{eps_key(eps)}.cama_transfer"),
-            partial(targets["cama"].accuracy, adv, y),
+            partial(run.scored, name, make, targets["cama"].accuracy, y),
             model=run.model_id,
         )
 
@@ -426,12 +504,14 @@ def sanity_mnist(
     def attacked(
         name: str, target: str, attack: Attack, v: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        def make() -> torch.Tensor:
-            return batched_perturb(
-                targets[target].logits, v, labels, attack, batch=run.batch, bounds=bounds, seed=ATTACK_SEED
-            )
+        return run.examples(name, partial(pgd_examples, targets[target], attack, v, labels))
 
-        return run.examples(name, make)
+    def pgd_examples(
+        target: Classifier, attack: Attack, v: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        return batched_perturb(
+            target.logits, v, labels, attack, batch=run.batch, bounds=bounds, seed=ATTACK_SEED
+        )
 
     transfer(run, targets, x, y)  # the white-box figure's DNN examples, scored on the served CAMA
     # the PGD here against foolbox's on the DNN (cross-entropy, same steps and step size)
@@ -463,10 +543,10 @@ def sanity_mnist(
     # near chance at eps 0.5
     for method in ("dnn", "cama", "cama_fixed"):
         name = f"pgd.{eps_key(CHANCE_EPS)}.{method}"
-        adv = attacked(
-            name, "dnn" if method == "dnn" else method, attack_of("pgd", CHANCE_EPS, "mnist"), x, y
+        make = partial(pgd_examples, targets[method], attack_of("pgd", CHANCE_EPS, "mnist"), x, y)
+        run.cache.get(
+            run.key(name), partial(run.scored, name, make, targets[method].accuracy, y), model=run.model_id
         )
-        run.cache.get(run.key(name), partial(targets[method].accuracy, adv, y), model=run.model_id)
     more_steps(run, targets, x, y, args.sanity_n)
 
 
@@ -479,15 +559,19 @@ def more_steps(run: Run, targets: dict[str, Classifier], x: torch.Tensor, y: tor
             name = f"pgd{steps}.{eps_key(eps)}.{method}.first{n}"
             attack = attack_of("pgd", eps, run.dataset, steps=steps)
 
-            def make(t: Classifier = targets[method], a: Attack = attack) -> torch.Tensor:
-                return batched_perturb(
-                    t.logits, x[:n], y[:n], a, batch=run.batch, bounds=(0.0, 1.0), seed=ATTACK_SEED
-                )
-
-            adv = run.examples(name, make)
+            make = partial(
+                batched_perturb,
+                targets[method].logits,
+                x[:n],
+                y[:n],
+                attack,
+                batch=run.batch,
+                bounds=(0.0, 1.0),
+                seed=ATTACK_SEED,
+            )
             run.cache.get(
                 run.key("sanity", name),
-                partial(targets[method].accuracy, adv, y[:n]),
+                partial(run.scored, name, make, targets[method].accuracy, y[:n]),
                 model=run.model_id,
             )
 
