@@ -381,16 +381,19 @@ def plot(m: dict[str, float], s: Setup, path: Path) -> None:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in METHODS:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colours = plt.get_cmap("tab20")  # one colour per method (pairs of shades), 20 of them
+    for i, method in enumerate(METHODS):
         ns = [n for n in s.ns if f"{s.prefix}.mean.{method}.n{n}" in m]
         if ns:
-            ax.plot(ns, [m[f"{s.prefix}.mean.{method}.n{n}"] for n in ns], marker="o", label=method)
+            values = [m[f"{s.prefix}.mean.{method}.n{n}"] for n in ns]
+            style = "-" if method.startswith("cama") else "--"
+            ax.plot(ns, values, style, marker="o", color=colours(i % 20), label=method)
     ax.set_xscale("log")
     ax.set_xlabel("unlabelled images adapted on (n)")
     ax.set_ylabel(f"mean accuracy over the {len(s.names)} sets")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
