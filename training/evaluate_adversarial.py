@@ -230,6 +230,19 @@ class Run:
         torch.save(out, path)
         return out
 
+    def perturbation(
+        self,
+        logits: LogitsFn,
+        v: torch.Tensor,
+        y: torch.Tensor,
+        attack: Attack,
+        bounds: tuple[float, float] | None = (0.0, 1.0),
+    ) -> Callable[[], torch.Tensor]:
+        """The computation of ``attack``'s examples against ``logits`` (for :meth:`examples`)."""
+        return partial(
+            batched_perturb, logits, v, y, attack, batch=self.batch, bounds=bounds, seed=ATTACK_SEED
+        )
+
     def scored(
         self,
         name: str,
@@ -296,17 +309,7 @@ class Attacked:
             attack = attack_of(attack_name, eps, self.run.dataset, eot=eot)
             name = f"{self.prefix}{attack_name}.{eps_key(eps)}.{method}"
             examples = self.run.examples(
-                name,
-                partial(
-                    batched_perturb,
-                    classifier.logits,
-                    self.v,
-                    self.y,
-                    attack,
-                    batch=self.run.batch,
-                    bounds=self.bounds,
-                    seed=ATTACK_SEED,
-                ),
+                name, self.run.perturbation(classifier.logits, self.v, self.y, attack, self.bounds)
             )
             smaller = [
                 e for e in EPS[self.run.dataset] if e < eps and method in settings_at(self.run.dataset, e)
@@ -472,16 +475,7 @@ def transfer(run: Run, targets: dict[str, Classifier], x: torch.Tensor, y: torch
 
         attack = attack_of("pgd", eps, run.dataset)
 
-        make = partial(
-            batched_perturb,
-            targets[baseline].logits,
-            x,
-            y,
-            attack,
-            batch=run.batch,
-            bounds=(0.0, 1.0),
-            seed=ATTACK_SEED,
-        )
+        make = run.perturbation(targets[baseline].logits, x, y, attack)
         run.cache.get(
             run.key(f"pgd.{eps_key(eps)}.cama_transfer"),
             partial(run.scored, name, make, targets["cama"].accuracy, y),
@@ -500,19 +494,6 @@ def sanity_mnist(
 ) -> None:
     """The checks of the module docstring that need attacks of their own."""
     bounds = (0.0, 1.0)
-
-    def attacked(
-        name: str, target: str, attack: Attack, v: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        return run.examples(name, partial(pgd_examples, targets[target], attack, v, labels))
-
-    def pgd_examples(
-        target: Classifier, attack: Attack, v: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        return batched_perturb(
-            target.logits, v, labels, attack, batch=run.batch, bounds=bounds, seed=ATTACK_SEED
-        )
-
     transfer(run, targets, x, y)  # the white-box figure's DNN examples, scored on the served CAMA
     # the PGD here against foolbox's on the DNN (cross-entropy, same steps and step size)
     for eps in COSTLY_EPS["mnist"]:
@@ -528,12 +509,13 @@ def sanity_mnist(
     # an adaptive attack through the adaptation, at eps 0.1
     key = run.key("pgd.0.1.cama_ft_adaptive")
     if not run.cache.fresh(key, run.model_id, run.recipe):
-        first = attacked("pgd.0.1.cama", "cama", attack_of("pgd", 0.1, "mnist"), x, y)
+        pgd = attack_of("pgd", 0.1, "mnist")
+        first = run.examples("pgd.0.1.cama", run.perturbation(targets["cama"].logits, x, y, pgd))
         second = batched_perturb(
             finetune(first).adapted.logits,
             x,
             y,
-            attack_of("pgd", 0.1, "mnist"),
+            pgd,
             batch=run.batch,
             bounds=bounds,
             seed=ATTACK_SEED + 1,
@@ -543,7 +525,7 @@ def sanity_mnist(
     # near chance at eps 0.5
     for method in ("dnn", "cama", "cama_fixed"):
         name = f"pgd.{eps_key(CHANCE_EPS)}.{method}"
-        make = partial(pgd_examples, targets[method], attack_of("pgd", CHANCE_EPS, "mnist"), x, y)
+        make = run.perturbation(targets[method].logits, x, y, attack_of("pgd", CHANCE_EPS, "mnist"))
         run.cache.get(
             run.key(name), partial(run.scored, name, make, targets[method].accuracy, y), model=run.model_id
         )
@@ -559,16 +541,7 @@ def more_steps(run: Run, targets: dict[str, Classifier], x: torch.Tensor, y: tor
             name = f"pgd{steps}.{eps_key(eps)}.{method}.first{n}"
             attack = attack_of("pgd", eps, run.dataset, steps=steps)
 
-            make = partial(
-                batched_perturb,
-                targets[method].logits,
-                x[:n],
-                y[:n],
-                attack,
-                batch=run.batch,
-                bounds=(0.0, 1.0),
-                seed=ATTACK_SEED,
-            )
+            make = run.perturbation(targets[method].logits, x[:n], y[:n], attack)
             run.cache.get(
                 run.key("sanity", name),
                 partial(run.scored, name, make, targets[method].accuracy, y[:n]),
