@@ -2,8 +2,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DATA_DIR ?= $(if $(CAMA_DATA_DIR),$(CAMA_DATA_DIR),../shared/data)
-export CAMA_DATA_DIR := $(DATA_DIR)
+# data: $CAMA_DATA_DIR where set, else ./data (training.data.DEFAULT_DATA_DIR)
 
 .PHONY: install run test lint typecheck pytest train-mnist evaluate-mnist clean
 
@@ -22,7 +21,7 @@ lint:
 	$(BIN)/ruff format --check .
 
 typecheck:
-	$(BIN)/mypy cama store training app worker benchmarks
+	$(BIN)/mypy cama store training experiments app worker benchmarks
 
 pytest:
 	$(BIN)/python -m pytest -q
@@ -33,7 +32,7 @@ train-mnist: install
 	$(BIN)/python -m training.train_cama --epochs 40 --bf16 --out models/mnist_cama_clean.pt
 
 evaluate-mnist: install
-	$(BIN)/python -m training.evaluate_mnist
+	$(BIN)/python -m experiments.evaluate_mnist
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
@@ -52,7 +51,7 @@ train-measurement: install
 	$(BIN)/python -m training.train_measurement --synthetic --seed 0 --threads 1 --out models/measurement_cama.pt
 
 evaluate-measurement: install
-	$(BIN)/python -m training.evaluate_measurement --threads 1
+	$(BIN)/python -m experiments.evaluate_measurement --threads 1
 
 # The service (docs/service.md). `make run` serves in the embedded mode (no Redis); these run the
 # other roles and the service's measurements.

@@ -42,9 +42,9 @@ from benchmarks.harness import mnist_store
 from benchmarks.live_adapt import corruption_sets, live_adaptation, routing
 from cama.drift import DriftConfig, DriftDetector
 from cama.novelty import CLASS_RIDGE, RULES, MGaussian, Rule, log_evidence, share_below
+from experiments.evaluate_mnistc import TENT_VALIDATION
 from store.data import Inputs, ServingData
 from training.data import MNISTC_CORRUPTIONS, load_mnist, load_mnist_c, validation_split
-from training.evaluate_mnistc import TENT_VALIDATION
 from training.manipulations import named
 from training.metrics import update_metrics
 

@@ -50,7 +50,7 @@ from benchmarks.harness import (
     wait_job,
 )
 from cama.adapt import GateConfig
-from training.data import load_mnist
+from training.data import add_data_dir_argument, load_mnist
 from training.manipulations import vertical_shift
 from training.metrics import update_metrics
 
@@ -310,7 +310,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--threads", type=int, default=1, help="torch/ORT threads per service process")
     parser.add_argument("--timeout", type=int, default=7200, help="seconds allowed for one adaptation job")
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_argument(parser)
     parser.add_argument("--log-dir", type=Path, default=Path("logs/e2e_mnist"), help="the services' logs")
     parser.add_argument("--out", type=Path, default=RESULTS / "e2e_mnist.json")
     parser.add_argument("--no-metrics", action="store_true")

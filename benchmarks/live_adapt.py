@@ -5,7 +5,7 @@ Part of ``python -m benchmarks.drift`` (sections ``auto_adapt`` and ``routing``)
 ``auto_adapt``: one real service (``python -m app``, embedded worker, ``CAMA_AUTO_ADAPT=mnist`` and
 every other setting at its default) serves ``mnist`` v1. For each MNIST-C corruption, v1 is
 activated again, 100 clean images warm the drift test up, then the corruption's adapt half (the
-split of :mod:`training.evaluate_mnistc`) is posted as ``/predict`` requests of 10 images, nothing
+split of :mod:`experiments.evaluate_mnistc`) is posted as ``/predict`` requests of 10 images, nothing
 else: no ``/adapt``, no labels. The service raises drift, keeps the unusual inputs and starts one
 job when its buffer is full; the gate decides. The version served after that job (v1 when the
 gate refused it, when it failed, or when no job started within the adapt half) then scores the
@@ -35,10 +35,10 @@ import numpy as np
 from app.serving import LoadedVersion, load_version
 from benchmarks.harness import ServiceProcess
 from cama.novelty import route
+from experiments.experiment import halves
 from store.data import Inputs
 from store.registry import ModelRegistry
 from training.data import MNISTC_CORRUPTIONS, Split
-from training.experiment import halves
 
 TOKEN = "live-adapt-" + "b" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -59,7 +59,7 @@ from cama.checkpoint import load_checkpoint
 from cama.objectives import SCREEN_MARGIN
 from cama.runtime import bf16_native
 from store.data import Inputs, ServingData
-from training.data import load_mnist, validation_split
+from training.data import add_data_dir_argument, load_mnist, validation_split
 from training.metrics import update_metrics
 
 RESULTS = Path("benchmarks/results")
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--checkpoint", type=Path, default=Path("models/mnist_cama.pt"))
     parser.add_argument("--serving-data", type=Path, default=Path("models/mnist_serving_data.npz"))
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_argument(parser)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--screen", type=float, default=SCREEN_MARGIN, help="the screened path's margin")
     parser.add_argument("--threads", type=int, default=2)

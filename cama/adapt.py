@@ -295,7 +295,7 @@ class GateConfig:
     max_confidence_drop: float | None = 0.2  # None switches the lost-label-information check off
     # the adapted model's mean confidence on the held-out batch must reach this: a batch that no
     # class explains (noise, another kind of image) is not a manipulation of the classes. Chosen on
-    # the validation suite (python -m training.evaluate_mnistc --suite validation): after adapting,
+    # the validation suite (python -m experiments.evaluate_mnistc --suite validation): after adapting,
     # the named manipulations keep 0.89-1.0 and a batch of uniform noise 0.31-0.35
     min_confidence: float | None = 0.5
     k: int = 10

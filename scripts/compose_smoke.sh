@@ -5,14 +5,13 @@
 # (scripts/compose_smoke.py), prints the timings and tears the stack down, on failure too.
 #
 # Needs a Docker engine, docker compose (the v2 plugin or docker-compose), the venv (make install)
-# and MNIST in $CAMA_DATA_DIR (default ../shared/data); to build the base, root and mmdebstrap.
+# and MNIST in $CAMA_DATA_DIR (default ./data, training.data); to build the base, root and mmdebstrap.
 # Settings: BASE_IMAGE (skip the registry probe and use this base), SMOKE_ARGS (passed to the
 # client, e.g. "--n 500 --manipulation rotation --level 30"), CAMA_PORT (default: a free port).
 # The CPU torch wheel comes from pip's configured find-links directories (or WHEEL_DIRS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
-export CAMA_DATA_DIR="${CAMA_DATA_DIR:-../shared/data}"
 export COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-cama-smoke-$$}"
 export CAMA_IMAGE_TAG="${CAMA_IMAGE_TAG:-smoke}"
 CAMA_TOKEN="$("$PY" -c 'import secrets; print(secrets.token_hex(24))')"

@@ -1,4 +1,4 @@
-"""L-inf attacks (training.attacks) and the checks of the adversarial evaluation."""
+"""L-inf attacks (experiments.attacks) and the checks of the adversarial evaluation."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from torch import nn
 
 from cama.config import ImageCamaConfig
 from cama.image_model import ImageCama
-from training.attacks import Attack, attack_loss, batched_perturb, expected_gradient, perturb
-from training.evaluate_adversarial import cama_logits, fixed_noise_accuracy, image_split, sanity_checks
+from experiments.attacks import Attack, attack_loss, batched_perturb, expected_gradient, perturb
+from experiments.evaluate_adversarial import cama_logits, fixed_noise_accuracy, image_split, sanity_checks
 
 
 def linear(weight: torch.Tensor):
@@ -97,7 +97,7 @@ def mnist():
 def test_pgd_matches_foolbox_on_a_trained_network(mnist):
     """The PGD of the evaluation and foolbox's LinfPGD (same loss, steps, step size) within 1 point."""
     pytest.importorskip("foolbox")
-    from training.evaluate_adversarial import foolbox_pgd_accuracy
+    from experiments.evaluate_adversarial import foolbox_pgd_accuracy
 
     torch.manual_seed(0)
     x = torch.from_numpy(mnist.train.x[:3000])
@@ -153,8 +153,8 @@ def test_sanity_checks_pass_and_fail_on_the_figures():
 
 
 def test_the_measurement_figures_are_means_over_seeds(tmp_path):
-    from training.eval_cache import Cache
-    from training.evaluate_adversarial import figures
+    from experiments.eval_cache import Cache
+    from experiments.evaluate_adversarial import figures
 
     cache = Cache(tmp_path / "adversarial_measurement_eval.json", False)
     for seed, value in ((0, 0.5), (1, 0.7)):
@@ -168,7 +168,7 @@ def test_the_measurement_attack_runs_end_to_end(tmp_path):
     """Fig. 13's whole path on tiny models: every attack, eps and method measured, means written."""
     import json
 
-    from training.evaluate_adversarial import EPS, METHODS, main
+    from experiments.evaluate_adversarial import EPS, METHODS, main
 
     main(["--dataset", "measurement", "--dry-run", "--seeds", "0", "--out-dir", str(tmp_path),
           "--work-dir", str(tmp_path / "work"), "--threads", "1"])  # fmt: skip
@@ -187,7 +187,7 @@ def test_the_measurement_attack_runs_end_to_end(tmp_path):
 
 
 def test_strongest_keeps_the_most_harmful_candidate_per_input():
-    from training.attacks import strongest
+    from experiments.attacks import strongest
 
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # logits = v: the margin is v_1 - v_0 for y = 0
     y = torch.zeros(3, dtype=torch.long)
@@ -201,8 +201,8 @@ def test_fgsm_at_a_budget_keeps_what_broke_an_input_at_a_smaller_one(tmp_path):
     """FGSM's single step overshoots: here class 1 wins only for v in (0.517, 0.583), so from
     v = 0.5 the steps of 0.02 and 0.05 break the input and the step of 0.1 jumps past. The figure
     at 0.1 and 0.2 keeps the 0.05 example, which lies inside those balls."""
-    from training.eval_cache import Cache
-    from training.evaluate_adversarial import EPS, Attacked, Classifier, Run
+    from experiments.eval_cache import Cache
+    from experiments.evaluate_adversarial import EPS, Attacked, Classifier, Run
 
     def f(v, draw):
         return torch.cat([torch.zeros_like(v), 1.0 - 30.0 * (v - 0.55).abs()], 1)
@@ -222,8 +222,8 @@ def test_fgsm_at_a_budget_keeps_what_broke_an_input_at_a_smaller_one(tmp_path):
 
 
 def test_the_transfer_and_more_steps_figures_make_their_examples_only_when_measured(tmp_path):
-    from training.eval_cache import Cache
-    from training.evaluate_adversarial import Classifier, Run, more_steps, transfer
+    from experiments.eval_cache import Cache
+    from experiments.evaluate_adversarial import Classifier, Run, more_steps, transfer
 
     torch.manual_seed(0)
     weight = torch.randn(6, 2)

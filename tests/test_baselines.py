@@ -31,7 +31,7 @@ from training.baselines import (
     load_baseline,
     save_baseline,
 )
-from training.data import DataError, Mnist, Split, load_mnist
+from training.data import DataError, Mnist, Split, load_mnist, resolve_data_dir
 from training.train_baseline import (
     TrainConfig,
     augmented_batch,
@@ -41,7 +41,7 @@ from training.train_baseline import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = os.environ.get("CAMA_DATA_DIR", "/work/shared/data")
+DATA_DIR = str(resolve_data_dir())
 
 
 @pytest.fixture(autouse=True, scope="module")

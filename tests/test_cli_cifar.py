@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,9 @@ import pytest
 from cama.checkpoint import load_checkpoint
 from cama.image_model import ImageCama
 from training.baselines import PoolCNN, load_baseline
+from training.data import resolve_data_dir
 
-DATA_DIR = Path(os.environ.get("CAMA_DATA_DIR", "/work/shared/data"))
+DATA_DIR = resolve_data_dir()
 
 
 def run(module: str, *args: str) -> str:
@@ -76,7 +76,7 @@ def test_clean_accuracy_of_the_shipped_models_on_the_first_test_images() -> None
     metrics = Path("docs/results/metrics.json")
     before = metrics.read_bytes()
     text = run(
-        "training.evaluate_cifar",
+        "experiments.evaluate_cifar",
         *("--data-dir", str(DATA_DIR), "--limit", "40", "--threads", "1", "--no-metrics"),
     )
     scores = dict(line.split() for line in text.splitlines() if line.startswith("cifar."))

@@ -16,14 +16,14 @@ import torch
 from cama.adapt import FinetuneConfig
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
-from training.eval_cache import recipe_id
+from experiments.eval_cache import recipe_id
 
 ENTRY_POINTS = {
     "training.train_cama",
     "training.train_baseline",
-    "training.evaluate_mnist",
-    "training.ft_seed_spread",
-    "training.evaluate_mnistc",
+    "experiments.evaluate_mnist",
+    "experiments.ft_seed_spread",
+    "experiments.evaluate_mnistc",
     "training.data",
 }
 
@@ -41,19 +41,23 @@ def run(module: str, *args: str, timeout: int = 900) -> str:
 
 
 def test_every_mnist_entry_point_is_smoke_tested():
-    """A new ``training/*.py`` with a ``main`` must be listed here (or in another smoke test)."""
-    root = Path(__file__).resolve().parent.parent / "training"
+    """A new ``training/*.py`` or ``experiments/*.py`` with a ``main`` must be listed here (or in
+    another smoke test)."""
+    root = Path(__file__).resolve().parent.parent
     with_main = {
-        f"training.{p.stem}" for p in root.glob("*.py") if 'if __name__ == "__main__"' in p.read_text()
+        f"{package}.{p.stem}"
+        for package in ("training", "experiments")
+        for p in (root / package).glob("*.py")
+        if 'if __name__ == "__main__"' in p.read_text()
     }
     other_suites = {
         "training.train_measurement",
-        "training.evaluate_measurement",
-        "training.check_measurement_gate",
-        "training.measurement_oracles",
+        "experiments.evaluate_measurement",
+        "experiments.check_measurement_gate",
+        "experiments.measurement_oracles",
         "training.export_model",
-        "training.evaluate_adversarial",  # tests/test_attacks.py runs it end to end
-        "training.evaluate_cifar",  # tests/test_cli_cifar.py
+        "experiments.evaluate_adversarial",  # tests/test_attacks.py runs it end to end
+        "experiments.evaluate_cifar",  # tests/test_cli_cifar.py
     }
     assert with_main - other_suites <= ENTRY_POINTS, with_main - other_suites - ENTRY_POINTS
 
@@ -127,7 +131,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
 
     out_dir = tmp_path / "results"
     stdout = run(
-        "training.evaluate_mnist",
+        "experiments.evaluate_mnist",
         *(
             "--checkpoint",
             str(cama_ckpt),
@@ -195,12 +199,12 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert (out_dir / "fig7.png").stat().st_size > 1000
     assert (out_dir / "fig9.png").stat().st_size > 1000
     assert (out_dir / "fig10.png").stat().st_size > 1000
-    assert "python -m training.evaluate_mnist" in (out_dir / "mnist.md").read_text()
+    assert "python -m experiments.evaluate_mnist" in (out_dir / "mnist.md").read_text()
     assert "| vshift 0.3, dense head |" in (out_dir / "mnist.md").read_text()
     # the fine-tuned weights were cached and a second run reuses every figure
     assert list((tmp_path / "ft").rglob("ft_*.pt"))
     again = run(
-        "training.evaluate_mnist",
+        "experiments.evaluate_mnist",
         *(
             "--checkpoint",
             str(cama_ckpt),
@@ -231,7 +235,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     out_constant = tmp_path / "constant"
     shutil.copytree(out_dir, out_constant)
     constant = run(
-        "training.evaluate_mnist",
+        "experiments.evaluate_mnist",
         *("--checkpoint", str(cama_ckpt), "--sections", "fig7", "--ranges", "0.3", "--variants", "cama"),
         *("--dnn", str(dnn), "--bncnn", str(bncnn), "--bncnn-gap", str(bncnn), "--k", "1"),
         *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "constant"),
@@ -248,7 +252,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert re.search(r"\| \d\.\d{4} † \|", (out_constant / "mnist.md").read_text())
     # --again-ft: the fine-tuned figures are measured again, the others reused
     again_ft = run(
-        "training.evaluate_mnist",
+        "experiments.evaluate_mnist",
         *("--checkpoint", str(cama_ckpt), "--sections", "fig7", "--ranges", "0.3", "--variants", "cama"),
         *("--dnn", str(dnn), "--bncnn", str(bncnn), "--bncnn-gap", str(bncnn), "--k", "1"),
         *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "constant", "--again-ft"),
@@ -261,7 +265,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     # the fine-tuning seed spread: seed 1 beside evaluate_mnist's seed 0, in one table
     seeds = tmp_path / "seeds.json"
     table = run(
-        "training.ft_seed_spread",
+        "experiments.ft_seed_spread",
         *("--checkpoint", str(cama_ckpt), "--ranges", "0.3", "--seeds", "1", "--k", "1"),
         *("--score-limit", "16", "--ft-steps", "2", "--out", str(seeds)),
         *("--evaluated", str(out_dir / "mnist_eval.json")),
@@ -278,7 +282,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert {entry["recipe"] for entry in spread.values()} == {recipe}
     # another recipe: measured anew, and its table pairs it with evaluate_mnist's seed 0 of that recipe
     constant_table = run(
-        "training.ft_seed_spread",
+        "experiments.ft_seed_spread",
         *("--checkpoint", str(cama_ckpt), "--ranges", "0.3", "--seeds", "1", "--k", "1"),
         *("--score-limit", "16", "--ft-steps", "2", "--ft-schedule", "constant"),
         *("--out", str(seeds)),
@@ -289,7 +293,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert constant_recipe in seeds.with_suffix(".md").read_text()
     # another checkpoint: its CAMA figures are measured anew, the baselines' are reused
     other = run(
-        "training.evaluate_mnist",
+        "experiments.evaluate_mnist",
         *("--checkpoint", str(warm), "--dnn", str(dnn), "--bncnn", str(bncnn), "--bncnn-gap", str(bncnn)),
         *("--sections", "clean", "--k", "1", "--clean-limit", "16", "--score-limit", "16"),
         *("--out-dir", str(out_dir), "--ft-cache", str(tmp_path / "ft")),
@@ -315,7 +319,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert "val_accuracy_manipulated" in generic_meta.metrics
     mnistc_out = tmp_path / "mnistc"
     text = run(
-        "training.evaluate_mnistc",
+        "experiments.evaluate_mnistc",
         *(
             "--checkpoint",
             str(generic),
@@ -346,7 +350,7 @@ def test_train_then_evaluate_end_to_end(tmp_path):
     assert "| fog |" in (mnistc_out / "mnistc.md").read_text()
     assert (mnistc_out / "mnistc.png").stat().st_size > 1000
     again = run(
-        "training.evaluate_mnistc",
+        "experiments.evaluate_mnistc",
         *(
             "--checkpoint",
             str(generic),

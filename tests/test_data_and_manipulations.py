@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import struct
 from pathlib import Path
 
@@ -205,7 +204,7 @@ def test_generic_family_manipulates_every_image_within_range():
     assert M.named("generic", 0.0) is M.generic
 
 
-CIFAR_DIR = D.resolve_data_dir(None) if os.environ.get(D.DATA_DIR_ENV) else Path("/work/shared/data")
+CIFAR_DIR = D.resolve_data_dir()
 
 
 def test_cifar_binary_loads_the_real_file_checksummed() -> None:

@@ -19,6 +19,7 @@ import sys
 import pytest
 
 from benchmarks.harness import ROOT, service_env, template_store
+from training.data import resolve_data_dir
 
 REAL = ROOT / "models" / "mnist_cama.pt"
 # the real-model run takes minutes of fine-tuning and is opted into (CAMA_E2E_REAL=1, or
@@ -55,7 +56,7 @@ def test_shifted_mnist_adaptation_through_the_service(tmp_path, tmp_path_factory
         ]  # fmt: skip
     env = {
         **service_env(),
-        "CAMA_DATA_DIR": os.environ.get("CAMA_DATA_DIR", str(ROOT.parent / "shared" / "data")),
+        "CAMA_DATA_DIR": str(resolve_data_dir().resolve()),
     }
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.e2e_mnist", *args, *common],

@@ -25,9 +25,9 @@ from training.measurement_data import make_dataset, schema_dict, to_frame
 REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = (
     "training.train_measurement",
-    "training.evaluate_measurement",
-    "training.check_measurement_gate",
-    "training.measurement_oracles",
+    "experiments.evaluate_measurement",
+    "experiments.check_measurement_gate",
+    "experiments.measurement_oracles",
 )
 
 
@@ -278,13 +278,14 @@ def test_evaluation_dry_run_writes_tables_plots_and_json(
 def test_every_entry_point_is_smoke_tested() -> None:
     tested = {
         "training.train_measurement",
-        "training.evaluate_measurement",
-        "training.check_measurement_gate",
-        "training.measurement_oracles",
+        "experiments.evaluate_measurement",
+        "experiments.check_measurement_gate",
+        "experiments.measurement_oracles",
     }
     found = {
-        f"training.{p.stem}"
-        for p in (REPO / "training").glob("*measurement*.py")
+        f"{package}.{p.stem}"
+        for package in ("training", "experiments")
+        for p in (REPO / package).glob("*measurement*.py")
         if "__main__" in p.read_text()
     }
     assert found == set(ENTRY_POINTS) == tested

@@ -13,11 +13,12 @@ import pytest
 from benchmarks.harness import ROOT, clone_store, make_measurement_seed_dir, service_env, template_store
 from store.data import ServingData
 from store.registry import ModelRegistry
+from training.data import resolve_data_dir
 
 
 def run(args: list[str], timeout: float = 600, **settings: object) -> subprocess.CompletedProcess[str]:
     env = service_env(**settings)
-    env.setdefault("CAMA_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    env.setdefault("CAMA_DATA_DIR", str(resolve_data_dir().resolve()))
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=ROOT,

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from cama.runtime import DeviceError, resolve_device
-from training.eval_cache import Cache, recipe_id
-from training.experiment import add_recipe_args, recipe_from_args
-from training.mnist_report import summary_tables
-from training.mnist_sections import EvalConfig, same_recipe
-from training.plots import plot_mnist
+from experiments.eval_cache import Cache, recipe_id
+from experiments.experiment import add_recipe_args, recipe_from_args
+from experiments.mnist_report import summary_tables
+from experiments.mnist_sections import EvalConfig, same_recipe
+from experiments.plots import plot_mnist
 from training.train_cama import epochs_within
 
 
@@ -193,7 +193,7 @@ def test_plots_are_written_only_for_measured_figures(tmp_path: Path):
 def test_zero_m_inference_gives_every_input_the_same_m():
     from cama.config import ImageCamaConfig
     from cama.image_model import ImageCama
-    from training.experiment import zero_m_inference
+    from experiments.experiment import zero_m_inference
 
     model = ImageCama(ImageCamaConfig.tiny(m_pathway="transform"))
     model.reinit_m_inference()

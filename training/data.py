@@ -1,14 +1,16 @@
 """Image data sets: MNIST (standard IDX files, gzipped or not, or ``mnist.npz``, with checksummed
 download), MNIST-C's test split, and CIFAR-binary (CIFAR-10 airplane vs frog, ``cifar_binary.npz``).
 
-The data directory comes from ``--data-dir`` or the ``CAMA_DATA_DIR`` environment variable
-(default ``./data``). Where the MNIST files are missing and the user has a network,
-``download_mnist`` fetches them from the standard mirrors and verifies each file's MD5.
+The data directory comes from ``--data-dir``, else the ``CAMA_DATA_DIR`` environment variable,
+else :data:`DEFAULT_DATA_DIR` (``./data``; every command and test resolves it here). Where the
+MNIST files are missing and the user has a network, ``download_mnist`` fetches them from the
+standard mirrors and verifies each file's MD5.
 Every loader returns images as float32 in [0, 1], ``(N, C, H, W)``.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import os
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 DATA_DIR_ENV = "CAMA_DATA_DIR"
+DEFAULT_DATA_DIR = Path("data")  # relative to the working directory
 
 MNIST_FILES: dict[str, str] = {
     # file name -> MD5 of the .gz file as distributed (the classic LeCun values)
@@ -63,8 +66,17 @@ Mnist = ImageDataset  # the name the MNIST experiments use
 
 
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``data_dir`` if given, else ``$CAMA_DATA_DIR``, else ``./data``."""
-    return Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data")
+    """``data_dir`` if given, else ``$CAMA_DATA_DIR``, else :data:`DEFAULT_DATA_DIR`."""
+    return Path(data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+def add_data_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """A command's ``--data-dir`` option (None: :func:`resolve_data_dir`'s default)."""
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"data directory (default ${DATA_DIR_ENV}, else ./{DEFAULT_DATA_DIR})",
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -318,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_argument(parser)
     parser.add_argument("--download", action="store_true")
     args = parser.parse_args(argv)
     if args.download:

@@ -24,7 +24,7 @@ import numpy as np
 from store.artifacts import export_checkpoint
 from store.data import save_serving_data
 from store.registry import ModelRegistry
-from training.data import DATASETS, VAL_FRACTION, load_dataset, validation_split
+from training.data import DATASETS, VAL_FRACTION, add_data_dir_argument, load_dataset, validation_split
 
 
 def image_serving_data(
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--canary", type=int, default=1000)
     parser.add_argument("--replay", type=int, default=2000)
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_argument(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.make_serving_data:

@@ -23,6 +23,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cama.runtime import atomic_write
 from training.baselines import build_baseline, evaluate_accuracy, load_baseline, save_baseline
-from training.data import DATASETS, ImageDataset, Split, batches, load_dataset, validation_split
+from training.data import (
+    DATASETS,
+    ImageDataset,
+    Split,
+    add_data_dir_argument,
+    batches,
+    load_dataset,
+    validation_split,
+)
 from training.manipulations import named, random_mirror
 from training.tent import BATCHNORM_TYPES, tent_accuracy
 
@@ -137,18 +147,16 @@ def train(
             save_baseline(
                 out, model, provenance={**(provenance or {}), "train_config": asdict(cfg)}, metrics=metrics
             )
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "epoch": epoch + 1,
-                "best": best,
-                "epoch_times": epoch_times,
-            },
-            state_path,
-        )
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "epoch": epoch + 1,
+            "best": best,
+            "epoch_times": epoch_times,
+        }
+        atomic_write(state_path, partial(torch.save, state))  # the resume point
         if cfg.dry_run:
             break
     return {**metrics, "best_val_accuracy": best}
@@ -208,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--bncnn-head", choices=["gap", "flatten"], default="gap", help="BN-CNN head (global pool or dense)"
     )
-    parser.add_argument("--data-dir", default=None, help="data directory (default $CAMA_DATA_DIR or ./data)")
+    add_data_dir_argument(parser)
     parser.add_argument(
         "--out",
         type=Path,

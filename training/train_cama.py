@@ -25,6 +25,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +37,18 @@ from cama.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from cama.config import KNOWN_TRANSFORMS, ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
 from cama.objectives import augmented_objective, intervention_elbo
-from cama.runtime import resolve_device
+from cama.runtime import atomic_write, resolve_device
+from training.accuracy import served_accuracy
 from training.data import (
     DATASETS,
     VAL_FRACTION,
     ImageDataset,
     Split,
+    add_data_dir_argument,
     batches,
     load_dataset,
     validation_split,
 )
-from training.experiment import cama_accuracy
 from training.manipulations import named, random_mirror
 
 
@@ -146,7 +148,7 @@ def train(
             sched.T_max = epochs * steps_per_epoch  # the cosine decay now ends with the shortened run
             print(f"time budget {cfg.time_budget_s:.0f}s: {epochs} epochs", flush=True)
         limit = 64 if cfg.dry_run else None
-        val_acc = cama_accuracy(model, Split(val_split.x[:limit], val_split.y[:limit]), cfg.val_k, bf16=False)
+        val_acc = served_accuracy(model, val_split.x[:limit], val_split.y[:limit], k=cfg.val_k)
         metrics = {
             "val_accuracy": val_acc,
             "epoch": float(epoch + 1),
@@ -156,8 +158,8 @@ def train(
         # a model trained with eq. 5 is selected on the mean of its clean and manipulated accuracy
         score = val_acc
         if val_manipulated is not None:
-            manip = Split(val_manipulated.x[:limit], val_manipulated.y[:limit])
-            metrics["val_accuracy_manipulated"] = cama_accuracy(model, manip, cfg.val_k, bf16=False)
+            manip_x, manip_y = val_manipulated.x[:limit], val_manipulated.y[:limit]
+            metrics["val_accuracy_manipulated"] = served_accuracy(model, manip_x, manip_y, k=cfg.val_k)
             score = (val_acc + metrics["val_accuracy_manipulated"]) / 2
         print(
             f"epoch {epoch + 1}: train {epoch_times[-1]:.1f}s  val acc (K={cfg.val_k}) {val_acc:.4f}"
@@ -169,18 +171,16 @@ def train(
             save_checkpoint(
                 out, model, provenance={**(provenance or {}), "train_config": cfg.__dict__}, metrics=metrics
             )
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch + 1,
-                "epochs": epochs,
-                "best": best,
-                "epoch_times": epoch_times,
-            },
-            state_path,
-        )
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "epoch": epoch + 1,
+            "epochs": epochs,
+            "best": best,
+            "epoch_times": epoch_times,
+        }
+        atomic_write(state_path, partial(torch.save, state))  # the resume point
         if cfg.dry_run:
             break
         epoch += 1
@@ -232,12 +232,12 @@ def model_config(dataset: str, tiny: bool) -> ImageCamaConfig:
 
 
 def evaluate_checkpoint(path: Path, data: ImageDataset, k: int, *, record: bool) -> dict[str, float]:
-    """Clean test accuracy of a saved image CAMA (eq. 6, ``k`` samples per class, float32), kept in
-    its metrics if ``record``."""
+    """Clean test accuracy of a saved image CAMA as ``/predict`` answers (eq. 6, ``k`` samples per
+    class, float32, :func:`training.accuracy.served_accuracy`), kept in its metrics if ``record``."""
     model, meta = load_checkpoint(path)
     if not isinstance(model, ImageCama):
         raise SystemExit(f"{path} is not an image CAMA checkpoint")
-    result = {"test_accuracy": cama_accuracy(model, data.test, k, bf16=False), "test_k": float(k)}
+    result = {"test_accuracy": served_accuracy(model, data.test.x, data.test.y, k=k), "test_k": float(k)}
     if record:
         save_checkpoint(path, model, provenance=meta.provenance, metrics={**meta.metrics, **result})
     return result
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dataset", choices=DATASETS, default="mnist")
-    parser.add_argument("--data-dir", default=None, help="data directory (default $CAMA_DATA_DIR or ./data)")
+    add_data_dir_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("models/mnist_cama.pt"))
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)

@@ -37,6 +37,7 @@ from cama.adapt import MEASUREMENT_RECIPE
 from cama.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from cama.measurement_model import MeasurementCama, MeasurementCamaConfig
 from cama.objectives import bayes_predict, intervention_elbo
+from training.accuracy import served_accuracy
 from training.measurement_data import GeneratorConfig, make_dataset, schema_dict, to_frame
 from training.measurement_schema import (
     Encoded,
@@ -51,7 +52,7 @@ from training.measurement_schema import (
 #: by ``evaluate_measurement``. alpha = 0.9 (clean replay weight) rather than 0.5: on generator
 #: seed 0's model, alpha 0.5 cost 1.1-2.0 points on the 1000-row clean canary, so the service's
 #: 0.5-point gate refused every child-shift adaptation; alpha 0.9 with 20 epochs kept the canary
-#: within 0.3 points (docs/measurement.md, ``python -m training.check_measurement_gate``).
+#: within 0.3 points (docs/measurement.md, ``python -m experiments.check_measurement_gate``).
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,12 @@ def predict_probs(model: MeasurementCama, data: Encoded, *, k: int = 20, seed: i
 
 
 def accuracy(model: MeasurementCama, data: Encoded, *, k: int = 20, seed: int = 0) -> float:
-    """Bayes-rule accuracy on labelled rows."""
+    """Bayes-rule accuracy on labelled rows (:func:`training.accuracy.served_accuracy`, all K samples
+    for every row: the measurement figures' numerics)."""
     if data.y is None:
         raise ValueError("accuracy needs labels")
-    return float((predict_probs(model, data, k=k, seed=seed).argmax(1) == data.y).mean())
+    x, cond = as_tensors(data)
+    return served_accuracy(model, x, data.y, cond, k=k, seed=seed, screen=None)
 
 
 def train(

@@ -78,7 +78,7 @@ echo "evaluation: ${EVAL_T}s per process, starting at $(el)s"
 PIDS=()
 for i in "${!SETS[@]}"; do
   mkdir -p /tmp/p$i && cp docs/results/mnist_eval.json /tmp/p$i/
-  timeout $EVAL_T $PY -m training.evaluate_mnist --device $DEV ${SETS[$i]} $EV $EVX $AGAIN \
+  timeout $EVAL_T $PY -m experiments.evaluate_mnist --device $DEV ${SETS[$i]} $EV $EVX $AGAIN \
     --out-dir /tmp/p$i --ft-cache /tmp/ft > /tmp/p$i/log 2>&1 &
   PIDS+=($!)
 done
@@ -89,7 +89,7 @@ tar cf "$OUT/caches.tar" -C /tmp p0/mnist_eval.json p1/mnist_eval.json p2/mnist_
   p4/mnist_eval.json p5/mnist_eval.json p6/mnist_eval.json p7/mnist_eval.json
 cp /tmp/p3/fig9.png "$OUT/" 2>/dev/null
 mkdir -p /tmp/merged && cp docs/results/mnist_eval.json /tmp/merged/
-timeout $(( $(left) - 5 )) $PY -m training.evaluate_mnist --device $DEV --out-dir /tmp/merged --ft-cache /tmp/ft \
+timeout $(( $(left) - 5 )) $PY -m experiments.evaluate_mnist --device $DEV --out-dir /tmp/merged --ft-cache /tmp/ft \
   --merge /tmp/p?/mnist_eval.json --sections fig8 $EVX > /tmp/merged/log 2>&1; tail -12 /tmp/merged/log
 cp /tmp/merged/mnist_eval.json "$OUT/" 2>/dev/null
 echo "all done at $(el)s"

@@ -22,17 +22,17 @@ import torch
 from cama.adapt import FinetuneConfig, GateConfig, Labelled, adapt_and_judge
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
-from cama.runtime import resolve_device
-from training.data import Mnist, Split, load_mnist, validation_split
-from training.eval_cache import Cache, MissingModelError, recipe_id
-from training.experiment import (
-    cama_accuracy,
+from cama.runtime import atomic_write, resolve_device
+from experiments.eval_cache import Cache, MissingModelError, recipe_id
+from experiments.experiment import (
     halves,
     manipulated_halves,
     replay_set,
     start_model,
+    table_accuracy,
     variant,
 )
+from training.data import Mnist, Split, load_mnist, validation_split
 
 RANGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 SHIFTS = {"vshift": "v", "hshift": "h"}
@@ -147,8 +147,7 @@ class Evaluator:
             f"{list(decision.reasons)}",
             flush=True,
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": model.state_dict(), "info": info}, path)
+        atomic_write(path, lambda fh: torch.save({"state_dict": model.state_dict(), "info": info}, fh))
         return model.eval(), info
 
     # --- scoring ------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ class Evaluator:
         return split if n is None else Split(split.x[:n], split.y[:n])
 
     def cama(self, model: ImageCama, split: Split) -> float:
-        return cama_accuracy(model, split, self.cfg.k, limit=self.cfg.score_limit)
+        return table_accuracy(model, split, self.cfg.k, limit=self.cfg.score_limit)
 
     def dnn(self, name: str, split: Split, *, limit: bool = True) -> float:
         from training.baselines import evaluate_accuracy
@@ -201,7 +200,7 @@ def section_clean(ev: Evaluator) -> None:
         model = variant(ev.clean, pathway)
         c.get(
             f"mnist.clean.{name}",
-            partial(cama_accuracy, model, test, ev.cfg.k),
+            partial(table_accuracy, model, test, ev.cfg.k),
             model=ev.digest,
             k=ev.cfg.k,
             n=len(test),
@@ -214,7 +213,7 @@ def section_clean(ev: Evaluator) -> None:
         )
     c.get(
         "mnist.clean.cama.k1",
-        partial(cama_accuracy, variant(ev.clean, "transform"), test, 1),
+        partial(table_accuracy, variant(ev.clean, "transform"), test, 1),
         model=ev.digest,
         k=1,
     )
@@ -226,11 +225,11 @@ def section_clean(ev: Evaluator) -> None:
     # timings carry the device in their key when it is not this machine's CPU
     suffix = "" if ev.device.type == "cpu" else f".{ev.device.type}"
     timed = variant(ev.clean, "transform")
-    cama_accuracy(timed, Split(test.x[:100], test.y[:100]), ev.cfg.k)  # warm-up
+    table_accuracy(timed, Split(test.x[:100], test.y[:100]), ev.cfg.k)  # warm-up
     if ev.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    cama_accuracy(timed, Split(test.x[:1000], test.y[:1000]), ev.cfg.k)
+    table_accuracy(timed, Split(test.x[:1000], test.y[:1000]), ev.cfg.k)
     if ev.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -420,7 +419,7 @@ def section_fig9(ev: Evaluator, shift: str = "vshift", level: float = 0.3, n: in
     """Fig. 9: shifted digits, their reconstructions, and do(m=0) reconstructions (same y, z)."""
     from cama.image_model import ImageContext
     from cama.protocol import given_labels
-    from training.plots import image_grid
+    from experiments.plots import image_grid
 
     h = manipulated_halves(ev.mnist.test, shift, level)
     model, _ = ev.ft_model(f"cama_{shift}_{level}", "transform", h.adapt.x)

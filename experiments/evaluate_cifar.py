@@ -1,10 +1,10 @@
 """Clean accuracy on CIFAR-binary (paper section 4.1): the appendix-C CNN and CAMA on the 2,000
 test images, and on the 5% validation split the checkpoints were chosen on.
 
-    python -m training.evaluate_cifar --threads 2
+    python -m experiments.evaluate_cifar --threads 2
 
 CAMA is scored as ``POST /predict`` answers (eq. 6 with K importance samples behind the
-first-sample screen, ``training.experiment.served_accuracy``), at the served K = 10 and at K = 50.
+first-sample screen, ``training.accuracy.served_accuracy``), at the served K = 10 and at K = 50.
 Writes the keys ``cifar.clean.cnn``, ``cifar.clean.cama``, ``cifar.clean.cama_k50`` and their
 ``cifar.val.*`` twins into ``docs/results/metrics.json``.
 """
@@ -18,9 +18,9 @@ import torch
 
 from cama.checkpoint import load_checkpoint
 from cama.image_model import ImageCama
+from training.accuracy import served_accuracy
 from training.baselines import evaluate_accuracy, load_baseline
-from training.data import VAL_FRACTION, Split, load_cifar_binary, validation_split
-from training.experiment import served_accuracy
+from training.data import VAL_FRACTION, Split, add_data_dir_argument, load_cifar_binary, validation_split
 from training.metrics import update_metrics
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--checkpoint", default="models/cifar_binary_cama.pt")
     parser.add_argument("--cnn", default="models/cifar_cnn.pt")
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_argument(parser)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None, help="score the first N images of each split")
     parser.add_argument("--no-metrics", action="store_true", help="print only; metrics.json untouched")
@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         split = Split(full.x[: args.limit], full.y[: args.limit])
         start = time.perf_counter()
         out[f"cifar.{split_name}.cnn"] = evaluate_accuracy(cnn, split.x, split.y)
-        out[f"cifar.{split_name}.cama"] = served_accuracy(cama, split, k=10)
-        out[f"cifar.{split_name}.cama_k50"] = served_accuracy(cama, split, k=50)
+        out[f"cifar.{split_name}.cama"] = served_accuracy(cama, split.x, split.y, k=10)
+        out[f"cifar.{split_name}.cama_k50"] = served_accuracy(cama, split.x, split.y, k=50)
         print(f"{split_name}: {len(split)} images, {time.perf_counter() - start:.0f} s", flush=True)
     for key, value in out.items():
         print(f"{key:28s} {value:.4f}")

@@ -1,16 +1,16 @@
 """Reproduce the paper's MNIST figures as numbers, plots and JSON (figs. 1, 7, 8, 9, 10 + noise).
 
-    python -m training.evaluate_mnist                       # everything, resuming from the cache
-    python -m training.evaluate_mnist --sections clean fig7 --ranges 0.3 0.5
-    python -m training.evaluate_mnist --merge run1/mnist_eval.json run2/mnist_eval.json --sections
+    python -m experiments.evaluate_mnist                       # everything, resuming from the cache
+    python -m experiments.evaluate_mnist --sections clean fig7 --ranges 0.3 0.5
+    python -m experiments.evaluate_mnist --merge run1/mnist_eval.json run2/mnist_eval.json --sections
 
 Protocol (appendix C): fine-tuning uses the unlabelled "adapt" half of the manipulated test set
 (minus ``--gate-holdout`` images kept for the promotion gate's held-out ELBO(x)); accuracy is
-reported on the other half (``training.mnist_sections``). Every measured figure is cached in
-``docs/results/mnist_eval.json`` (``training.eval_cache``: an interrupted run resumes; a fine-tuned
+reported on the other half (``experiments.mnist_sections``). Every measured figure is cached in
+``docs/results/mnist_eval.json`` (``experiments.eval_cache``: an interrupted run resumes; a fine-tuned
 figure records its recipe and is measured again under another one), then written as flat keys
 into ``docs/results/metrics.json``, as tables in ``docs/results/mnist.md`` and as plots beside them
-(``training.mnist_report``).
+(``experiments.mnist_report``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from training.experiment import add_recipe_args, recipe_from_args
-from training.mnist_report import write_outputs
-from training.mnist_sections import (
+from experiments.experiment import add_recipe_args, recipe_from_args
+from experiments.mnist_report import write_outputs
+from experiments.mnist_sections import (
     RANGES,
     SECTIONS,
     VARIANTS,
@@ -40,6 +40,7 @@ from training.mnist_sections import (
     section_tent_lr,
     section_unseen,
 )
+from training.data import add_data_dir_argument
 
 RESULTS = Path("docs/results")
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_argument(parser)
     parser.add_argument("--checkpoint", default="models/mnist_cama_clean.pt")
     parser.add_argument("--dnn", default="models/mnist_dnn.pt")
     parser.add_argument("--dnn-aug-v", dest="dnn_aug_v", default="models/mnist_dnn_aug_vshift.pt")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Collection
 
+from cama.runtime import atomic_write
+from experiments.mnist_sections import RANGES, SHIFTS, TENT_LRS, UNSEEN, VARIANTS, Evaluator
 from training.metrics import update_metrics
-from training.mnist_sections import RANGES, SHIFTS, TENT_LRS, UNSEEN, VARIANTS, Evaluator
 
 OTHER_RECIPE_MARK = " †"
 
@@ -118,7 +119,7 @@ def write_outputs(ev: Evaluator) -> None:
             if key_from in data:
                 metrics[key_to] = data[key_from]
     update_metrics(metrics, ev.out / "metrics.json")
-    from training.plots import plot_mnist
+    from experiments.plots import plot_mnist
 
     plot_mnist(data, ev.out)
     intro = (
@@ -143,7 +144,7 @@ def write_outputs(ev: Evaluator) -> None:
         "where fewer than the whole 5000-image half, `model` the first 12 hex digits of the SHA-256 of",
         "the CAMA checkpoint it scored, `recipe` the adaptation recipe's settings, empty for a figure",
         "without fine-tuning). Last written by",
-        f"`{' '.join(['python -m training.evaluate_mnist', *sys.argv[1:]])}` "
+        f"`{' '.join(['python -m experiments.evaluate_mnist', *sys.argv[1:]])}` "
         f"(K={ev.cfg.k}, fine-tuning {ev.cfg.ft.as_dict()}).",
         "",
         "| key | value | seconds | device | n | model | recipe |",
@@ -155,4 +156,4 @@ def write_outputs(ev: Evaluator) -> None:
             f"| `{key}` | {entry['value']:.4f} | {entry.get('seconds', '')} | {entry.get('device', 'cpu')} "
             f"| {entry.get('n_score', '')} | {entry.get('model', '')} | {ev.cache.recipe_of(key) or ''} |"
         )
-    (ev.out / "mnist.md").write_text("\n".join(lines) + "\n")
+    atomic_write(ev.out / "mnist.md", "\n".join(lines) + "\n")

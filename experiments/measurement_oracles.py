@@ -1,6 +1,6 @@
 """How far eq. 11 can carry a co-parent shift when the mechanism's form is known (fig. 14's ceiling).
 
-    python -m training.measurement_oracles              # 5 generator seeds, S in {0, 0.5, 1, 2, 3}
+    python -m experiments.measurement_oracles              # 5 generator seeds, S in {0, 0.5, 1, 2, 3}
 
 Two Bayes-rule classifiers p(y|a, x, c) ∝ p(y|a) p(x|y, c) (eq. 11) on the synthetic data of
 ``training.measurement_data``, both with the true p(y|a) (Monte Carlo over the label noise):
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cama.runtime import atomic_write
 from training.measurement_data import Sample, StructuralEquations, g, make_dataset
 
 
@@ -92,10 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'':32}{'mean':>8}{'min':>8}")
     for k in keys:
         print(f"{k:32}{100 * summary[k]['mean']:>8.1f}{100 * summary[k]['min']:>8.1f}")
-    command = "python -m training.measurement_oracles " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m experiments.measurement_oracles " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"command": command.strip(), "seeds": args.seeds, "per_seed": per_seed, "summary": summary}
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(args.out, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

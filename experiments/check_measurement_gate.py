@@ -1,7 +1,7 @@
 """What the service's promotion gate decides when a synthetic measurement checkpoint adapts to a child shift.
 
-    python -m training.check_measurement_gate            # models/measurement_cama.pt, S = 0.5, 1, 2, 3
-    python -m training.check_measurement_gate --checkpoint models/x.pt --shifts 1 2
+    python -m experiments.check_measurement_gate            # models/measurement_cama.pt, S = 0.5, 1, 2, 3
+    python -m experiments.check_measurement_gate --checkpoint models/x.pt --shifts 1 2
 
 For each shift S the checkpoint's own generator seed regenerates the 500 test rows, shifts the
 children by S (``X -> X + S sd(X)``) and treats them as one unlabelled ``/adapt`` batch, exactly
@@ -37,6 +37,7 @@ from cama.adapt import (
 )
 from cama.checkpoint import load_checkpoint
 from cama.measurement_model import MeasurementCama
+from cama.runtime import atomic_write
 from training.measurement_data import make_dataset, to_frame
 from training.train_measurement import accuracy, as_tensors, load_encoding, replay_path
 
@@ -121,12 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     shipped_recipe = FinetuneConfig.from_dict(shipped) if shipped else MEASUREMENT_RECIPE
     recipes = {"shipped": shipped_recipe, "paper": replace(shipped_recipe, alpha=PAPER_ALPHA)}
     rows = check(args.checkpoint, args.shifts, recipes)
-    command = "python -m training.check_measurement_gate " + " ".join(sys.argv[1:] if argv is None else argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"command": command.strip(), "checkpoint": str(args.checkpoint), "rows": rows}, indent=2)
-        + "\n"
+    command = "python -m experiments.check_measurement_gate " + " ".join(
+        sys.argv[1:] if argv is None else argv
     )
+    report = {"command": command.strip(), "checkpoint": str(args.checkpoint), "rows": rows}
+    atomic_write(args.out, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

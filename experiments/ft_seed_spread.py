@@ -1,8 +1,8 @@
 """How much fig. 7's fine-tuning figures move with the fine-tuning seed alone.
 
-    python -m training.ft_seed_spread --device cuda --ranges 0.2 0.3 --seeds 1 2
-    python -m training.ft_seed_spread --merge a.json b.json     # join parallel runs, print the table
-    python -m training.ft_seed_spread --ft-schedule constant --out constant.json   # another recipe
+    python -m experiments.ft_seed_spread --device cuda --ranges 0.2 0.3 --seeds 1 2
+    python -m experiments.ft_seed_spread --merge a.json b.json     # join parallel runs, print the table
+    python -m experiments.ft_seed_spread --ft-schedule constant --out constant.json   # another recipe
 
 ``evaluate_mnist`` fine-tunes once per (shift, range) with seed 0. This command repeats exactly
 that fine-tuning (the transform m pathway, eq. 8 on the unlabelled adapt half minus the gate's
@@ -30,18 +30,18 @@ import torch
 
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
-from cama.runtime import resolve_device
-from training.data import load_mnist
-from training.eval_cache import Cache, entry_recipe, recipe_id
-from training.experiment import (
+from cama.runtime import atomic_write, resolve_device
+from experiments.eval_cache import Cache, entry_recipe, recipe_id
+from experiments.experiment import (
     add_recipe_args,
-    cama_accuracy,
     finetuned,
     manipulated_halves,
     recipe_from_args,
     replay_set,
+    table_accuracy,
 )
-from training.mnist_sections import RANGES, SHIFTS, EvalConfig
+from experiments.mnist_sections import RANGES, SHIFTS, EvalConfig
+from training.data import add_data_dir_argument, load_mnist
 
 OUT = Path("docs/results/mnist_ft_seeds.json")
 
@@ -74,7 +74,7 @@ def measure(args: argparse.Namespace, cache: Cache, digest: str) -> None:
                 )
                 print(f"  ft on {ft_shift} {r} seed {seed}: {seconds:.0f}s", flush=True)
                 for scored, k in zip(SHIFTS, keys, strict=True):
-                    score = partial(cama_accuracy, model, sets[scored].score, cfg.k, limit=cfg.score_limit)
+                    score = partial(table_accuracy, model, sets[scored].score, cfg.k, limit=cfg.score_limit)
                     cache.get(k, score, model=digest, recipe=recipe, seed=seed, ft_seconds=round(seconds, 1))
 
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_argument(parser)
     parser.add_argument("--checkpoint", default="models/mnist_cama_clean.pt")
     parser.add_argument("--ranges", nargs="*", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2])
@@ -154,11 +154,11 @@ def main(argv: list[str] | None = None) -> None:
         "fine-tuning the transform m pathway on one shift's unlabelled adapt half; seed 0 is the figure",
         "of `evaluate_mnist` (`mnist_eval.json`), the other seeds repeat that fine-tuning with another",
         "seed (`mnist_ft_seeds.json`). Last column: mean over all seeds minus the model without",
-        "fine-tuning, in points. Written by `python -m training.ft_seed_spread` (see its docstring).",
+        "fine-tuning, in points. Written by `python -m experiments.ft_seed_spread` (see its docstring).",
         f"Adaptation recipe: `{recipe}`.",
         "",
     ]
-    (args.table or args.out.with_suffix(".md")).write_text("\n".join([*intro, *lines]) + "\n")
+    atomic_write(args.table or args.out.with_suffix(".md"), "\n".join([*intro, *lines]) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Adversarial robustness (paper section 4.1, figs 11-13): FGSM and PGD against the DNN (the CNN on
 CIFAR-binary) and CAMA, before and after CAMA's fine-tuning on the attacked set.
 
-    python -m training.evaluate_adversarial --dataset mnist          # the two together: under
-    python -m training.evaluate_adversarial --dataset measurement    # 3 hours on 2 CPU cores
-    python -m training.evaluate_adversarial --dataset cifar          # CIFAR-binary
-    python -m training.evaluate_adversarial --sections               # only rewrite table, plots, metrics
+    python -m experiments.evaluate_adversarial --dataset mnist          # the two together: under
+    python -m experiments.evaluate_adversarial --dataset measurement    # 3 hours on 2 CPU cores
+    python -m experiments.evaluate_adversarial --dataset cifar          # CIFAR-binary
+    python -m experiments.evaluate_adversarial --sections               # only rewrite table, plots, metrics
 
-L-inf attacks (``training.attacks``) with the margin loss on the logits; CAMA's logits are eq. 6's
+L-inf attacks (``experiments.attacks``) with the margin loss on the logits; CAMA's logits are eq. 6's
 per-class log-weights log p(x, y_c) with K = 10. PGD: a random start, ``PGD_STEPS`` steps of
 2.5 eps / steps, run anew at each eps. FGSM at eps keeps, per input, the most harmful (by the
 attack's loss) of FGSM's examples at the figure's budgets up to eps, all of which lie in the eps
@@ -25,14 +25,14 @@ paper does for attacks) of the ``cama`` / ``cama_eot`` attack and scored on it. 
 fine-tuning is ``POST /adapt``'s own code path (``cama.adapt.adapt_batch``: the checkpoint's
 recipe, the gate, replay and canary; a refused job scores as the unadapted model); for the
 measurement data it is eq. 8 with the service's measurement recipe on the affine m pathway, as in
-``training.evaluate_measurement``. ``<dataset>.clean_after_ft.cama`` is the lowest clean accuracy
+``experiments.evaluate_measurement``. ``<dataset>.clean_after_ft.cama`` is the lowest clean accuracy
 after any of those fine-tunings.
 
 Data: MNIST or CIFAR-binary, a seeded draw of ``--n`` test images, attacked by ``--batch``;
 clean accuracy after fine-tuning on ``--clean-n`` other test images. The models: the served CAMA
 checkpoint, its serving data (replay and canary) and the baseline of ``IMAGE_DATA``. Measurement
 data: the appendix-C generator, per seed a CAMA and a DNN trained as
-``training.evaluate_measurement`` trains them, the 500 test rows attacked on the children X and
+``experiments.evaluate_measurement`` trains them, the 500 test rows attacked on the children X and
 the co-parents C only (standardised units), means over seeds.
 
 Sanity checks of the evaluation (Carlini et al. 2019), MNIST: accuracy non-increasing in eps
@@ -45,7 +45,7 @@ run again on that batch, scored after it); and the PGD used here within 1 point 
 transfer attack.
 
 Keys ``adv.<dataset>.<attack>.<eps>.<method>``; figures are cached in
-``docs/results/adversarial_<dataset>_eval.json`` (``training.eval_cache``) and adversarial examples
+``docs/results/adversarial_<dataset>_eval.json`` (``experiments.eval_cache``) and adversarial examples
 under ``--work-dir``, so an interrupted run resumes; tables go to ``docs/results/adversarial.md``,
 plots to ``adversarial_mnist.png`` (fig. 11), ``adversarial_cifar.png`` (fig. 12) and
 ``adversarial_measurement.png`` (fig. 13).
@@ -75,14 +75,16 @@ import torch
 from cama.adapt import MEASUREMENT_RECIPE, FinetuneConfig, GateConfig
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
-from cama.objectives import SCREEN_MARGIN, Noise, bayes_log_weights, bayes_predict, sample_noise
+from cama.objectives import Noise, bayes_log_weights, sample_noise
 from cama.protocol import CamaModel
+from cama.runtime import atomic_write
+from experiments.attacks import Attack, LogitsFn, batched_perturb, strongest
+from experiments.eval_cache import Cache, recipe_id
+from experiments.experiment import adapt_as_served
 from store.data import ServingData
-from training.attacks import Attack, LogitsFn, batched_perturb, strongest
+from training.accuracy import served_accuracy
 from training.baselines import load_baseline
-from training.data import load_dataset
-from training.eval_cache import Cache, recipe_id
-from training.experiment import adapt_as_served
+from training.data import add_data_dir_argument, load_dataset
 from training.metrics import update_metrics
 
 RESULTS = Path("docs/results")
@@ -193,14 +195,6 @@ def fixed_noise_accuracy(
     return accuracy
 
 
-def served_image_accuracy(model: ImageCama, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Eq. 6 as ``POST /predict`` answers: K samples of fresh (seeded) noise behind the screen."""
-    model.eval()
-    gen = torch.Generator(device=x.device).manual_seed(EVAL_SEED)
-    pred = bayes_predict(model, x, k=K, generator=gen, screen=SCREEN_MARGIN)
-    return float((pred.labels == y).float().mean())
-
-
 # --- one run ------------------------------------------------------------------------------------------
 
 
@@ -226,8 +220,7 @@ class Run:
             loaded: torch.Tensor = torch.load(path)
             return loaded
         out = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, path)
+        atomic_write(path, lambda fh: torch.save(out, fh))
         return out
 
     def perturbation(
@@ -288,7 +281,7 @@ class Attacked:
     """The adversarial examples of a figure's attacks, each computed on first use.
 
     FGSM at eps keeps, per input, the most harmful of its examples at every budget of the figure up
-    to eps (:func:`training.attacks.strongest`), since its single step overshoots at large budgets;
+    to eps (:func:`experiments.attacks.strongest`), since its single step overshoots at large budgets;
     PGD at each eps is its own run.
     """
 
@@ -425,7 +418,7 @@ def evaluate_images(args: argparse.Namespace, dataset: str) -> None:
     def cama_classifier(model: ImageCama) -> Classifier:
         return Classifier(
             cama_logits(model, image_split, fixed=False, bf16=args.bf16),
-            lambda v, labels: served_image_accuracy(model, v, labels),
+            lambda v, labels: served_accuracy(model, v, labels, k=K, seed=EVAL_SEED),
         )
 
     baseline = BASELINE[dataset]
@@ -447,17 +440,19 @@ def evaluate_images(args: argparse.Namespace, dataset: str) -> None:
         return Tuned(
             adapted=cama_classifier(tuned),
             served=cama_classifier(served),
-            clean_adapted=partial(served_image_accuracy, tuned, clean_x, clean_y),
-            clean_served=partial(served_image_accuracy, served, clean_x, clean_y),
+            clean_adapted=partial(served_accuracy, tuned, clean_x, clean_y, k=K, seed=EVAL_SEED),
+            clean_served=partial(served_accuracy, served, clean_x, clean_y, k=K, seed=EVAL_SEED),
             accepted=outcome.accepted,
         )
 
     run.cache.get(run.key(f"clean.{baseline}"), lambda: dnn_accuracy(x, y))
-    run.cache.get(run.key("clean.cama"), lambda: served_image_accuracy(cama, x, y), model=run.model_id)
+    run.cache.get(
+        run.key("clean.cama"), lambda: served_accuracy(cama, x, y, k=K, seed=EVAL_SEED), model=run.model_id
+    )
     white_box(run, targets, x, y, bounds=(0.0, 1.0), finetune=finetune)
     run.cache.get(
         run.key("clean_before_ft.cama"),
-        partial(served_image_accuracy, cama, clean_x, clean_y),
+        partial(served_accuracy, cama, clean_x, clean_y, k=K, seed=EVAL_SEED),
         model=run.model_id,
     )
     if dataset == "mnist":
@@ -574,7 +569,7 @@ def evaluate_measurement(args: argparse.Namespace) -> None:
 def measure_seed(seed: int, args: argparse.Namespace) -> None:
     """One generator seed of fig. 13: train CAMA and the DNN, attack, fine-tune."""
     from cama.measurement_model import MeasurementCama, MeasurementCamaConfig
-    from training import evaluate_measurement as em
+    from experiments import evaluate_measurement as em
     from training.measurement_data import make_dataset, schema_dict, to_frame
     from training.measurement_schema import Encoding, TableSchema
     from training.train_measurement import TrainConfig, accuracy, train
@@ -831,10 +826,10 @@ def write_outputs(out_dir: Path, *, metrics_file: bool = True) -> dict[str, floa
                 + "\n"
             )
     text = (
-        "# Adversarial robustness\n\nWritten by `python -m training.evaluate_adversarial`; the protocol"
+        "# Adversarial robustness\n\nWritten by `python -m experiments.evaluate_adversarial`; the protocol"
         " is in that module's docstring.\n\n"
     )
-    (out_dir / "adversarial.md").write_text(text + "\n".join(sections))
+    atomic_write(out_dir / "adversarial.md", text + "\n".join(sections))
     finite = {k: v for k, v in metrics.items() if math.isfinite(v) and ".sanity.pgd" not in k}
     if metrics_file:
         update_metrics(finite)
@@ -848,7 +843,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--dataset", choices=sorted(EPS), default=None, help="measure this dataset")
     parser.add_argument("--sections", action="store_true", help="measure nothing; rewrite the outputs")
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_argument(parser)
     parser.add_argument("--checkpoint", default=None, help="images: default models/<dataset>... (IMAGE_DATA)")
     parser.add_argument("--dnn", default=None, help="images: the DNN (MNIST) or CNN (CIFAR-binary) baseline")
     parser.add_argument("--serving-data", default=None, help="images: the replay and canary of the gate")

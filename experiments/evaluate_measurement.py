@@ -1,7 +1,7 @@
 """Robustness of the measurement CAMA on the appendix-C synthetic data (paper section 4.2, figs 14-15).
 
-    python -m training.evaluate_measurement                 # 5 generator seeds, S in {0.5, 1, 2, 3}
-    python -m training.evaluate_measurement --dry-run --out-dir /tmp/m   # tiny smoke run
+    python -m experiments.evaluate_measurement                 # 5 generator seeds, S in {0.5, 1, 2, 3}
+    python -m experiments.evaluate_measurement --dry-run --out-dir /tmp/m   # tiny smoke run
 
 For each generator seed: the paper's split (450 train / 50 validation / 500 test), a CAMA trained
 on clean data with eq. 3 and a DNN baseline ([64, 16, 32], dropout [.25, .25, .5], on the
@@ -45,6 +45,7 @@ from cama.measurement_model import (
     MeasurementPathway,
     with_m_pathway,
 )
+from cama.runtime import atomic_write
 from training.baselines import DNN, DNNConfig
 from training.measurement_data import GeneratorConfig, Sample, make_dataset, schema_dict, to_frame
 from training.measurement_schema import Encoded, Encoding, TableSchema
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         finish(report["per_seed"], cfg, args.out_dir, args.tag, report["command"], config=saved)
         return
-    command = "python -m training.evaluate_measurement " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m experiments.evaluate_measurement " + " ".join(sys.argv[1:] if argv is None else argv)
     per_seed = []
     for seed in cfg.seeds:
         per_seed.append(evaluate_seed(seed, cfg))
@@ -458,7 +459,7 @@ def finish(
         "metrics": values,
         "targets": checks,
     }
-    (out_dir / f"measurement_robustness{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write(out_dir / f"measurement_robustness{tag}.json", json.dumps(report, indent=2) + "\n")
     plot(summary, cfg, out_dir, tag)
     return values
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cama.adapt import FinetuneConfig
+from cama.runtime import atomic_write
 
 
 def recipe_id(ft: FinetuneConfig) -> str:
@@ -111,8 +112,8 @@ class Cache:
             print(f"{key:48s} {float(entry['value']):.4f}", flush=True)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        """Write the cache atomically: an interrupted run leaves the old file or the new one."""
+        atomic_write(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
 
     def get(
         self,

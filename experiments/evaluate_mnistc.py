@@ -1,12 +1,12 @@
 """MNIST-C (Mu & Gilmer 2019) as a test of corruptions no model here was trained or tuned on.
 
-    python -m training.evaluate_mnistc                         # every corruption, n = 100, 500, 2000
-    python -m training.evaluate_mnistc --corruptions fog stripe --ns 500
-    python -m training.evaluate_mnistc --sections              # only rewrite table, plot and metrics
-    python -m training.evaluate_mnistc --suite validation      # the protocol on validation data
+    python -m experiments.evaluate_mnistc                         # every corruption, n = 100, 500, 2000
+    python -m experiments.evaluate_mnistc --corruptions fog stripe --ns 500
+    python -m experiments.evaluate_mnistc --sections              # only rewrite table, plot and metrics
+    python -m experiments.evaluate_mnistc --suite validation      # the protocol on validation data
 
 Protocol, per corruption: the 10,000 corrupted test images are split into an adapt half and a
-scoring half (the seeded split of every MNIST figure, ``training.experiment.halves``); each method
+scoring half (the seeded split of every MNIST figure, ``experiments.experiment.halves``); each method
 adapts on the first ``n`` images of the adapt half, unlabelled, and is scored on the whole scoring
 half (``--score-limit`` scores fewer).
 
@@ -36,7 +36,7 @@ chosen there (``--recipe`` overrides the checkpoint's recipe), and its outputs a
 Also ``mnistc.clean_after_ft.min.n500`` (the lowest clean accuracy, on the clean scoring half,
 after any of the 15 adaptations on 500 images), ``mnistc.adapt_seconds.median.n500`` (wall time of
 one adaptation job, gate included) and ``mnistc.gate_accepted.n<N>`` (accepted jobs). Figures are
-cached in ``docs/results/mnistc_eval.json`` (``training.eval_cache``); the table goes to
+cached in ``docs/results/mnistc_eval.json`` (``experiments.eval_cache``); the table goes to
 ``docs/results/mnistc.md``, the plot to ``docs/results/mnistc.png``, the keys to ``metrics.json``.
 """
 
@@ -58,12 +58,20 @@ import torch
 from cama.adapt import AdaptOutcome, FinetuneConfig, GateConfig
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
-from cama.runtime import resolve_device
+from cama.runtime import atomic_write, resolve_device
+from experiments.eval_cache import Cache, MissingModelError, recipe_id
+from experiments.experiment import adapt_as_served, halves
 from store.data import ServingData
+from training.accuracy import served_accuracy
 from training.baselines import evaluate_accuracy, load_baseline
-from training.data import MNISTC_CORRUPTIONS, Split, load_mnist, load_mnist_c, validation_split
-from training.eval_cache import Cache, MissingModelError, recipe_id
-from training.experiment import adapt_as_served, halves, served_accuracy
+from training.data import (
+    MNISTC_CORRUPTIONS,
+    Split,
+    add_data_dir_argument,
+    load_mnist,
+    load_mnist_c,
+    validation_split,
+)
 from training.manipulations import named
 from training.metrics import update_metrics
 from training.tent import tent_accuracy
@@ -204,7 +212,7 @@ def measure(s: Setup, corruption: str) -> None:
         for n in s.args.ns:  # not adapted: the same figure for every n
             c.put(f"{prefix}.{method}.n{n}", {"value": value, "n_adapt": 0})
     if "cama" in methods:
-        value = c.get(f"{prefix}.cama", partial(served_accuracy, s.cama, score), model=s.digest)
+        value = c.get(f"{prefix}.cama", partial(served_accuracy, s.cama, score.x, score.y), model=s.digest)
         for n in s.args.ns:
             c.put(f"{prefix}.cama.n{n}", {"value": value, "model": s.digest, "n_adapt": 0})
     for n in s.args.ns:
@@ -254,7 +262,9 @@ def measure_cama_ft(s: Setup, prefix: str, n: int, adapt_x: np.ndarray, score: S
     c.put(keys[2], {"value": seconds, **info, "steps": outcome.report.steps})
     gate = outcome.decision.as_dict()
     c.put(f"{prefix}.gate_accepted.n{n}", {"value": float(accepted), **info, "gate": gate})
-    adapted = c.get(keys[3], partial(served_accuracy, model, score), model=s.digest, recipe=recipe, n_adapt=n)
+    adapted = c.get(
+        keys[3], partial(served_accuracy, model, score.x, score.y), model=s.digest, recipe=recipe, n_adapt=n
+    )
     # a refused job leaves the served model in place: its scores are the unadapted model's, the
     # same numbers (same model, images and noise seed) as `cama` and `clean.cama`
     served = model if accepted else s.cama
@@ -264,8 +274,20 @@ def measure_cama_ft(s: Setup, prefix: str, n: int, adapt_x: np.ndarray, score: S
     elif c.fresh(unadapted, s.digest):
         c.put(keys[0], {"value": c.data[unadapted]["value"], **info}, show=True)
     else:
-        c.get(keys[0], partial(served_accuracy, served, score), model=s.digest, recipe=recipe, n_adapt=n)
-    c.get(keys[1], partial(served_accuracy, served, s.clean_score), model=s.digest, recipe=recipe, n_adapt=n)
+        c.get(
+            keys[0],
+            partial(served_accuracy, served, score.x, score.y),
+            model=s.digest,
+            recipe=recipe,
+            n_adapt=n,
+        )
+    c.get(
+        keys[1],
+        partial(served_accuracy, served, s.clean_score.x, s.clean_score.y),
+        model=s.digest,
+        recipe=recipe,
+        n_adapt=n,
+    )
 
 
 def every_corruption(s: Setup, data: dict[str, float], pattern: str) -> list[float] | None:
@@ -294,12 +316,12 @@ def outputs(s: Setup) -> dict[str, float]:
         if seconds is not None:
             metrics[f"{p}.adapt_seconds.median.n{n}"] = float(np.median(seconds))
     metrics[f"{p}.clean.cama"] = s.cache.get(
-        f"{p}.clean.cama", partial(served_accuracy, s.cama, s.clean_score), model=s.digest
+        f"{p}.clean.cama", partial(served_accuracy, s.cama, s.clean_score.x, s.clean_score.y), model=s.digest
     )
     out = Path(s.args.out_dir)
     if p == "mnistc":
         update_metrics(metrics, out / "metrics.json")
-    (out / f"{p}.md").write_text(table(metrics, s) + "\n")
+    atomic_write(out / f"{p}.md", table(metrics, s) + "\n")
     plot(metrics, s, out / f"{p}.png")
     return metrics
 
@@ -318,7 +340,7 @@ def table(m: dict[str, float], s: Setup) -> str:
         "",
         f"Accuracy on the scoring half of {what}; adaptation on the first",
         "n unlabelled images of the other half. Written by",
-        f"`{' '.join(['python -m training.evaluate_mnistc', *sys.argv[1:]])}`; the protocol is in",
+        f"`{' '.join(['python -m experiments.evaluate_mnistc', *sys.argv[1:]])}`; the protocol is in",
         "that module's docstring. CAMA is the served checkpoint, answered as `POST /predict` answers;",
         f"`cama_ft` is `POST /adapt`'s code path with the recipe `{recipe_id(s.recipe)}`.",
         "",
@@ -405,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data-dir", default=None)
+    add_data_dir_argument(parser)
     parser.add_argument("--checkpoint", default="models/mnist_cama.pt", help="the served CAMA")
     parser.add_argument("--serving-data", default="models/mnist_serving_data.npz")
     parser.add_argument("--dnn", default="models/mnist_dnn.pt")
