@@ -21,7 +21,7 @@ lint:
 	$(BIN)/ruff format --check .
 
 typecheck:
-	$(BIN)/mypy cama store training experiments app worker benchmarks
+	$(BIN)/mypy cama store training experiments app worker benchmarks harness
 
 pytest:
 	$(BIN)/python -m pytest -q

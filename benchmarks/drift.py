@@ -38,11 +38,11 @@ import torch
 
 from app.core.config import Settings
 from app.serving import EvidenceSettings, LoadedVersion, load_version
-from benchmarks.harness import mnist_store
 from benchmarks.live_adapt import corruption_sets, live_adaptation, routing
 from cama.drift import DriftConfig, DriftDetector
 from cama.novelty import CLASS_RIDGE, RULES, MGaussian, Rule, log_evidence, share_below
 from experiments.evaluate_mnistc import TENT_VALIDATION
+from harness.stores import mnist_store
 from store.data import Inputs, ServingData
 from training.data import MNISTC_CORRUPTIONS, load_mnist, load_mnist_c, validation_split
 from training.manipulations import named

@@ -39,17 +39,10 @@ import httpx
 import numpy as np
 import redis
 
-from benchmarks.harness import (
-    ContinuousClient,
-    Process,
-    ServiceProcess,
-    WorkerProcess,
-    build_store,
-    clone_store,
-    png_base64,
-    wait_job,
-)
 from cama.adapt import GateConfig
+from harness.inputs import png_base64
+from harness.processes import ContinuousClient, Process, ServiceProcess, WorkerProcess, wait_job
+from harness.stores import build_store, clone_store
 from training.data import add_data_dir_argument, load_mnist
 from training.manipulations import vertical_shift
 from training.metrics import update_metrics

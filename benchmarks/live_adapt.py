@@ -33,9 +33,9 @@ import httpx
 import numpy as np
 
 from app.serving import LoadedVersion, load_version
-from benchmarks.harness import ServiceProcess
 from cama.novelty import route
 from experiments.experiment import halves
+from harness.processes import ServiceProcess
 from store.data import Inputs
 from store.registry import ModelRegistry
 from training.data import MNISTC_CORRUPTIONS, Split

@@ -27,7 +27,9 @@ import httpx
 import numpy as np
 
 from app.serving import load_version
-from benchmarks.harness import ServiceProcess, build_store, make_seed_dir, png_base64
+from harness.inputs import png_base64
+from harness.processes import ServiceProcess
+from harness.stores import build_store, make_seed_dir
 from store.data import Inputs, ServingData
 from store.registry import ModelRegistry
 from training.metrics import update_metrics

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from app.serving import LoadedVersion, load_version
-from benchmarks.harness import build_store, make_seed_dir
+from harness.stores import build_store, make_seed_dir
 from store.data import ServingData
 from store.registry import ModelRegistry
 from training.metrics import update_metrics

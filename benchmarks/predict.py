@@ -53,11 +53,13 @@ import numpy as np
 import torch
 
 from app.serving import LoadedVersion, load_version
-from benchmarks.harness import ServiceProcess, mnist_store, png_base64
 from cama.adapt import FinetuneConfig, finetune
 from cama.checkpoint import load_checkpoint
 from cama.objectives import SCREEN_MARGIN
 from cama.runtime import bf16_native
+from harness.inputs import png_base64
+from harness.processes import ServiceProcess
+from harness.stores import mnist_store
 from store.data import Inputs, ServingData
 from training.data import add_data_dir_argument, load_mnist, validation_split
 from training.metrics import update_metrics

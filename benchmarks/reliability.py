@@ -44,20 +44,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.harness import (
-    ROOT,
-    ContinuousClient,
-    ServiceProcess,
-    WorkerProcess,
-    bomb_png,
-    build_store,
-    digit_like_images,
-    free_port,
-    make_measurement_seed_dir,
-    make_seed_dir,
-    png_base64,
-    wait_job,
-)
+from harness.inputs import bomb_png, digit_like_images, png_base64
+from harness.processes import ROOT, ContinuousClient, ServiceProcess, WorkerProcess, free_port, wait_job
+from harness.stores import build_store, make_measurement_seed_dir, make_seed_dir
 from store.artifacts import export_checkpoint, seed_paths
 from store.memory import rss_bytes
 from store.registry import ModelRegistry

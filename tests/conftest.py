@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.harness import ServiceProcess, clone_store, template_store
+from harness.processes import ServiceProcess
+from harness.stores import clone_store, template_store
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 

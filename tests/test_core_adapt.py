@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from benchmarks.harness import check_selective_steps
 from cama import adapt
 from cama.config import ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
 from cama.mechanisms import MechanismNetwork, apply_mechanisms, canonicalize
+from tests.helpers import check_selective_steps
 
 
 def make(pathway: str) -> ImageCama:

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.harness import brute_force_log_weights, check_selective_steps
 from cama import adapt
 from cama import objectives as O
 from cama.checkpoint import load_checkpoint, save_checkpoint
@@ -18,6 +17,7 @@ from cama.export import export_onnx
 from cama.image_model import ImageCama, with_m_pathway
 from cama.mechanisms import apply_mechanisms, canonicalize, param_sizes
 from cama.protocol import all_classes
+from tests.helpers import brute_force_log_weights, check_selective_steps
 
 REPO = Path(__file__).resolve().parents[1]
 RGB = (3, 32, 32)

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from benchmarks.harness import brute_force_log_weights
 from cama import objectives as O
 from cama.config import ImageCamaConfig
 from cama.image_model import ImageCama, with_m_pathway
+from tests.helpers import brute_force_log_weights
 
 
 def tiny_model(pathway: str = "additive", seed: int = 0) -> ImageCama:

@@ -20,18 +20,16 @@ import pytest
 import redis
 
 from app.core.config import Settings
-from benchmarks.harness import (
+from harness.inputs import digit_like_images, png_base64
+from harness.processes import (
     ContinuousClient,
     ServiceProcess,
     WorkerProcess,
-    clone_store,
-    digit_like_images,
     free_port,
-    png_base64,
     service_env,
-    template_store,
     wait_job,
 )
+from harness.stores import clone_store, template_store
 from store.adaptation import JobContext, run_job
 from store.jobs import RedisJobStore
 from store.registry import ModelRegistry

@@ -14,16 +14,9 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.harness import (
-    ACCEPTING_GATE,
-    ContinuousClient,
-    ServiceProcess,
-    clone_store,
-    digit_like_images,
-    png_base64,
-    template_store,
-    wait_job,
-)
+from harness.inputs import digit_like_images, png_base64
+from harness.processes import ACCEPTING_GATE, ContinuousClient, ServiceProcess, wait_job
+from harness.stores import clone_store, template_store
 from store.registry import ModelRegistry
 
 TOKEN = "e" * 24

@@ -18,7 +18,8 @@ import sys
 
 import pytest
 
-from benchmarks.harness import ROOT, service_env, template_store
+from harness.processes import ROOT, service_env
+from harness.stores import template_store
 from training.data import resolve_data_dir
 
 REAL = ROOT / "models" / "mnist_cama.pt"

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from benchmarks.harness import ROOT, service_env
+from harness.processes import ROOT, service_env
 
 
 def test_the_worker_and_the_store_import_no_fastapi():

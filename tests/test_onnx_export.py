@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from app.serving import LoadedVersion, load_version
-from benchmarks.harness import digit_like_images, template_store
 from cama.export import OPSET, export_onnx
 from cama.measurement_model import MeasurementCama, MeasurementCamaConfig
 from cama.mechanisms import PROB_EPS, _affine, _affine_grid, apply_mechanisms, bernoulli_mean
+from harness.inputs import digit_like_images
+from harness.stores import template_store
 from store.data import Inputs
 from store.registry import Manifest, ModelRegistry
 

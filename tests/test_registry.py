@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from app.serving import load_version
-from benchmarks.harness import clone_store, template_store
 from cama.checkpoint import sha256_file
+from harness.stores import clone_store, template_store
 from store.artifacts import seed_store
 from store.registry import (
     ACTIVE,

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.harness import ServiceProcess, clone_store, digit_like_images, png_base64, template_store
+from harness.inputs import digit_like_images, png_base64
+from harness.processes import ServiceProcess
+from harness.stores import clone_store, template_store
 
 TOKEN = "t" * 24
 MAX_INPUTS = 8

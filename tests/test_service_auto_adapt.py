@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 
 from app.auto_adapt import LiveBuffer
-from benchmarks.harness import ServiceProcess, clone_store, digit_like_images, template_store
 from cama.novelty import route
+from harness.inputs import digit_like_images
+from harness.processes import ServiceProcess
+from harness.stores import clone_store, template_store
 from store.data import Inputs
 from store.registry import ModelRegistry
 

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.harness import ROOT, clone_store, make_measurement_seed_dir, service_env, template_store
+from harness.processes import ROOT, service_env
+from harness.stores import clone_store, make_measurement_seed_dir, template_store
 from store.data import ServingData
 from store.registry import ModelRegistry
 from training.data import resolve_data_dir

@@ -7,7 +7,7 @@ import json
 import httpx
 import numpy as np
 
-from benchmarks.harness import digit_like_images
+from harness.inputs import digit_like_images
 
 
 def post(client: httpx.Client, x: np.ndarray, seed: int) -> dict:

@@ -18,7 +18,7 @@ import redis
 from onnx import numpy_helper
 
 from app.serving import load_version, session_options
-from benchmarks.harness import bomb_png, digit_like_images, png_base64
+from harness.inputs import bomb_png, digit_like_images, png_base64
 from store.adaptation import JobContext, run_job
 from store.errors import ConflictError
 from store.jobs import JobRecord, RedisJobStore, batch_path
@@ -40,7 +40,8 @@ def good_images(n: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_template):
-    from benchmarks.harness import ServiceProcess, clone_store
+    from harness.processes import ServiceProcess
+    from harness.stores import clone_store
 
     seed_dir, template = tiny_template
     root = tmp_path_factory.mktemp("hardening")
@@ -229,7 +230,7 @@ def test_a_job_cancelled_while_queued_deletes_its_batch(
 
 
 def test_cancelling_during_the_first_gate_evaluation_stops_it(tmp_path, start_service):
-    from benchmarks.harness import build_store, make_seed_dir
+    from harness.stores import build_store, make_seed_dir
 
     seed_dir = make_seed_dir(tmp_path / "seed", "slow", n_canary=4000)
     store = tmp_path / "store"

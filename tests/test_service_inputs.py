@@ -11,7 +11,7 @@ from PIL import Image
 
 from app.inputs import files_to_inputs, image_shape, images_to_inputs, records_to_inputs
 from app.schemas import MeasurementRecord
-from benchmarks.harness import bomb_png, png_base64
+from harness.inputs import bomb_png, png_base64
 from store.data import check_shapes
 from store.errors import InvalidInputError as InputError
 from store.errors import LimitExceededError as TooLargeError

@@ -6,16 +6,10 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.harness import (
-    ACCEPTING_GATE,
-    ServiceProcess,
-    build_store,
-    make_measurement_seed_dir,
-    wait_job,
-    wait_served,
-)
 from cama.adapt import FinetuneConfig
 from cama.checkpoint import load_checkpoint
+from harness.processes import ACCEPTING_GATE, ServiceProcess, wait_job, wait_served
+from harness.stores import build_store, make_measurement_seed_dir
 
 TOKEN = "m" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

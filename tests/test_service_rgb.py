@@ -11,15 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.harness import (
-    ACCEPTING_GATE,
-    ServiceProcess,
-    build_store,
-    make_rgb_seed_dir,
-    rgb_images,
-    wait_job,
-    wait_served,
-)
+from harness.inputs import rgb_images
+from harness.processes import ACCEPTING_GATE, ServiceProcess, wait_job, wait_served
+from harness.stores import build_store, make_rgb_seed_dir
 
 TOKEN = "r" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

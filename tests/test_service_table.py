@@ -10,8 +10,8 @@ import sys
 import httpx
 import pytest
 
-from benchmarks.harness import ROOT, ServiceProcess, service_env
 from cama.checkpoint import load_checkpoint
+from harness.processes import ROOT, ServiceProcess, service_env
 from training.measurement_data import make_dataset, schema_dict, to_frame
 
 TOKEN = "table-Vq3xL9-wPz2mK7rT_hY4"
@@ -118,7 +118,7 @@ def test_adaptation_takes_named_rows_and_keeps_the_schema(served):
         r = client.post("/adapt", json={"model": "table", "rows": rows})
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
-        from benchmarks.harness import wait_job, wait_served
+        from harness.processes import wait_job, wait_served
 
         job = wait_job(client, job_id, timeout=240)
         assert job["state"] in ("succeeded", "rejected"), job
