@@ -197,12 +197,16 @@ def _models_args(parser: argparse.ArgumentParser) -> None:
 
 def models(args: argparse.Namespace) -> None:
     """List a store's models and versions, or activate a version (verified first)."""
+    from store.errors import DomainError
     from store.registry import ModelRegistry
 
     registry = ModelRegistry(_store(args.store))
     if args.action == "activate":
-        with registry.lock(args.name):
-            manifest = registry.activate(args.name, args.version)
+        try:
+            with registry.lock(args.name):
+                manifest = registry.activate(args.name, args.version)
+        except DomainError as exc:
+            raise SystemExit(f"cama-serve models activate: {exc} ({exc.reason})") from exc
         print(json.dumps({"name": manifest.name, "active": manifest.version}))
         return
     listing = [

@@ -282,23 +282,44 @@ def stage_command(run: RunConfig, stage: StageConfig, out: Path, init: Path | No
 Runner = Callable[[str, list[str]], None]
 
 
-def run_stages(run: RunConfig, runner: Runner, overrides: Overrides | None = None) -> Path:
-    """Run every stage of ``run`` (``runner(module, argv)`` runs one trainer); the last writes
-    ``run.out``, earlier ones ``<out>.stages/<name>.pt``; then the output's provenance gets the
-    config and its adaptation recipe. Returns the output path."""
+@dataclass(frozen=True)
+class PlannedStage:
+    """One stage as it runs: the trainer module, its command line, and the file it writes."""
+
+    stage: StageConfig
+    module: str
+    argv: list[str]
+    out: Path
+
+
+def plan(run: RunConfig) -> list[PlannedStage]:
+    """Every stage's command line: the last writes ``run.out``, earlier ones
+    ``<out>.stages/<name>.pt``; each starts from its ``init`` (``"previous"``, the default after
+    the first stage: the previous stage's output)."""
     out = Path(run.out)
     work = out.parent / f"{out.name}.stages"
-    previous: Path | None = None
+    planned: list[PlannedStage] = []
     for i, stage in enumerate(run.stages):
-        last = i == len(run.stages) - 1
-        target = out if last else work / f"{stage.name}.pt"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = out if i == len(run.stages) - 1 else work / f"{stage.name}.pt"
         init_name = stage.init if stage.init is not None else ("previous" if i else None)
-        init = previous if init_name == "previous" else (Path(init_name) if init_name else None)
+        init = planned[-1].out if init_name == "previous" and planned else None
+        if init_name not in (None, "previous"):
+            init = Path(init_name)
         module, argv = stage_command(run, stage, target, init)
-        print(f"[{run.name} {i + 1}/{len(run.stages)} {stage.name}] python -m {module} {shlex.join(argv)}")
-        runner(module, argv)
-        previous = target
+        planned.append(PlannedStage(stage, module, argv, target))
+    return planned
+
+
+def run_stages(run: RunConfig, runner: Runner, overrides: Overrides | None = None) -> Path:
+    """Run every stage of :func:`plan` (``runner(module, argv)`` runs one trainer), then record the
+    config and its adaptation recipe in the output's provenance. Returns the output path."""
+    stages = plan(run)
+    for i, step in enumerate(stages):
+        step.out.parent.mkdir(parents=True, exist_ok=True)
+        label = f"[{run.name} {i + 1}/{len(stages)} {step.stage.name}]"
+        print(f"{label} python -m {step.module} {shlex.join(step.argv)}", flush=True)
+        runner(step.module, step.argv)
+    out = Path(run.out)
     record_config(out, run, overrides or Overrides())
     return out
 
