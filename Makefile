@@ -14,7 +14,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -e '.[dev]'
 
 run: install
-	$(BIN)/python -m app
+	$(BIN)/cama-serve serve
 
 lint:
 	$(BIN)/ruff check .
@@ -28,8 +28,10 @@ pytest:
 
 test: install lint typecheck pytest
 
+# the shipped MNIST CAMAs from their configs: the clean model (three stages), then the served one
 train-mnist: install
-	$(BIN)/python -m training.train_cama --epochs 40 --bf16 --out models/mnist_cama_clean.pt
+	$(BIN)/cama-serve train --config configs/mnist_clean.toml
+	$(BIN)/cama-serve train --config configs/mnist.toml
 
 evaluate-mnist: install
 	$(BIN)/python -m experiments.evaluate_mnist
@@ -39,16 +41,18 @@ clean:
 
 .PHONY: train-baselines
 train-baselines: install
-	$(BIN)/python -m training.train_baseline --model dnn --epochs 40 --out models/mnist_dnn.pt
+	$(BIN)/cama-serve train --config configs/mnist_dnn.toml
 	$(BIN)/python -m training.train_baseline --model dnn --epochs 40 --augment vshift --aug-range 0.5 --out models/mnist_dnn_aug_vshift.pt
 	$(BIN)/python -m training.train_baseline --model dnn --epochs 40 --augment hshift --aug-range 0.5 --out models/mnist_dnn_aug_hshift.pt
-	$(BIN)/python -m training.train_baseline --model bncnn --epochs 6 --lr 3e-3 --out models/mnist_bncnn.pt
+	$(BIN)/cama-serve train --config configs/mnist_bncnn.toml
+	$(BIN)/cama-serve train --config configs/mnist_bncnn_flat.toml
+	$(BIN)/cama-serve train --config configs/mnist_dnn_generic.toml
 
 # Measurement data (paper section 4.2): the service's embedded default model (generator seed 0,
 # with models/measurement_cama.replay.npz) and the fig. 14/15 evaluation over 5 generator seeds.
 .PHONY: train-measurement evaluate-measurement
 train-measurement: install
-	$(BIN)/python -m training.train_measurement --synthetic --seed 0 --threads 1 --out models/measurement_cama.pt
+	$(BIN)/cama-serve train --config configs/measurement.toml
 
 evaluate-measurement: install
 	$(BIN)/python -m experiments.evaluate_measurement --threads 1
@@ -57,13 +61,13 @@ evaluate-measurement: install
 # other roles and the service's measurements.
 .PHONY: worker serving-data export-mnist bench-microbatch bench-onnx e2e-mnist compose-config
 worker: install
-	$(BIN)/celery -A worker.celery_app worker --pool=prefork --concurrency=1 --loglevel=INFO
+	$(BIN)/cama-serve worker
 
 serving-data: install
 	$(BIN)/python -m training.export_model --make-serving-data mnist --out models/mnist_serving_data.npz
 
 export-mnist: install
-	$(BIN)/python -m training.export_model --checkpoint models/mnist_cama.pt --name mnist --store model_store
+	$(BIN)/cama-serve export --checkpoint models/mnist_cama.pt --name mnist --store model_store
 
 bench-microbatch: install
 	$(BIN)/python -m benchmarks.microbatch
@@ -93,5 +97,5 @@ reliability: install
 # Gaussian-noise copies (sigma 0.1); each prints its clean test accuracy (docs/reproduce.md).
 .PHONY: train-cifar
 train-cifar: install
-	$(BIN)/python -m training.train_baseline --dataset cifar_binary --epochs 20 --flip --dropout 0.5 --threads 1 --out models/cifar_cnn.pt
-	$(BIN)/python -m training.train_cama --dataset cifar_binary --augment noise --aug-range 0.1 --epochs 28 --threads 1 --out models/cifar_binary_cama.pt
+	$(BIN)/cama-serve train --config configs/cifar_cnn.toml
+	$(BIN)/cama-serve train --config configs/cifar_binary_cama.toml

@@ -97,7 +97,10 @@ class PredictRequest(InputsRequest):
 
 class PredictionPublic(BaseModel):
     label: int
-    class_name: str | None = Field(default=None, description="the label's class name (table models)")
+    class_name: str | None = Field(
+        default=None,
+        description="the label's class name (table models, models trained on named image classes)",
+    )
     probabilities: list[float]
     log_px: float | None = Field(
         default=None, description="log p(x): the log-sum-exp over classes of eq. 6's log-weights (nats)"

@@ -24,7 +24,7 @@ from cama.novelty import DEFAULT_RULE, EvidenceReference, Rule, log_evidence, m_
 from cama.objectives import Noise, bayes_log_weights, class_log_weights, screened_log_weights
 from store.data import INPUT_NAMES, Inputs, ServingData
 from store.registry import CorruptVersionError, Manifest, ModelRegistry
-from store.tables import RowEncoding
+from store.tables import RowEncoding, class_names
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class LoadedVersion:
         self.dim_m = int(getattr(model, "dim_m"))  # noqa: B009
         self.dim_z = int(getattr(model, "dim_z"))  # noqa: B009
         self.encoding = RowEncoding.from_provenance(manifest.provenance)
+        self.classes = class_names(manifest.provenance)  # what /predict names each label
         self.evidence: EvidenceReference | None = None  # set by calibrate_evidence
 
     def noise(self, n: int, k: int, seed: int) -> NoiseArrays:

@@ -212,11 +212,13 @@ def _finish(ctx: JobContext, job_id: str, state: str, **fields: Any) -> JobRecor
     return job
 
 
-CARRIED_PROVENANCE = ("encoding",)  # what every adapted version keeps of its parent's provenance
+# what every adapted version keeps of its parent's provenance
+CARRIED_PROVENANCE = ("encoding", "class_names")
 
 
 def carried_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a parent's provenance an adapted version carries (the table encoding)."""
+    """The parts of a parent's provenance an adapted version carries (the table encoding, the class
+    names)."""
     return {key: provenance[key] for key in CARRIED_PROVENANCE if key in provenance}
 
 

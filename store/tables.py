@@ -101,3 +101,13 @@ class RowEncoding:
                 for j, column in enumerate(cols):
                     parts[role][i, j] = self._value(row, column, i)
         return Inputs(parts["x"], (parts["a"], parts["c"]))
+
+
+def class_names(provenance: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The class names, in label order, a checkpoint's (or manifest's) provenance carries: a table
+    model's encoding's, or ``class_names`` of a model trained on a user's own images; else None."""
+    encoding = RowEncoding.from_provenance(provenance)
+    if encoding is not None:
+        return encoding.classes
+    names = provenance.get("class_names")
+    return tuple(str(name) for name in names) if isinstance(names, list | tuple) and names else None

@@ -1,5 +1,7 @@
 """Image data sets: MNIST (standard IDX files, gzipped or not, or ``mnist.npz``, with checksummed
-download), MNIST-C's test split, and CIFAR-binary (CIFAR-10 airplane vs frog, ``cifar_binary.npz``).
+download), MNIST-C's test split, CIFAR-binary (CIFAR-10 airplane vs frog, ``cifar_binary.npz``),
+and a user's own images (``images``: a folder with one subfolder of PNG/JPEG files per class, or
+an ``.npz`` with ``x``, ``y`` and optional ``class_names``), resized to the size a config names.
 
 The data directory comes from ``--data-dir``, else the ``CAMA_DATA_DIR`` environment variable,
 else :data:`DEFAULT_DATA_DIR` (``./data``; every command and test resolves it here). Where the
@@ -17,10 +19,12 @@ import os
 import struct
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
 DATA_DIR_ENV = "CAMA_DATA_DIR"
 DEFAULT_DATA_DIR = Path("data")  # relative to the working directory
@@ -60,6 +64,7 @@ class ImageDataset:
     train: Split
     test: Split
     checksum: str
+    classes: tuple[str, ...] | None = None  # class names, label order (a user's own images)
 
 
 Mnist = ImageDataset  # the name the MNIST experiments use
@@ -292,19 +297,203 @@ def _rgb_images(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((arr.astype(np.float32) / 255.0).transpose(0, 3, 1, 2))
 
 
-DATASETS = ("mnist", "cifar_binary")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_MODES = {1: "L", 3: "RGB"}  # channels -> the PIL mode every image is converted to
+TEST_FRACTION = 0.2  # of a user's images, held out as the test split when none is given
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None) -> ImageDataset:
-    """One of :data:`DATASETS` by name."""
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a user's images are read: ``(C, H, W)`` after conversion to grey (1) or RGB (3) and a
+    bilinear resize, and the seeded fraction held out as the test split (when the source has
+    none: a folder without ``train/`` and ``test/``, an ``.npz`` without ``x_test``)."""
+
+    image_size: tuple[int, int] = (28, 28)
+    channels: int = 1
+    test_fraction: float = TEST_FRACTION
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.channels not in IMAGE_MODES:
+            raise DataError(f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
+        if min(self.image_size) < 1 or not 0.0 <= self.test_fraction < 1.0:
+            raise DataError(f"bad image size {self.image_size} or test fraction {self.test_fraction}")
+
+
+def _to_image(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """A PIL image -> float32 in [0, 1], ``(C, H, W)`` of ``spec``."""
+    height, width = spec.image_size
+    img = img.convert(IMAGE_MODES[spec.channels])
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(img, dtype=np.float32).reshape(height, width, spec.channels) / 255.0
+    return pixels.transpose(2, 0, 1)
+
+
+def read_image_folder(
+    root: Path, spec: ImageSpec, classes: tuple[str, ...] | None
+) -> tuple[Split, list[Path]]:
+    """The PNG/JPEG files under ``root/<class>/``; labels index ``classes`` (default: the sorted
+    subfolder names)."""
+    names = classes or tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    xs, ys, files = [], [], []
+    for label, name in enumerate(names):
+        folder = root / name
+        paths = (
+            sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if folder.is_dir()
+            else []
+        )
+        for path in paths:
+            try:
+                with Image.open(path) as img:
+                    xs.append(_to_image(img, spec))
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{path}: cannot read the image: {exc}") from exc
+            ys.append(label)
+            files.append(path)
+    unknown = sorted({p.name for p in root.iterdir() if p.is_dir()} - set(names))
+    if unknown:
+        raise DataError(f"{root}: classes {unknown} are not among the training classes {list(names)}")
+    if not xs:
+        raise DataError(f"{root}: no PNG or JPEG files in class subfolders")
+    return Split(np.stack(xs), np.asarray(ys, np.int64)), files
+
+
+def _array_split(x: np.ndarray, y: np.ndarray, spec: ImageSpec) -> Split:
+    """``x (N, H, W)`` or ``(N, H, W, C)``, uint8 or float in [0, 1], through the same conversion
+    as files."""
+    if x.ndim not in (3, 4) or x.shape[0] != y.shape[0]:
+        raise DataError(f"expected x (N, H, W[, C]) and y (N,), got {x.shape} and {y.shape}")
+    levels = x if x.dtype == np.uint8 else np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+    images = [
+        _to_image(Image.fromarray(np.squeeze(a, -1) if a.ndim == 3 and a.shape[-1] == 1 else a), spec)
+        for a in levels
+    ]
+    return Split(np.stack(images), y.astype(np.int64))
+
+
+def _hold_out(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(rest, held out): a seeded ``fraction`` of ``split``."""
+    order = np.random.default_rng(seed).permutation(len(split))
+    n = round(fraction * len(split))
+    keep, held = order[n:], order[:n]
+    return Split(split.x[keep], split.y[keep]), Split(split.x[held], split.y[held])
+
+
+def load_images(path: str | os.PathLike[str], spec: ImageSpec) -> ImageDataset:
+    """A user's own images: a folder ``DIR/<class>/*.png|jpg`` (class names = the sorted folder
+    names; with ``DIR/train/`` and ``DIR/test/`` those are the splits) or an ``.npz`` with ``x``,
+    ``y`` and optional ``class_names``, ``x_test`` and ``y_test``. Without a test split
+    ``spec.test_fraction`` of the images is held out (seeded)."""
+    source = Path(path)
+    if source.suffix == ".npz" and source.is_file():
+        with np.load(source) as d:
+            if "x" not in d or "y" not in d:
+                raise DataError(f"{source}: expected arrays x and y")
+            train = _array_split(d["x"], d["y"], spec)
+            test = _array_split(d["x_test"], d["y_test"], spec) if "x_test" in d else None
+            n_classes = int(max(train.y.max(), -1 if test is None else test.y.max())) + 1
+            names = tuple(str(c) for c in d["class_names"]) if "class_names" in d else None
+        classes = names or tuple(str(c) for c in range(n_classes))
+        checksum = _sha256([source])
+    elif source.is_dir():
+        if (source / "train").is_dir() and (source / "test").is_dir():
+            train, files = read_image_folder(source / "train", spec, None)
+            classes = tuple(sorted(p.name for p in (source / "train").iterdir() if p.is_dir()))
+            test, test_files = read_image_folder(source / "test", spec, classes)
+            files += test_files
+        else:
+            train, files = read_image_folder(source, spec, None)
+            classes = tuple(sorted(p.name for p in source.iterdir() if p.is_dir()))
+            test = None
+        checksum = _sha256(files)
+    else:
+        raise DataError(f"{source}: neither an image folder nor an .npz file")
+    if len(classes) < 2 or int(train.y.max()) >= len(classes):
+        raise DataError(f"{source}: need at least 2 classes and a name for each label, got {list(classes)}")
+    if test is None:
+        train, test = _hold_out(train, spec.test_fraction, spec.seed)
+    return ImageDataset(train=train, test=test, checksum=checksum, classes=classes)
+
+
+DATASETS = ("mnist", "cifar_binary", "images")
+NAMED_SHAPES: dict[str, tuple[ImageSpec, tuple[str, ...]]] = {  # how images are read for a named data set
+    "mnist": (ImageSpec((28, 28), 1), tuple(str(d) for d in range(10))),
+    "cifar_binary": (ImageSpec((32, 32), 3), CIFAR_BINARY_CLASSES),
+}
+
+
+def load_dataset(
+    name: str, data_dir: str | os.PathLike[str] | None = None, *, spec: ImageSpec | None = None
+) -> ImageDataset:
+    """One of :data:`DATASETS` by name; for ``images``, ``data_dir`` is the folder or ``.npz`` and
+    ``spec`` says how to read it."""
     if name == "mnist":
         return load_mnist(data_dir)
     if name == "cifar_binary":
         return load_cifar_binary(data_dir)
+    if name == "images":
+        if data_dir is None:
+            raise DataError("the images data set needs a folder or .npz (--data)")
+        return load_images(data_dir, spec or ImageSpec())
     raise ValueError(f"unknown data set {name!r}; known: {DATASETS}")
 
 
 VAL_FRACTION = 0.05  # of the training set, held out for model selection (the paper's protocol)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The options that name a run's data: ``--dataset``, ``--data-dir``, and a user's own images
+    (``--data``, ``--image-size``, ``--channels``, ``--test-fraction``)."""
+    parser.add_argument("--dataset", choices=DATASETS, default="mnist", help="images: your own (--data)")
+    add_data_dir_argument(parser)
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="your own images: a folder with one subfolder of PNG/JPEG files per class, or an .npz "
+        "with x, y and optional class_names (implies --dataset images)",
+    )
+    parser.add_argument("--image-size", type=int, nargs="+", default=[28], help="H [W] of --data's images")
+    parser.add_argument("--channels", type=int, choices=sorted(IMAGE_MODES), default=1, help="1 grey, 3 RGB")
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=TEST_FRACTION,
+        help="held out as --data's test split if it has none",
+    )
+
+
+def data_from_args(args: argparse.Namespace) -> tuple[ImageDataset, dict[str, object]]:
+    """The data set :func:`add_data_args`'s options name and what a checkpoint records of it: the
+    data set, and for a user's images the source and :class:`ImageSpec` (which ``export`` reads
+    back to build the serving data) and the class names (which ``/predict`` returns)."""
+    if args.data is None:
+        data = load_dataset(args.dataset, args.data_dir)
+        return data, {"dataset": args.dataset, "data_sha256": data.checksum}
+    size = tuple(args.image_size) * 2 if len(args.image_size) == 1 else tuple(args.image_size[:2])
+    spec = ImageSpec(
+        image_size=(int(size[0]), int(size[1])),
+        channels=args.channels,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+    )
+    data = load_images(args.data, spec)
+    record: dict[str, object] = {
+        "dataset": "images",
+        "data_sha256": data.checksum,
+        "data_source": {"path": str(args.data), **asdict(spec), "image_size": list(spec.image_size)},
+        "class_names": list(data.classes or ()),
+    }
+    return data, record
+
+
+def images_from_record(record: dict[str, Any]) -> ImageDataset:
+    """The user's images a checkpoint's ``data_source`` names, read as they were for training."""
+    source = dict(record)
+    path = source.pop("path")
+    source["image_size"] = tuple(source["image_size"])
+    return load_images(path, ImageSpec(**source))
 
 
 def validation_split(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
@@ -325,10 +514,36 @@ def batches(
         yield split.x[idx], split.y[idx]
 
 
+def recorded_test_split(
+    provenance: dict[str, Any], data: str | None = None, data_dir: str | os.PathLike[str] | None = None
+) -> Split:
+    """The images to score a checkpoint on: the test split of the data set its provenance records
+    (a named one under ``data_dir``, or the user's images it was trained on), or every image of
+    ``data`` (a folder of class subfolders named as the model's classes, or an ``.npz`` with ``x``
+    and ``y``), read as the model's training images were."""
+    dataset = str(provenance.get("dataset", "mnist"))
+    source = provenance.get("data_source")
+    if data is None:
+        if isinstance(source, dict):
+            return images_from_record(source).test
+        return load_dataset(dataset, data_dir).test
+    if isinstance(source, dict):
+        height, width = source["image_size"]
+        spec = ImageSpec((int(height), int(width)), int(source["channels"]))
+        classes = tuple(str(c) for c in provenance.get("class_names", ()))
+    elif dataset in NAMED_SHAPES:
+        spec, classes = NAMED_SHAPES[dataset]
+    else:
+        raise DataError(f"the checkpoint's data set {dataset!r} is not one of images")
+    path = Path(data)
+    if path.suffix == ".npz":
+        with np.load(path) as d:
+            return _array_split(d["x"], d["y"], spec)
+    return read_image_folder(path, spec, classes)[0]
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m training.data --download [--data-dir DIR]``: fetch and verify MNIST."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=main.__doc__)
     add_data_dir_argument(parser)
     parser.add_argument("--download", action="store_true")

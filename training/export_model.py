@@ -3,12 +3,16 @@
     python -m training.export_model --checkpoint models/mnist_cama.pt --name mnist --store model_store
     python -m training.export_model --make-serving-data mnist --out models/mnist_serving_data.npz
     python -m training.export_model --make-serving-data cifar_binary   # models/cifar_binary_serving_data.npz
+    python -m training.export_model --checkpoint models/mine.pt --name mine --store model_store
 
 A registry version holds the core checkpoint, its ONNX export (eq. 6 with explicit noise) and
 ``replay.npz``: labelled clean replay data for eq. 8's clean term and a labelled clean canary
 set for the promotion gate. For the image data sets (MNIST, CIFAR-binary) these come from the
 training set (replay) and the 5% validation split (canary) of ``training.train_cama``; the
 committed ``models/<name>_serving_data.npz`` (uint8) means the service needs no dataset at run time.
+A model trained on a user's own images (``--data``) records where they came from and how they were
+read; its serving data is built from them the same way (the validation split of its training run
+as the canary) when ``<checkpoint dir>/<name>_serving_data.npz`` does not exist yet.
 """
 
 from __future__ import annotations
@@ -21,10 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
+from cama.checkpoint import load_checkpoint
 from store.artifacts import export_checkpoint
 from store.data import save_serving_data
-from store.registry import ModelRegistry
-from training.data import DATASETS, VAL_FRACTION, add_data_dir_argument, load_dataset, validation_split
+from store.registry import Manifest, ModelRegistry
+from training.data import (
+    DATASETS,
+    VAL_FRACTION,
+    ImageDataset,
+    add_data_dir_argument,
+    images_from_record,
+    load_dataset,
+    validation_split,
+)
 
 
 def image_serving_data(
@@ -35,11 +48,16 @@ def image_serving_data(
     n_replay: int = 2000,
     seed: int = 0,
     data_dir: str | None = None,
+    data: ImageDataset | None = None,
+    val_fraction: float = VAL_FRACTION,
+    split_seed: int = 0,
 ) -> Path:
-    """Canary: the first ``n_canary`` of the 5% validation split (never trained on; fewer where the
-    split is smaller); replay: ``n_replay`` training images. Stored as uint8 ``(N, C, H, W)``."""
-    data = load_dataset(dataset, data_dir)
-    train, val = validation_split(data.train, VAL_FRACTION, seed=0)
+    """Canary: the first ``n_canary`` of the validation split of training (``val_fraction``, seed
+    ``split_seed``; never trained on; fewer where the split is smaller); replay: ``n_replay``
+    training images (fewer where there are fewer). Stored as uint8 ``(N, C, H, W)``."""
+    data = data or load_dataset(dataset, data_dir)
+    train, val = validation_split(data.train, val_fraction, seed=split_seed)
+    n_replay = min(n_replay, len(train))
     replay_idx = np.sort(np.random.default_rng(seed).choice(len(train), size=n_replay, replace=False))
 
     def as_uint8(x: np.ndarray) -> np.ndarray:
@@ -69,6 +87,44 @@ def measurement_serving_data(out: Path, *, n_canary: int = 1000, n_replay: int =
     )
 
 
+def export(
+    checkpoint: Path,
+    name: str,
+    store: Path,
+    *,
+    serving_data: Path | None = None,
+    activate: bool = True,
+    n_canary: int = 1000,
+    n_replay: int = 2000,
+    data_dir: str | None = None,
+) -> Manifest:
+    """Publish ``checkpoint`` as a new version of ``name`` in the store at ``store`` with its serving
+    data (default ``<checkpoint dir>/<name>_serving_data.npz``, built when missing from the
+    checkpoint's data set: a named one, or the user's images its provenance records)."""
+    serving = serving_data or checkpoint.parent / f"{name}_serving_data.npz"
+    if not serving.exists():
+        _, meta = load_checkpoint(checkpoint)
+        source = meta.provenance.get("data_source")
+        train_config = meta.provenance.get("train_config", {})
+        if isinstance(source, dict):
+            image_serving_data(
+                serving,
+                data=images_from_record(source),
+                n_canary=n_canary,
+                n_replay=n_replay,
+                val_fraction=float(train_config.get("val_fraction", VAL_FRACTION)),
+                split_seed=int(train_config.get("seed", 0)),
+            )
+        elif name in DATASETS:
+            image_serving_data(serving, dataset=name, n_canary=n_canary, n_replay=n_replay, data_dir=data_dir)
+        else:
+            raise SystemExit(f"{serving} does not exist (build it with --make-serving-data)")
+    manifest = export_checkpoint(ModelRegistry(store), name, checkpoint, serving, activate=activate)
+    if manifest is None:
+        raise SystemExit(f"{name}: nothing was published")
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(
@@ -83,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-activate", action="store_true", help="publish without making it the active version"
     )
-    parser.add_argument("--make-serving-data", choices=[*DATASETS, "measurement"], default=None)
+    parser.add_argument(
+        "--make-serving-data", choices=[d for d in DATASETS if d != "images"] + ["measurement"], default=None
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -112,17 +170,16 @@ def main(argv: list[str] | None = None) -> None:
             return
     if args.checkpoint is None or args.name is None:
         parser.error("--checkpoint and --name are required to export")
-    serving = args.serving_data or args.checkpoint.parent / f"{args.name}_serving_data.npz"
-    if not serving.exists():
-        if args.name not in DATASETS:
-            parser.error(f"{serving} does not exist (build it with --make-serving-data)")
-        image_serving_data(
-            serving, dataset=args.name, n_canary=args.canary, n_replay=args.replay, data_dir=args.data_dir
-        )
-    manifest = export_checkpoint(
-        ModelRegistry(args.store), args.name, args.checkpoint, serving, activate=not args.no_activate
+    manifest = export(
+        args.checkpoint,
+        args.name,
+        args.store,
+        serving_data=args.serving_data,
+        activate=not args.no_activate,
+        n_canary=args.canary,
+        n_replay=args.replay,
+        data_dir=args.data_dir,
     )
-    assert manifest is not None
     print(json.dumps({"name": manifest.name, "version": manifest.version, "files": manifest.files}, indent=2))
 
 

@@ -6,6 +6,7 @@
     python -m training.train_baseline --model bncnn --epochs 6 --out models/mnist_bncnn.pt
     python -m training.train_baseline --model bncnn --out models/mnist_bncnn.pt --eval-only
     python -m training.train_baseline --dataset cifar_binary --epochs 20 --flip --out models/cifar_cnn.pt
+    python -m training.train_baseline --data my_images/ --image-size 32 --channels 3 --out models/mine_dnn.pt
 
 Follows ``training.train_cama``: 5% of the training set is held out (seeded) for validation and
 the checkpoint with the best clean validation accuracy is kept; Adam with cosine decay per step.
@@ -19,10 +20,11 @@ accuracies on the held-out half of the manipulated test set are printed as well.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -33,14 +35,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cama.runtime import atomic_write
-from training.baselines import build_baseline, evaluate_accuracy, load_baseline, save_baseline
+from training.baselines import BASELINES, build_baseline, evaluate_accuracy, load_baseline, save_baseline
 from training.data import (
-    DATASETS,
+    VAL_FRACTION,
     ImageDataset,
     Split,
-    add_data_dir_argument,
+    add_data_args,
     batches,
-    load_dataset,
+    data_from_args,
     validation_split,
 )
 from training.manipulations import named, random_mirror
@@ -206,7 +208,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist")
+    add_data_args(parser)
     parser.add_argument(
         "--model",
         choices=["dnn", "cnn", "bncnn", "pool_cnn"],
@@ -216,7 +218,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--bncnn-head", choices=["gap", "flatten"], default="gap", help="BN-CNN head (global pool or dense)"
     )
-    add_data_dir_argument(parser)
     parser.add_argument(
         "--out",
         type=Path,
@@ -232,7 +233,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aug-range", type=float, default=TrainConfig.aug_range)
     parser.add_argument("--flip", action="store_true", help="random left-right mirroring of training images")
     parser.add_argument("--dropout", type=float, default=None, help="pool_cnn: dropout after dense layers")
+    parser.add_argument(
+        "--networks",
+        type=json.loads,
+        default=None,
+        help="JSON object: fields of the model config to override",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=VAL_FRACTION,
+        help="of the training set, held out for validation",
+    )
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dry-run", action="store_true", help="one batch, one epoch")
     parser.add_argument("--resume", action="store_true")
@@ -240,13 +254,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def baseline_config(kind: str, args: argparse.Namespace) -> dict[str, object] | None:
-    """The config of the ``--model`` kind with the command line's options (``None``: defaults)."""
+def baseline_config(
+    kind: str, args: argparse.Namespace, data: ImageDataset | None = None
+) -> dict[str, object] | None:
+    """The config of the ``--model`` kind with the command line's options (``None``: defaults); for
+    a user's images (``--data``) its input shape and classes are ``data``'s."""
+    config: dict[str, object] = {"kind": kind}
     if kind == "bncnn":
-        return {"kind": "bncnn", "head": args.bncnn_head}
+        config["head"] = args.bncnn_head
     if kind == "pool_cnn" and args.dropout is not None:
-        return {"kind": "pool_cnn", "dropout": args.dropout}
-    return None
+        config["dropout"] = args.dropout
+    if args.data is not None and data is not None:
+        channels, height, width = data.train.x.shape[1:]
+        shape = {
+            "input_dim": channels * height * width,
+            "in_channels": channels,
+            "image_size": height,
+            "num_classes": len(data.classes or ()),
+        }
+        known = {f.name for f in dataclasses.fields(BASELINES[kind][0])}
+        config |= {key: value for key, value in shape.items() if key in known}
+    config |= args.networks or {}
+    return None if config == {"kind": kind} else config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -257,15 +286,18 @@ def main(argv: list[str] | None = None) -> None:
     model_kind = args.model or ("pool_cnn" if args.dataset == "cifar_binary" else "dnn")
     default_out = "models/cifar_cnn.pt" if args.dataset == "cifar_binary" else f"models/mnist_{model_kind}.pt"
     out: Path = args.out or Path(default_out)
-    data = load_dataset(args.dataset, args.data_dir)
+    data, data_record = data_from_args(args)
+    if args.test_limit:
+        data = replace(data, test=Split(data.test.x[: args.test_limit], data.test.y[: args.test_limit]))
     if args.eval_only:
         print(json.dumps(evaluate_checkpoint(out, data, record=False)))
         return
     train_split = data.train
     if args.train_limit:
         train_split = Split(train_split.x[: args.train_limit], train_split.y[: args.train_limit])
-    tr, val = validation_split(train_split, TrainConfig.val_fraction, args.seed)
+    tr, val = validation_split(train_split, args.val_fraction, args.seed)
     cfg = TrainConfig(
+        val_fraction=args.val_fraction,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -277,12 +309,8 @@ def main(argv: list[str] | None = None) -> None:
         dry_run=args.dry_run,
     )
     torch.manual_seed(args.seed)
-    model = build_baseline(model_kind, baseline_config(model_kind, args))
-    provenance: dict[str, object] = {
-        "data_sha256": data.checksum,
-        "dataset": args.dataset,
-        "train_size": len(tr),
-    }
+    model = build_baseline(model_kind, baseline_config(model_kind, args, data))
+    provenance: dict[str, object] = {**data_record, "train_size": len(tr)}
     result = train(model, tr, val, cfg, out, resume=args.resume, provenance=provenance)
     if args.dry_run:
         result["test_accuracy"] = evaluate_accuracy(model, data.test.x[:256], data.test.y[:256])

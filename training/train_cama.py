@@ -6,6 +6,7 @@ augmented (eq. 5).
     python -m training.train_cama --dataset cifar_binary --augment noise --aug-range 0.1 \
         --out models/cifar_binary_cama.pt
     python -m training.train_cama --dataset cifar_binary --out models/cifar_binary_cama.pt --eval-only
+    python -m training.train_cama --data my_images/ --image-size 32 --channels 3 --out models/mine.pt
 
 On CIFAR-binary the model is :meth:`ImageCamaConfig.cifar_binary` (appendix C); the paper trains
 it with eq. 5 on copies with Gaussian noise of standard deviation 0.1 (``--augment noise
@@ -40,13 +41,12 @@ from cama.objectives import augmented_objective, intervention_elbo
 from cama.runtime import atomic_write, resolve_device
 from training.accuracy import served_accuracy
 from training.data import (
-    DATASETS,
     VAL_FRACTION,
     ImageDataset,
     Split,
-    add_data_dir_argument,
+    add_data_args,
     batches,
-    load_dataset,
+    data_from_args,
     validation_split,
 )
 from training.manipulations import named, random_mirror
@@ -218,17 +218,24 @@ def warm_start(source: Path, pathway: str | None, transforms: tuple[str, ...] | 
     return model
 
 
-def model_config(dataset: str, tiny: bool) -> ImageCamaConfig:
-    """The appendix-C model of ``dataset`` (MNIST's or :meth:`ImageCamaConfig.cifar_binary`), or a
-    tiny one of the same image shape and classes."""
+def model_config(
+    dataset: str, tiny: bool, data: ImageDataset | None = None, networks: dict[str, object] | None = None
+) -> ImageCamaConfig:
+    """The appendix-C model of ``dataset`` (MNIST's or :meth:`ImageCamaConfig.cifar_binary`; for a
+    user's ``images``, MNIST's networks on ``data``'s image shape and classes), or a tiny one of the
+    same image shape and classes; ``networks`` overrides any of its fields (widths, dimensions)."""
     if dataset == "cifar_binary":
         full = ImageCamaConfig.cifar_binary()
-        if not tiny:
-            return full
-        return ImageCamaConfig.tiny(
-            num_classes=full.num_classes, image_size=full.image_size, channels=full.channels
+    elif dataset == "images" and data is not None:
+        channels, height, width = data.train.x.shape[1:]
+        full = ImageCamaConfig(
+            num_classes=len(data.classes or ()), image_size=(height, width), channels=channels
         )
-    return ImageCamaConfig.tiny() if tiny else ImageCamaConfig()
+    else:
+        full = ImageCamaConfig()
+    shape = {"num_classes": full.num_classes, "image_size": full.image_size, "channels": full.channels}
+    base = ImageCamaConfig.tiny(**shape) if tiny else full
+    return replace(base, **(networks or {}))  # type: ignore[arg-type]
 
 
 def evaluate_checkpoint(path: Path, data: ImageDataset, k: int, *, record: bool) -> dict[str, float]:
@@ -248,8 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dataset", choices=DATASETS, default="mnist")
-    add_data_dir_argument(parser)
+    add_data_args(parser)
     parser.add_argument("--out", type=Path, default=Path("models/mnist_cama.pt"))
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -282,7 +288,20 @@ def main(argv: list[str] | None = None) -> None:
         "--bf16", action="store_true", help="bfloat16 autocast (faster on AVX512-BF16/AMX CPUs)"
     )
     parser.add_argument("--tiny", action="store_true", help="a tiny model (smoke tests)")
+    parser.add_argument(
+        "--networks",
+        type=json.loads,
+        default=None,
+        help="JSON object: fields of the model config to override",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=VAL_FRACTION,
+        help="of the training set, held out for validation",
+    )
     parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dry-run", action="store_true", help="one batch, one epoch")
     parser.add_argument("--resume", action="store_true")
@@ -314,15 +333,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_dataset(args.dataset, args.data_dir)
+    data, data_record = data_from_args(args)
+    if args.test_limit:
+        data = replace(data, test=Split(data.test.x[: args.test_limit], data.test.y[: args.test_limit]))
     if args.eval_only:
         print(json.dumps(evaluate_checkpoint(args.out, data, args.test_k, record=False)))
         return
     train_split = data.train
     if args.train_limit:
         train_split = Split(train_split.x[: args.train_limit], train_split.y[: args.train_limit])
-    tr, val = validation_split(train_split, TrainConfig.val_fraction, args.seed)
+    tr, val = validation_split(train_split, args.val_fraction, args.seed)
     cfg = TrainConfig(
+        val_fraction=args.val_fraction,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -341,8 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     provenance: dict[str, object] = {
         "adapt_recipe": FinetuneConfig().as_dict(),  # the image recipe, which /adapt runs for it
-        "data_sha256": data.checksum,
-        "dataset": args.dataset,
+        **data_record,
         "train_size": len(tr),
         "device": device.type,
     }
@@ -350,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         model = warm_start(args.init_from, args.m_pathway, args.transforms).to(device)
         provenance |= {"init_from": str(args.init_from), "init_sha256": sha256_file(args.init_from)}
     else:
-        base = model_config(args.dataset, args.tiny)
+        dataset = "images" if args.data is not None else args.dataset
+        base = model_config(dataset, args.tiny, data, args.networks)
         if args.transforms is not None:
             base = replace(base, transforms=tuple(args.transforms))
         model = ImageCama(replace(base, m_pathway=args.m_pathway or "additive")).to(device)

@@ -69,7 +69,7 @@ async def predict(
     seed = parsed.seed if parsed.seed is not None else secrets.randbits(63)
     answer = await server.predict(parsed.model, parsed.inputs, k, seed)
     version = answer.version
-    classes = version.encoding.classes if version.encoding is not None else None
+    classes = version.classes
     unusual = answer.unusual
     if unusual is not None:
         state = server.observe(parsed.model, version, unusual)

@@ -1,0 +1,193 @@
+"""Every shipped model has a config file (``configs/*.toml``) that names the settings its checkpoint
+records; the config loader refuses what it does not know; a config runs in CI on a subset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+import training.baselines  # noqa: F401 - registers the baselines' checkpoint kinds
+from cama.checkpoint import load_checkpoint
+from training import train_baseline, train_cama, train_measurement
+from training.run_config import (
+    BASELINE_KINDS,
+    ConfigError,
+    Overrides,
+    RunConfig,
+    StageConfig,
+    config_of,
+    load_config,
+    parse_config,
+    plan,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
+TEMPLATES = {"images"}  # configs for the user's own data, with no shipped checkpoint
+SHIPPED = [c for c in CONFIGS if c.stem not in TEMPLATES]
+
+
+def trainer_defaults(kind: str) -> dict[str, object]:
+    """The defaults of the trainer a model kind runs with, where the config leaves a setting out."""
+    module = {"cama": train_cama, "measurement": train_measurement}.get(kind, train_baseline)
+    return {f.name: f.default for f in fields(module.TrainConfig)}
+
+
+def last_training_stage(run: RunConfig) -> StageConfig:
+    return next(s for s in reversed(run.stages) if not s.convert)
+
+
+def test_every_checkpoint_in_models_has_a_config():
+    named = {str(ROOT / load_config(c).out) for c in SHIPPED}
+    assert named == {str(p) for p in (ROOT / "models").glob("*.pt")}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_loads_and_each_stage_is_a_command_line(path):
+    run = load_config(path)
+    assert run.stages
+    assert run.path == str(path)
+    assert run.text == path.read_text()
+    steps = plan(run)
+    assert [s.stage for s in steps] == list(run.stages)
+    assert steps[-1].out == Path(run.out)
+    for step in steps:
+        assert step.module.startswith("training.train_")
+        assert step.argv[-2:] == ["--out", str(step.out)]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[c.stem for c in SHIPPED])
+def test_the_config_names_the_settings_the_shipped_checkpoint_records(path):
+    """A checkpoint trained from a config carries its text; one trained before configs existed is
+    checked setting by setting against what its provenance records."""
+    run = load_config(path)
+    _, meta = load_checkpoint(ROOT / run.out)
+    provenance, recorded_config = meta.provenance, config_of(meta.provenance)
+    if recorded_config is not None:
+        assert recorded_config.text == run.text
+        return
+    assert provenance["dataset"] == run.data.dataset
+    stage = last_training_stage(run)
+    expected = trainer_defaults(run.model.kind) | {
+        k: v for k, v in vars(stage).items() if v is not None and k in trainer_defaults(run.model.kind)
+    }
+    expected["seed"] = run.seed
+    recorded = provenance["train_config"]
+    if recorded.get("time_budget_s") is not None:
+        recorded = {**recorded, "epochs": int(meta.metrics["epochs"])}  # the epochs the time budget left
+    for key, value in recorded.items():
+        if key in ("dry_run", "val_fraction", "time_budget_s", "val_every"):
+            continue
+        if key == "aug_range" and recorded.get("augment") is None:
+            continue  # unused without augmentation
+        assert expected[key] == value, (
+            f"{path.name}: {key} = {expected[key]!r}, the checkpoint records {value!r}"
+        )
+    if "adapt_recipe" in provenance:
+        assert provenance["adapt_recipe"] == run.adapt_recipe()
+    config = meta.config
+    if run.model.kind == "cama":
+        convert = next((s.convert for s in run.stages if s.convert), None)
+        assert config["m_pathway"] == (stage.m_pathway or convert or run.model.m_pathway or "additive")
+        if stage.transforms or run.model.transforms:
+            assert tuple(config["transforms"]) == (stage.transforms or run.model.transforms)
+    elif run.model.kind == "measurement":
+        assert config["m_pathway"] == run.model.m_pathway
+        assert provenance["generator_seed"] == run.seed
+    else:
+        assert run.model.kind in BASELINE_KINDS
+        assert config["kind"] == run.model.kind
+        if run.model.head is not None:
+            assert config.get("head", "gap") == run.model.head
+        if run.model.dropout is not None:
+            assert config["dropout"] == run.model.dropout
+
+
+def test_the_loader_refuses_unknown_keys_kinds_and_recipes():
+    good = '[model]\nkind = "dnn"\n[[stages]]\nname = "a"\n'
+    assert parse_config(f'name = "x"\nout = "x.pt"\n{good}', "x.toml").model.kind == "dnn"
+    with pytest.raises(ConfigError, match="unknown keys"):
+        parse_config(f'name = "x"\nout = "x.pt"\nepoch = 3\n{good}', "x.toml")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        parse_config('name = "x"\nout = "x.pt"\n[[stages]]\nname = "a"\nepoch = 3\n', "x.toml")
+    with pytest.raises(ConfigError, match="model kind"):
+        parse_config('name = "x"\nout = "x.pt"\n[model]\nkind = "svm"\n[[stages]]\nname = "a"\n', "x.toml")
+    with pytest.raises(ConfigError, match="no \\[\\[stages\\]\\]"):
+        parse_config('name = "x"\nout = "x.pt"\n', "x.toml")
+    with pytest.raises(ConfigError, match="carries no adaptation recipe"):
+        parse_config(f'name = "x"\nout = "x.pt"\n[adapt]\nlr = 0.1\n{good}', "x.toml")
+
+
+def test_overrides_change_every_training_stage_and_leave_conversions_alone():
+    run = Overrides(epochs=1, limit=50, out="o.pt", data="imgs").apply(
+        load_config(ROOT / "configs/mnist.toml")
+    )
+    convert, generic = run.stages
+    assert convert.epochs is None
+    assert convert.train_limit is None
+    assert (generic.epochs, generic.train_limit, generic.test_limit) == (1, 50, 50)
+    assert run.out == "o.pt"
+    assert (run.data.dataset, run.data.path) == ("images", "imgs")
+
+
+@pytest.mark.slow
+def test_the_served_mnist_config_trains_one_epoch_on_a_subset(tmp_path):
+    """``cama-serve train --config configs/mnist.toml --epochs 1 --limit N``: both stages run (the
+    conversion of the shipped clean model, then eq. 5 on N images) and the checkpoint records the
+    config file and the overrides."""
+    out = tmp_path / "mnist.pt"
+    args = ["--config", "configs/mnist.toml", "--epochs", "1", "--limit", "160", "--threads", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cama_serve", "train", *args, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "python -m training.train_cama --convert models/mnist_cama_clean.pt" in proc.stdout
+    _model, meta = load_checkpoint(out)
+    assert meta.provenance["config"]["text"] == (ROOT / "configs/mnist.toml").read_text()
+    assert meta.provenance["config"]["overrides"] == {
+        "epochs": 1,
+        "limit": 160,
+        "out": str(out),
+        "threads": 1,
+    }
+    assert meta.provenance["train_config"]["augment"] == "generic"
+    assert meta.provenance["adapt_recipe"] == load_config(ROOT / "configs/mnist.toml").adapt_recipe()
+    assert meta.config["m_pathway"] == "transform"
+    assert "field" in meta.config["transforms"]
+    assert 0.0 <= meta.metrics["test_accuracy"] <= 1.0
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cama_serve",
+            "evaluate",
+            "--checkpoint",
+            str(out),
+            "--limit",
+            "40",
+            "--k",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["images"] == 40
+    assert 0.5 < result["accuracy"] <= 1.0
