@@ -21,7 +21,7 @@ lint:
 	$(BIN)/ruff format --check .
 
 typecheck:
-	$(BIN)/mypy cama store training experiments app worker benchmarks harness
+	$(BIN)/mypy cama store training experiments app worker benchmarks harness cama_serve
 
 pytest:
 	$(BIN)/python -m pytest -q
