@@ -1,13 +1,15 @@
 """HTTP errors, the HTTP status of each domain error, and the handlers that turn every error into JSON.
 
-Every error body has the shape ``{"detail": {"reason": "<reason>", "message": "<text>"}}``.
-Bad input always maps to a 4xx; an unexpected exception is logged and answered with a JSON 500
-(``internal_error``) that carries no traceback.
+Every error body has the shape ``{"detail": {"reason": "<reason>", "message": "<text>"}}``; under
+``/v2`` (the Open Inference Protocol) it is the protocol's ``{"error": "<text>"}``, with the same
+``reason`` beside it and the same status. Bad input always maps to a 4xx; an unexpected exception
+is logged and answered with a JSON 500 (``internal_error``) that carries no traceback.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -78,6 +80,17 @@ def error_body(reason: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"detail": {"reason": reason, "message": message, **extra}}
 
 
+V2_PREFIX = "/v2"  # the Open Inference Protocol's routes
+
+
+def error_content(path: str, reason: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The error body of a request to ``path``: the protocol's ``{"error", "reason"}`` under
+    ``/v2``, else ``{"detail": {"reason", "message", ...}}``."""
+    if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):
+        return {"error": message, "reason": reason}
+    return error_body(reason, message, **extra)
+
+
 _STATUS_REASONS = {
     404: "not_found",
     405: "method_not_allowed",
@@ -89,29 +102,38 @@ _STATUS_REASONS = {
 def install_error_handlers(app: FastAPI) -> None:
     """Map domain errors, validation errors, HTTP errors and anything unexpected to JSON."""
 
+    def answer(
+        request: Request, status: int, reason: str, message: str, headers: Mapping[str, str] | None = None
+    ) -> JSONResponse:
+        return JSONResponse(error_content(request.url.path, reason, message), status, headers=headers)
+
     @app.exception_handler(ServiceError)
-    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(error_body(exc.reason, exc.message), exc.status_code, headers=exc.headers)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return answer(request, exc.status_code, exc.reason, exc.message, exc.headers)
 
     @app.exception_handler(DomainError)
-    async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse(error_body(exc.reason, exc.message), status_of(exc))
+    async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
+        return answer(request, status_of(exc), exc.reason, exc.message)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(validation_body(exc.errors()), 422)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = validation_body(exc.errors())["detail"]
+        content = error_content(
+            request.url.path, "invalid_request", detail["message"], errors=detail["errors"]
+        )
+        return JSONResponse(content, 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400:  # a body the framework could not parse: an invalid request
-            return JSONResponse(error_body("invalid_request", str(exc.detail)), 422)
+            return answer(request, 422, "invalid_request", str(exc.detail))
         reason = _STATUS_REASONS.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(reason, str(exc.detail)), exc.status_code, headers=exc.headers)
+        return answer(request, exc.status_code, reason, str(exc.detail), exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "internal error (logged)"), 500)
+        return answer(request, 500, "internal_error", "internal error (logged)")
 
 
 def validation_body(errors: Any) -> dict[str, Any]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.errors import error_content
 from app.metrics import ServiceMetrics
 from store.errors import LimitExceededError
 
@@ -25,7 +27,7 @@ class BodyLimitMiddleware:
         limit = self.limit_for(scope["path"])
         for key, value in scope.get("headers", ()):
             if key == b"content-length" and value.isdigit() and int(value) > limit:
-                await _send_413(send, limit)
+                await _send_413(send, scope["path"], limit)
                 return
         received = 0
 
@@ -41,12 +43,9 @@ class BodyLimitMiddleware:
         await self.app(scope, limited, send)
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = (
-        b'{"detail": {"reason": "body_too_large", "message": "request body exceeds '
-        + str(limit).encode()
-        + b' bytes"}}'
-    )
+async def _send_413(send: Send, path: str, limit: int) -> None:
+    content = error_content(path, "body_too_large", f"request body exceeds {limit} bytes")
+    body = json.dumps(content).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -25,14 +25,20 @@ ERROR_DESCRIPTIONS = {
 }
 
 
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+def error_responses(*codes: int, body: type[BaseModel] = ErrorBody) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses for the error statuses a route really answers, each with the one error body."""
-    return {code: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+    return {code: {"model": body, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, str]:
+    """A reference to ``model``'s JSON schema, which :func:`install_openapi` adds to the components
+    (for a route that reads its body itself)."""
+    _BODY_MODELS[model.__name__] = model
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
 def request_body(model: type[BaseModel], multipart_fields: dict[str, str]) -> dict[str, Any]:
     """``openapi_extra`` documenting a JSON body of ``model`` or a multipart upload of image files."""
-    _BODY_MODELS[model.__name__] = model
     properties: dict[str, Any] = {
         "model": {"type": "string"},
         "images": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
@@ -42,7 +48,7 @@ def request_body(model: type[BaseModel], multipart_fields: dict[str, str]) -> di
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
+                "application/json": {"schema": body_schema(model)},
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",

@@ -31,6 +31,7 @@ from store.data import Inputs
 from store.errors import InvalidInputError, LimitExceededError
 
 R = TypeVar("R", bound=InputsRequest)
+T = TypeVar("T")
 
 INPUT_FIELDS = ("images", "records", "rows")
 
@@ -153,6 +154,12 @@ class Decoder:
 
     def __init__(self, slots: int) -> None:
         self._slots = asyncio.Semaphore(slots)
+
+    async def run(self, decode: Callable[..., T], *args: Any) -> T:
+        """``decode(*args)`` in a worker thread, in one of the decoding slots (a body read by
+        another wire format, such as the Open Inference Protocol's)."""
+        async with self._slots:
+            return await run_in_threadpool(decode, *args)
 
     async def _json(
         self, request: Request, model_cls: type[R], limits: Limits, check_model: Callable[[str], ServedModel]
