@@ -16,10 +16,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from benchmarks.harness import ACCEPTING_GATE, ServiceProcess, wait_job, wait_served
 from PIL import Image
 
 from cama.checkpoint import load_checkpoint
+from harness import ACCEPTING_GATE, ServiceProcess, wait_job, wait_served
 from store.registry import ModelRegistry
 from training.data import DataError, ImageSpec, load_images, recorded_test_split
 

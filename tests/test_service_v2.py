@@ -16,7 +16,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from benchmarks.harness import (
+from harness import (
     ServiceProcess,
     build_store,
     digit_like_images,
