@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from cama.checkpoint import load_checkpoint
-from harness import ACCEPTING_GATE, ServiceProcess, wait_job, wait_served
+from harness.processes import ACCEPTING_GATE, ServiceProcess, wait_job, wait_served
 from store.registry import ModelRegistry
 from training.data import DataError, ImageSpec, load_images, recorded_test_split
 

@@ -16,13 +16,9 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from harness import (
-    ServiceProcess,
-    build_store,
-    digit_like_images,
-    make_measurement_seed_dir,
-    make_seed_dir,
-)
+from harness.inputs import digit_like_images
+from harness.processes import ServiceProcess
+from harness.stores import build_store, make_measurement_seed_dir, make_seed_dir
 
 TOKEN = "v" * 24
 MAX_INPUTS = 8
