@@ -236,7 +236,7 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     opts.log_severity_level = 3
     # idle threads sleep instead of spinning: on a small CPU shared with the event loop, the
     # request decoding and the other graphs, spinning threads take the cycles those need
-    # (README, "Prediction cost": higher HTTP throughput and a lower p99 without it)
+    # (docs/results/prediction_cost.md: higher HTTP throughput and a lower p99 without it)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return opts
