@@ -3,6 +3,9 @@ and a Redis key prefix of this run's own (the Redis server is shared)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +16,7 @@ from harness.processes import ServiceProcess
 from harness.stores import clone_store, template_store
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +52,21 @@ def start_service(tmp_path) -> Iterator[Callable[..., ServiceProcess]]:
     yield start
     for svc in started:
         svc.stop()
+
+
+@pytest.fixture
+def cama_serve() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run ``cama-serve ARGS`` (as ``python -m cama_serve``) from the repository root; the result."""
+
+    def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cama_serve", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+
+    return run

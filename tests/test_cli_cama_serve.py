@@ -4,9 +4,6 @@ the console script is declared, and ``models`` lists and activates versions of a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -29,18 +26,6 @@ SMOKE_TESTED: dict[str, tuple[str, ...]] = {
 }
 
 
-def cama_serve(*args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cama_serve", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-
-
 def test_every_subcommand_is_listed_here():
     assert set(COMMANDS) == set(SMOKE_TESTED)
 
@@ -50,7 +35,7 @@ def test_the_console_script_is_declared():
     assert project["scripts"]["cama-serve"] == "cama_serve.cli:main"
 
 
-def test_the_top_level_help_names_every_subcommand():
+def test_the_top_level_help_names_every_subcommand(cama_serve):
     out = cama_serve("--help")
     assert out.returncode == 0, out.stderr
     for name, command in COMMANDS.items():
@@ -63,7 +48,7 @@ def test_the_top_level_help_names_every_subcommand():
     [(name, *sub) for name, subs in SMOKE_TESTED.items() for sub in ((), *((s,) for s in subs))],
     ids=lambda words: " ".join(words) or "top",
 )
-def test_each_subcommand_help_says_what_it_does(words):
+def test_each_subcommand_help_says_what_it_does(cama_serve, words):
     out = cama_serve(*words, "--help")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: cama-serve " + " ".join(words))
@@ -73,7 +58,7 @@ def test_each_subcommand_help_says_what_it_does(words):
         assert summary.split(":")[0] in " ".join(out.stdout.split())
 
 
-def test_a_missing_subcommand_is_a_usage_error():
+def test_a_missing_subcommand_is_a_usage_error(cama_serve):
     out = cama_serve()
     assert out.returncode == 2
     assert "COMMAND" in out.stderr
@@ -84,7 +69,7 @@ def test_train_needs_a_config():
         build_parser().parse_args(["train"])
 
 
-def test_models_lists_and_activates_versions(tiny_store):
+def test_models_lists_and_activates_versions(cama_serve, tiny_store):
     registry = ModelRegistry(tiny_store)
     name = registry.models()[0]
     listed = cama_serve("models", "list", "--store", str(tiny_store))

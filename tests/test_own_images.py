@@ -8,9 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -61,18 +59,11 @@ def png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def cama_serve(*args: str, timeout: int = 600) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "cama_serve", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+def succeeded(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (
+        f"{result.args[3:5]} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     )
-    assert out.returncode == 0, f"cama-serve {args[0]} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
+    return result.stdout
 
 
 def test_a_folder_is_read_at_the_configured_size_and_channels(tmp_path):
@@ -147,14 +138,13 @@ test_k = 2
 
 
 @pytest.mark.slow
-def test_own_images_train_export_serve_predict_adapt(tmp_path):
+def test_own_images_train_export_serve_predict_adapt(tmp_path, cama_serve):
     folder = write_folder(tmp_path / "shapes", per_class=30)
     config = tmp_path / "shapes.toml"
     config.write_text(CONFIG)
     checkpoint = tmp_path / "shapes.pt"
-    cama_serve(
-        "train", "--config", str(config), "--data", str(folder), "--out", str(checkpoint), "--threads", "1"
-    )
+    train = ("--config", str(config), "--data", str(folder), "--out", str(checkpoint), "--threads", "1")
+    succeeded(cama_serve("train", *train))
     _, meta = load_checkpoint(checkpoint)
     assert meta.provenance["class_names"] == list(CLASSES)
     assert meta.provenance["dataset"] == "images"
@@ -164,16 +154,15 @@ def test_own_images_train_export_serve_predict_adapt(tmp_path):
     assert meta.provenance["config"]["overrides"]["data"] == str(folder)
 
     evaluated = json.loads(
-        cama_serve("evaluate", "--checkpoint", str(checkpoint), "--k", "2").splitlines()[-1]
+        succeeded(cama_serve("evaluate", "--checkpoint", str(checkpoint), "--k", "2")).splitlines()[-1]
     )
     assert evaluated["images"] == 18  # the held-out 20% of 90
     test = recorded_test_split(meta.provenance)
     assert len(test) == 18
 
     store = tmp_path / "store"
-    exported = json.loads(
-        cama_serve("export", "--checkpoint", str(checkpoint), "--name", "shapes", "--store", str(store))
-    )
+    export = ("--checkpoint", str(checkpoint), "--name", "shapes", "--store", str(store))
+    exported = json.loads(succeeded(cama_serve("export", *export)))
     assert exported == {"name": "shapes", "version": 1, "active": True}
     registry = ModelRegistry(store)
     assert registry.manifest("shapes", 1).inputs == {"x": [3, 12, 12]}

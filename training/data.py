@@ -19,7 +19,7 @@ import os
 import struct
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -457,6 +457,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, nargs="+", default=[28], help="H [W] of --data's images")
     parser.add_argument("--channels", type=int, choices=sorted(IMAGE_MODES), default=1, help="1 grey, 3 RGB")
     parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=VAL_FRACTION,
+        help="of the training set, held out for validation",
+    )
+    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    parser.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
+    parser.add_argument(
         "--test-fraction",
         type=float,
         default=TEST_FRACTION,
@@ -465,9 +473,20 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def data_from_args(args: argparse.Namespace) -> tuple[ImageDataset, dict[str, object]]:
-    """The data set :func:`add_data_args`'s options name and what a checkpoint records of it: the
-    data set, and for a user's images the source and :class:`ImageSpec` (which ``export`` reads
-    back to build the serving data) and the class names (which ``/predict`` returns)."""
+    """The data set :func:`add_data_args`'s options name (the first ``--train-limit`` training and
+    ``--test-limit`` test images) and what a checkpoint records of it: the data set, and for a
+    user's images the source and :class:`ImageSpec` (which ``export`` reads back to build the
+    serving data) and the class names (which ``/predict`` returns)."""
+    data, record = _named_or_own(args)
+    train, test = data.train, data.test
+    return replace(
+        data,
+        train=Split(train.x[: args.train_limit], train.y[: args.train_limit]),
+        test=Split(test.x[: args.test_limit], test.y[: args.test_limit]),
+    ), record
+
+
+def _named_or_own(args: argparse.Namespace) -> tuple[ImageDataset, dict[str, object]]:
     if args.data is None:
         data = load_dataset(args.dataset, args.data_dir)
         return data, {"dataset": args.dataset, "data_sha256": data.checksum}

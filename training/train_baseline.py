@@ -24,7 +24,7 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -37,7 +37,6 @@ from tqdm import tqdm
 from cama.runtime import atomic_write
 from training.baselines import BASELINES, build_baseline, evaluate_accuracy, load_baseline, save_baseline
 from training.data import (
-    VAL_FRACTION,
     ImageDataset,
     Split,
     add_data_args,
@@ -239,14 +238,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="JSON object: fields of the model config to override",
     )
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=VAL_FRACTION,
-        help="of the training set, held out for validation",
-    )
-    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
-    parser.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dry-run", action="store_true", help="one batch, one epoch")
     parser.add_argument("--resume", action="store_true")
@@ -287,15 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     default_out = "models/cifar_cnn.pt" if args.dataset == "cifar_binary" else f"models/mnist_{model_kind}.pt"
     out: Path = args.out or Path(default_out)
     data, data_record = data_from_args(args)
-    if args.test_limit:
-        data = replace(data, test=Split(data.test.x[: args.test_limit], data.test.y[: args.test_limit]))
     if args.eval_only:
         print(json.dumps(evaluate_checkpoint(out, data, record=False)))
         return
-    train_split = data.train
-    if args.train_limit:
-        train_split = Split(train_split.x[: args.train_limit], train_split.y[: args.train_limit])
-    tr, val = validation_split(train_split, args.val_fraction, args.seed)
+    tr, val = validation_split(data.train, args.val_fraction, args.seed)
     cfg = TrainConfig(
         val_fraction=args.val_fraction,
         epochs=args.epochs,

@@ -294,14 +294,6 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="JSON object: fields of the model config to override",
     )
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=VAL_FRACTION,
-        help="of the training set, held out for validation",
-    )
-    parser.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
-    parser.add_argument("--test-limit", type=int, default=None, help="score only the first N test images")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dry-run", action="store_true", help="one batch, one epoch")
     parser.add_argument("--resume", action="store_true")
@@ -334,15 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     data, data_record = data_from_args(args)
-    if args.test_limit:
-        data = replace(data, test=Split(data.test.x[: args.test_limit], data.test.y[: args.test_limit]))
     if args.eval_only:
         print(json.dumps(evaluate_checkpoint(args.out, data, args.test_k, record=False)))
         return
-    train_split = data.train
-    if args.train_limit:
-        train_split = Split(train_split.x[: args.train_limit], train_split.y[: args.train_limit])
-    tr, val = validation_split(train_split, args.val_fraction, args.seed)
+    tr, val = validation_split(data.train, args.val_fraction, args.seed)
     cfg = TrainConfig(
         val_fraction=args.val_fraction,
         epochs=args.epochs,
