@@ -87,6 +87,12 @@ compose-config:
 compose-smoke: install
 	PY=$(BIN)/python scripts/compose_smoke.sh
 
+# the same stack at 2 API replicas and 2 workers: traffic to both, an /adapt job whose worker is
+# killed and finished by the other, both replicas on the new version (docs/service.md)
+.PHONY: compose-scale
+compose-scale: install
+	PY=$(BIN)/python scripts/compose_smoke.sh --scale
+
 # The service's reliability suite (docs/service.md): fuzzing, bad inputs, memory, a killed worker,
 # hot-swaps, Redis down; about 40 minutes on 2 cores; writes benchmarks/results/reliability.json.
 .PHONY: reliability

@@ -29,7 +29,7 @@ from cama.drift import DriftConfig, DriftDetector, DriftState
 from cama.novelty import route
 from store.data import Inputs
 from store.errors import NotFoundError, UnavailableError
-from store.memory import release_memory, trim_memory
+from store.memory import release_pass_memory, trim_memory
 from store.registry import ModelRegistry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ class ModelServer:
             backend=s.backend,
             screen=s.screen_margin,
             on_batch=self._batch_observer(name),
-            on_idle=release_memory,
+            on_idle=release_pass_memory,
             on_chunk=trim_memory,
             name=name,
         )

@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.harness import ServiceProcess, wait_job, wait_served
+from harness.processes import ServiceProcess, wait_job, wait_served
 from training.metrics import update_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "own_images_digits.json"
@@ -82,12 +82,13 @@ def served_accuracy(
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
     """Clean accuracy of both models on ``test/``; one adaptation through the service."""
+    from training.experiment import served_accuracy as cama_served_accuracy
+
     import training.baselines  # noqa: F401 - registers the DNN's checkpoint kind
     from cama.checkpoint import load_checkpoint
     from cama.image_model import ImageCama
     from training.baselines import evaluate_accuracy
     from training.data import recorded_test_split
-    from training.experiment import served_accuracy as cama_served_accuracy
     from training.export_model import export
     from training.manipulations import named
 

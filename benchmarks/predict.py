@@ -26,6 +26,18 @@ neighbouring timings, the median reported), so both sides see the machine in the
 (``perf.http.efficiency_single_images`` the same for single images). The clients run on the same
 machine as the server and take CPU from it.
 
+The service's life (``--jobs``, default 20; 0 skips it): a second service, in the embedded mode
+``make run`` serves (jobs run in a thread of the API process), is measured fresh and again after
+``--jobs`` ``/adapt`` jobs that each fine-tune for ``--job-steps`` steps on ``--job-images`` test
+images, pass the gate (the accepting settings of ``harness.processes.ACCEPTING_GATE``: every job
+publishes and activates a version) and are waited for one after the other. At both points:
+``--clients`` clients sending requests of 1, 32 and 100 images (``perf.http.img_per_s.n<N>.fresh``
+/ ``.after_jobs`` and the p99 latencies ``perf.http.p99_ms.n<N>.*``), the efficiency of the
+32-image load over the served path's raw images/s on the version being served, timed in turn
+``--rounds`` times as above (``perf.http.efficiency_fresh`` / ``perf.http.efficiency_after_jobs``),
+and the service's resident memory after that traffic (``perf.rss_mb.fresh`` / ``.after_jobs``).
+``--lifetime-only`` measures only this and writes ``benchmarks/results/predict_lifetime.json``.
+
 ``--calibrate`` prints, for margins from 0 to 40 nats, how many validation inputs (5% of the
 training set, never the test set) the screen answers with one sample and how many of those get
 another label than K samples would give: the margin is chosen there.
@@ -58,14 +70,18 @@ from cama.checkpoint import load_checkpoint
 from cama.objectives import SCREEN_MARGIN
 from cama.runtime import bf16_native
 from harness.inputs import png_base64
-from harness.processes import ServiceProcess
+from harness.processes import ACCEPTING_GATE, ServiceProcess, wait_job
 from harness.stores import mnist_store
 from store.data import Inputs, ServingData
+from store.memory import rss_bytes
+from store.registry import ModelRegistry
 from training.data import add_data_dir_argument, load_mnist, validation_split
 from training.metrics import update_metrics
 
 RESULTS = Path("benchmarks/results")
 BATCH = 100
+LIFETIME_SIZES = (1, 32, 100)  # images per request measured fresh and after the jobs
+TOKEN = "predict-benchmark-Zr8kQ2-vN5pL7xW_cT3mB9"  # noqa: S105 - a loopback service
 Path_ = Callable[[Inputs, Any], np.ndarray]
 
 
@@ -291,6 +307,116 @@ def measure_http(
     return out
 
 
+def _raw_speed(registry: ModelRegistry, x: np.ndarray, args: argparse.Namespace) -> Callable[[], float]:
+    """The served path's images/s on the version the store has active (loaded once, here)."""
+    active = registry.active("mnist")
+    if active is None:
+        raise RuntimeError("no active mnist version")
+    version = load_version(registry, "mnist", active, threads=args.threads)
+
+    def raw() -> float:
+        served = paths(version, args.screen)["served"]
+        _, seconds = labels(version, served, x[: args.n_speed], args.k)
+        return float(args.n_speed / seconds)
+
+    return raw
+
+
+def _lifetime_point(
+    url: str, pid: int, images: list[str], raw: Callable[[], float], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Requests of each of ``LIFETIME_SIZES`` images from ``--clients`` clients, the 32-image load
+    timed in turn with the raw served path ``--rounds`` times (the efficiency, as the fresh figure),
+    then the service's resident memory."""
+    http_load(url, images, 1, 1, 3.0)  # warm-up
+    out: dict[str, Any] = {"sizes": {}}
+    rounds = []
+    for n in LIFETIME_SIZES:
+        if n != args.http_batch:
+            out["sizes"][str(n)] = http_load(url, images, args.clients, n, args.http_seconds)
+            continue
+        for _ in range(args.rounds):
+            rounds.append(
+                {"raw_img_per_s": raw(), "load": http_load(url, images, args.clients, n, args.http_seconds)}
+            )
+        by_speed = sorted(rounds, key=lambda r: r["load"]["img_per_s"])
+        out["sizes"][str(n)] = by_speed[len(by_speed) // 2]["load"]
+    out["rounds"] = rounds
+    out["efficiency"] = float(np.median([r["load"]["img_per_s"] / r["raw_img_per_s"] for r in rounds]))
+    out["rss_mb"] = rss_bytes(pid) / 2**20
+    for n, r in out["sizes"].items():
+        print(
+            f"  {int(r['clients'])} client(s) x {n:>3s} image(s): {r['img_per_s']:8.1f} img/s  "
+            f"p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  failed {int(r['failed'])}",
+            flush=True,
+        )
+    print(f"  efficiency {out['efficiency']:.3f}, resident memory {out['rss_mb']:.0f} MB", flush=True)
+    return out
+
+
+def measure_lifetime(
+    registry: ModelRegistry, x: np.ndarray, args: argparse.Namespace, log: Path
+) -> dict[str, Any]:
+    """One embedded-mode service measured fresh, then after ``--jobs`` ``/adapt`` jobs in the same
+    process (each published and activated), at both points by :func:`_lifetime_point`."""
+    images = [png_base64(img[0]) for img in x[:512]]
+    finetune = {"max_steps": args.job_steps, "min_steps": 0}
+    svc = ServiceProcess(
+        log,
+        model_store=str(registry.root),
+        seed_dir=str(registry.root / ".none"),
+        models=["mnist"],
+        torch_threads=args.threads,
+        token=TOKEN,
+        **ACCEPTING_GATE,
+    )
+    out: dict[str, Any] = {"jobs": args.jobs, "job_images": args.job_images, "job_steps": args.job_steps}
+    try:
+        svc.wait_ready(timeout=300)
+        print("service fresh:", flush=True)
+        out["fresh"] = _lifetime_point(svc.url, svc.proc.pid, images, _raw_speed(registry, x, args), args)
+        job_seconds, versions = [], []
+        with httpx.Client(base_url=svc.url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            for i in range(args.jobs):
+                start = (i * args.job_images) % (len(x) - args.job_images)
+                batch = [png_base64(img[0]) for img in x[start : start + args.job_images]]
+                t0 = time.perf_counter()
+                r = c.post("/adapt", json={"model": "mnist", "images": batch, "finetune": finetune})
+                r.raise_for_status()
+                job = wait_job(c, r.json()["job_id"], timeout=1800)
+                job_seconds.append(time.perf_counter() - t0)
+                if job["state"] != "succeeded" or job["version"] is None:
+                    raise RuntimeError(f"job {i + 1} ended {job['state']}: {job['reasons'] or job['error']}")
+                versions.append(int(job["version"]))
+                print(f"job {i + 1}/{args.jobs}: v{versions[-1]} in {job_seconds[-1]:.1f} s", flush=True)
+            deadline = time.monotonic() + 120
+            while c.get("/models/mnist").json()["served_version"] != versions[-1]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"v{versions[-1]} not served after the jobs")
+                time.sleep(0.5)
+        out["job_seconds"] = job_seconds
+        out["versions"] = versions
+        print(f"service after {args.jobs} jobs (serving v{versions[-1] if versions else 1}):", flush=True)
+        out["after_jobs"] = _lifetime_point(
+            svc.url, svc.proc.pid, images, _raw_speed(registry, x, args), args
+        )
+    finally:
+        svc.stop()
+    return out
+
+
+def lifetime_metrics(life: dict[str, Any]) -> dict[str, float]:
+    """The ``perf.http.*`` / ``perf.rss_mb.*`` keys of :func:`measure_lifetime`'s result."""
+    metrics: dict[str, float] = {}
+    for point in ("fresh", "after_jobs"):
+        for n, r in life[point]["sizes"].items():
+            metrics[f"perf.http.img_per_s.n{n}.{point}"] = r["img_per_s"]
+            metrics[f"perf.http.p99_ms.n{n}.{point}"] = r["p99_ms"]
+        metrics[f"perf.http.efficiency_{point}"] = life[point]["efficiency"]
+        metrics[f"perf.rss_mb.{point}"] = life[point]["rss_mb"]
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -311,6 +437,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="raw / HTTP timings taken in turn")
     parser.add_argument("--no-adapt", action="store_true", help="skip the fine-tuning step timing")
     parser.add_argument("--adapt-steps", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=20, help="/adapt jobs before the second measurement")
+    parser.add_argument("--job-images", type=int, default=100, help="test images per /adapt job")
+    parser.add_argument("--job-steps", type=int, default=20, help="fine-tuning steps per /adapt job")
+    parser.add_argument("--lifetime-only", action="store_true", help="only the fresh / after-jobs service")
     parser.add_argument("--calibrate", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--no-metrics", action="store_true")
@@ -325,6 +455,21 @@ def main(argv: list[str] | None = None) -> None:
             rows = calibrate(version, val.x, args.k)
             args.results_dir.mkdir(parents=True, exist_ok=True)
             (args.results_dir / "predict_calibration.json").write_text(json.dumps(rows, indent=2) + "\n")
+            return
+        if args.lifetime_only:
+            life = measure_lifetime(registry, mnist.test.x, args, Path(tmp) / "api-lifetime.log")
+            metrics = lifetime_metrics(life)
+            args.results_dir.mkdir(parents=True, exist_ok=True)
+            report = {
+                "k": args.k,
+                "threads": args.threads,
+                "clients": args.clients,
+                **life,
+                "metrics": metrics,
+            }
+            (args.results_dir / "predict_lifetime.json").write_text(json.dumps(report, indent=2) + "\n")
+            if not args.no_metrics:
+                update_metrics(metrics)
             return
         results = measure_paths(version, mnist.test.x, mnist.test.y, args)
         serving = ServingData.load(args.serving_data)
@@ -344,6 +489,10 @@ def main(argv: list[str] | None = None) -> None:
                 return float(args.n_speed / seconds)
 
             http = measure_http(registry.root, mnist.test.x, args, Path(tmp) / "api.log", raw)
+            if args.jobs > 0:
+                http["lifetime"] = measure_lifetime(
+                    registry, mnist.test.x, args, Path(tmp) / "api-lifetime.log"
+                )
     report: dict[str, Any] = {
         "checkpoint": str(args.checkpoint),
         "k": args.k,
@@ -371,6 +520,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics["perf.http.p50_ms_single_reference"] = http["single_reference"]["p50_ms"]
         metrics["perf.http.p99_ms_single_reference"] = http["single_reference"]["p99_ms"]
         print(f"HTTP efficiency: {metrics['perf.http.efficiency']:.2f}")
+        if "lifetime" in http:
+            metrics.update(lifetime_metrics(http["lifetime"]))
     if adapt is not None:
         metrics["perf.adapt.steps_per_s"] = adapt["recipe"]
         metrics["perf.adapt.steps_per_s_fp32"] = adapt["fp32"]

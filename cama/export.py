@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from cama.objectives import Noise, bayes_log_weights, class_log_weights
 
@@ -173,6 +174,10 @@ def export_onnx(
             dynamo=True,
             external_data=False,
         )
+    # the fake-tensor dispatch cache is a class attribute keyed by the symbolic shapes of this
+    # export, which no later export shares: kept, it grows by some 100,000 objects per export and
+    # every full garbage collection of a long-lived process walks them
+    FakeTensorMode.cache_clear()
     return target
 
 

@@ -3,6 +3,9 @@
 # when no registry answers), checks what the service image holds, starts redis + api + worker,
 # waits for health, runs one /predict and one /adapt to a new active version
 # (scripts/compose_smoke.py), prints the timings and tears the stack down, on failure too.
+# With --scale (`make compose-scale`): 2 API replicas (each on a host port of its own) and 2 workers
+# sharing the model store and Redis; traffic to both replicas while an /adapt job runs and the
+# worker that took it is killed (scripts/compose_scale.py; docs/service.md, "Several replicas").
 #
 # Needs a Docker engine, docker compose (the v2 plugin or docker-compose), the venv (make install)
 # and MNIST in $CAMA_DATA_DIR (default ./data, training.data); to build the base, root and mmdebstrap.
@@ -11,12 +14,23 @@
 # The CPU torch wheel comes from pip's configured find-links directories (or WHEEL_DIRS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SCALE=0
+if [ "${1:-}" = "--scale" ]; then SCALE=1; fi
 PY="${PY:-.venv/bin/python}"
 export COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-cama-smoke-$$}"
+API_REPLICAS=1
+WORKERS=1
+if [ "$SCALE" = 1 ]; then
+    API_REPLICAS=2
+    WORKERS=2
+    CAMA_PORT=""  # each replica on a free host port (docker-compose.yml: ${CAMA_PORT-8000})
+fi
 export CAMA_IMAGE_TAG="${CAMA_IMAGE_TAG:-smoke}"
 CAMA_TOKEN="$("$PY" -c 'import secrets; print(secrets.token_hex(24))')"
 REDIS_PASSWORD="$("$PY" -c 'import secrets; print(secrets.token_hex(24))')"
-CAMA_PORT="${CAMA_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+if [ "$SCALE" = 0 ]; then
+    CAMA_PORT="${CAMA_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+fi
 export CAMA_TOKEN REDIS_PASSWORD CAMA_PORT
 LOG_DIR=logs/compose_smoke
 mkdir -p "$LOG_DIR"
@@ -105,20 +119,35 @@ print(f"image: torch {torch.__version__}; import app.main, worker.tasks: ok; "
 sys.exit(1 if train or (cuda and os.environ.get("DEVICE", "cpu") == "cpu") else 0)
 '
 
-# 5. start and wait until every service is healthy
+# 5. start and wait until every container of every service is healthy
 t=$EPOCHREALTIME
-compose up -d >"$LOG_DIR/up.log" 2>&1 || { cat "$LOG_DIR/up.log" >&2; exit 1; }
+compose up -d --scale "api=$API_REPLICAS" --scale "worker=$WORKERS" >"$LOG_DIR/up.log" 2>&1 \
+    || { cat "$LOG_DIR/up.log" >&2; exit 1; }
+declare -A want=([redis]=1 [api]=$API_REPLICAS [worker]=$WORKERS)
 for _ in $(seq 1 150); do
     health="$(for s in redis api worker; do
-        id="$(compose ps -q "$s")"
-        printf '%s=%s ' "$s" "$( [ -n "$id" ] && docker inspect -f '{{.State.Health.Status}}' "$id" || echo missing)"
+        ids="$(compose ps -q "$s")"
+        [ "$(echo "$ids" | grep -c .)" -eq "${want[$s]}" ] || { printf '%s=missing ' "$s"; continue; }
+        for id in $ids; do printf '%s=%s ' "$s" "$(docker inspect -f '{{.State.Health.Status}}' "$id")"; done
     done)"
     case "$health" in *starting* | *missing*) sleep 2 ;; *) break ;; esac
 done
 case "$health" in
     *unhealthy* | *starting* | *missing*) echo "health: $health" >&2; exit 1 ;;
 esac
-echo "healthy: redis, api, worker in $(since "$t") s after up ($health)"
+echo "healthy: redis, api x $API_REPLICAS, worker x $WORKERS in $(since "$t") s after up ($health)"
+
+if [ "$SCALE" = 1 ]; then
+    # 6'. traffic to both replicas, an /adapt job, its worker killed (scripts/compose_scale.py)
+    urls=""
+    for id in $(compose ps -q api); do urls="$urls${urls:+,}http://$(docker port "$id" 8000 | head -1)"; done
+    workers="$(compose ps -q worker | paste -sd, -)"
+    t=$EPOCHREALTIME
+    # shellcheck disable=SC2086  # SMOKE_ARGS is a list of arguments
+    "$PY" scripts/compose_scale.py --urls "$urls" --workers "$workers" --token "$CAMA_TOKEN" ${SMOKE_ARGS:-}
+    echo "client: traffic, adapt, kill and swap in $(since "$t") s"
+    exit 0
+fi
 
 # 6. one /predict and one /adapt through the published port
 t=$EPOCHREALTIME

@@ -4,6 +4,11 @@ glibc's allocator keeps freed memory in per-thread arenas and at the top of each
 that served one large request would hold that peak for good. :func:`limit_arenas` caps the
 number of arenas (as ``MALLOC_ARENA_MAX`` does) and :func:`release_memory` runs a garbage
 collection and ``malloc_trim(0)``. Both do nothing where the C library is not glibc.
+
+A full collection walks every object the process holds (after a few adaptation jobs, millions),
+so it is run once per job, never per request: after a pass, :func:`release_pass_memory` collects
+only the young generations (the objects made since the last collection: a pass's own) and trims.
+A pass's arrays are freed by reference counting as soon as it ends; the trim returns them.
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ def limit_arenas(count: int) -> bool:
 def release_memory() -> None:
     """Collect garbage and return the allocator's free memory to the operating system."""
     gc.collect()
+    trim_memory()
+
+
+def release_pass_memory() -> None:
+    """Collect the young generations (0 and 1: a cost of the objects made since the last
+    collection, not of everything held) and return the allocator's free memory to the system."""
+    gc.collect(1)
     trim_memory()
 
 

@@ -73,7 +73,8 @@ def test_every_image_is_built_here_and_the_api_is_published_on_loopback(compose)
     assert redis["image"].startswith("cama-redis:")
     for name in ("redis", "api"):  # one Debian base for both, a local one where no registry answers
         assert "BASE_IMAGE" in services[name]["build"]["args"], name
-    assert services["api"]["ports"] == ["${CAMA_BIND:-127.0.0.1}:${CAMA_PORT:-8000}:8000"]
+    # CAMA_PORT set empty (compose_smoke.sh --scale) gives each replica a free host port
+    assert services["api"]["ports"] == ["${CAMA_BIND:-127.0.0.1}:${CAMA_PORT-8000}:8000"]
 
 
 def test_dockerfile_one_image_cpu_default_cuda_option():
@@ -154,6 +155,18 @@ def test_compose_smoke_script_builds_runs_and_always_tears_down():
     )
 
 
+def test_the_scaled_run_starts_two_replicas_on_their_own_ports_and_kills_a_worker():
+    text = SMOKE.read_text()
+    assert re.search(r'--scale "api=\$API_REPLICAS" --scale "worker=\$WORKERS"', text)
+    assert 'CAMA_PORT=""' in text  # each replica on a free host port
+    assert 'docker port "$id" 8000' in text
+    client = (ROOT / "scripts" / "compose_scale.py").read_text()
+    assert 'docker("kill", taken)' in client
+    assert re.search(
+        r"^compose-scale:.*\n\t.*scripts/compose_smoke\.sh --scale", (ROOT / "Makefile").read_text(), re.M
+    )
+
+
 def makefile_commands(target: str) -> list[str]:
     """The recipe lines of one Makefile target, with ``$(BIN)/`` resolved to ``.venv/bin/``."""
     lines = (ROOT / "Makefile").read_text().splitlines()
@@ -199,6 +212,16 @@ def test_docker_compose_config_accepts_the_file_and_refuses_missing_secrets(tmp_
     assert ok.returncode == 0, ok.stderr
     resolved = yaml.safe_load(ok.stdout)
     assert resolved["services"]["api"]["environment"]["CAMA_TOKEN"] == "x" * 32
+    assert resolved["services"]["api"]["ports"] == ["127.0.0.1:8000:8000/tcp"]
+    scaled = subprocess.run(  # an empty CAMA_PORT: a free host port per replica (--scale api=2)
+        [binary, "-f", str(COMPOSE), "config"],
+        env={**env, "CAMA_TOKEN": "x" * 32, "REDIS_PASSWORD": "y" * 32, "CAMA_PORT": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert yaml.safe_load(scaled.stdout)["services"]["api"]["ports"] == ["127.0.0.1::8000/tcp"]
     missing = subprocess.run(
         [binary, "-f", str(COMPOSE), "config"],
         env={**env, "REDIS_PASSWORD": "y" * 32},
