@@ -27,6 +27,7 @@ Writes ``benchmarks/results/drift[_val].json`` and, for MNIST-C, the keys above 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 from dataclasses import asdict
@@ -38,9 +39,25 @@ import torch
 
 from app.core.config import Settings
 from app.serving import EvidenceSettings, LoadedVersion, load_version
+from benchmarks.drift_scores import (
+    MUTATION,
+    BaselineOutputs,
+    PixelBackground,
+    baseline_outputs,
+    load_baselines,
+)
+from benchmarks.drift_stream import alarms_on, requests_to_alarm
 from benchmarks.live_adapt import corruption_sets, live_adaptation, routing
-from cama.drift import DriftConfig, DriftDetector
-from cama.novelty import CLASS_RIDGE, RULES, MGaussian, Rule, log_evidence, share_below
+from cama.drift import DriftConfig
+from cama.novelty import (
+    CLASS_RIDGE,
+    RULES,
+    MGaussian,
+    code_length,
+    complexity_corrected,
+    log_evidence,
+    share_below,
+)
 from experiments.evaluate_mnistc import TENT_VALIDATION
 from harness.stores import mnist_store
 from store.data import Inputs, ServingData
@@ -49,6 +66,8 @@ from training.manipulations import named
 from training.metrics import update_metrics
 
 RESULTS = Path("benchmarks/results")
+CACHE = Path(".cache/drift")  # CAMA's log p(x) and q(m|x) per image, and the stream detectors' inputs
+BLOCK = 1000  # images per cached block of CAMA's outputs
 CLASS_RIDGES = (0.01, 0.03, 0.1, 0.3, 1.0)  # the class Gaussian's ridges the validation suite compares
 SECTIONS = ("scores", "auto_adapt", "routing")
 BATCH = 100
@@ -68,33 +87,100 @@ def evidence_and_features(
     return np.concatenate(log_px), np.concatenate(features)
 
 
-def unusual_scores(
-    version: LoadedVersion, x: np.ndarray, k: int, screen: float | None, seed: int
-) -> tuple[dict[Rule, np.ndarray], np.ndarray]:
-    """The unusual score of every image by each rule of :mod:`cama.novelty`, from what
-    ``POST /predict`` computes, and the images' q(m|x) summaries."""
-    assert version.evidence is not None
-    lp, f = evidence_and_features(version, x, k, screen, seed)
-    return {rule: version.evidence.unusual(lp, f, rule) for rule in RULES}, f
+def blocks(images: dict[str, np.ndarray]) -> list[tuple[str, int]]:
+    """The ``(set, first image)`` blocks of ``BLOCK`` images CAMA's outputs are computed and cached in."""
+    return [(name, start) for name, x in images.items() for start in range(0, len(x), BLOCK)]
+
+
+def shard_path(suite: str, shard: int, shards: int) -> Path:
+    return CACHE / f"{suite}.{shard}of{shards}.npz"
+
+
+def cached_outputs(suite: str, key: dict[str, Any]) -> tuple[dict[str, np.ndarray], Any]:
+    """Every cached block of CAMA's outputs (``lp/<set>/<start>``, ``f/<set>/<start>``) under
+    ``key``, from every shard file of ``suite``, and the cached clean reference (or None)."""
+    held: dict[str, np.ndarray] = {}
+    reference = None
+    for path in sorted(CACHE.glob(f"{suite}.*of*.npz")):
+        with np.load(path, allow_pickle=True) as data:
+            if json.loads(str(data["key"])) != key:
+                continue
+            held |= {name: data[name] for name in data.files if name.startswith(("lp/", "f/"))}
+            if "reference" in data.files:
+                reference = data["reference"].item()
+    return held, reference
+
+
+def compute_blocks(
+    version: LoadedVersion,
+    images: dict[str, np.ndarray],
+    todo: list[tuple[str, int]],
+    k: int,
+    screen: float | None,
+) -> dict[str, np.ndarray]:
+    """``log p(x)`` and q(m|x)'s summary of the blocks ``todo`` (``lp/<set>/<start>``,
+    ``f/<set>/<start>``), with the noise one pass over the set draws (seed 1 for ``clean``, 2 for
+    the rest)."""
+    out: dict[str, np.ndarray] = {}
+    for name, start in todo:
+        seed = (1 if name == "clean" else 2) + start
+        lp, f = evidence_and_features(version, images[name][start : start + BLOCK], k, screen, seed)
+        out[f"lp/{name}/{start}"], out[f"f/{name}/{start}"] = lp, f
+        print(f"CAMA's outputs: {name} {start}+{len(lp)}", flush=True)
+    return out
+
+
+def assemble(
+    images: dict[str, np.ndarray], held: dict[str, np.ndarray]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each set's ``(log p(x), q(m|x) summaries)`` from its blocks."""
+    return {
+        name: (
+            np.concatenate([held[f"lp/{name}/{s}"] for s in range(0, len(x), BLOCK)]),
+            np.concatenate([held[f"f/{name}/{s}"] for s in range(0, len(x), BLOCK)]),
+        )
+        for name, x in images.items()
+    }
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def other_scores(
+    outputs: dict[str, tuple[np.ndarray, np.ndarray]],
+    baselines: dict[str, dict[str, BaselineOutputs]],
+    bits: dict[str, np.ndarray],
+    background: PixelBackground,
+    images: dict[str, np.ndarray],
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every per-input score of :mod:`benchmarks.drift_scores` on each named set: score -> set ->
+    ``(N,)``, higher is more unusual."""
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for model, by_set in baselines.items():
+        scores[f"msp_{model}"] = {name: out.msp for name, out in by_set.items()}
+        scores[f"energy_{model}"] = {name: out.energy for name, out in by_set.items()}
+    scores["log_px"] = {name: -lp for name, (lp, _) in outputs.items()}
+    scores["log_px_complexity"] = {
+        name: complexity_corrected(lp, bits[name]) for name, (lp, _) in outputs.items()
+    }
+    scores["log_px_ratio"] = {name: background.log_px(images[name]) - lp for name, (lp, _) in outputs.items()}
+    return scores
 
 
 def class_ridge_sweep(
-    version: LoadedVersion,
-    serving: ServingData,
-    n: int,
+    canary: tuple[np.ndarray, np.ndarray, np.ndarray],
     clean: np.ndarray,
     shifted: dict[str, np.ndarray],
 ) -> dict[str, float]:
     """Mean AUROC of the ``m_class`` rule for each ridge in ``CLASS_RIDGES``: the class Gaussian
-    refitted on the canary's second ``n`` inputs, ranked on its first ``n`` (as the service does);
-    ``clean`` and ``shifted`` are q(m|x) summaries."""
-    canary = version.m_features(serving.canary.take(slice(0, n)))
-    fit = version.m_features(serving.canary.take(slice(n, 2 * n)))
-    labels = serving.canary_y[n : 2 * n]
+    fitted on the canary's second half (``canary`` = ranked, fitted, their labels), ranked on its
+    first (as the service does); ``clean`` and ``shifted`` are q(m|x) summaries."""
+    ranked, fit, labels = canary
     out: dict[str, float] = {}
     for ridge in CLASS_RIDGES:
         model = MGaussian.fit(fit, labels, ridge)
-        reference = np.sort(model.distance(canary))
+        reference = np.sort(model.distance(ranked))
         clean_u = share_below(reference, model.distance(clean))
         out[f"{ridge:g}"] = float(
             np.mean([auroc(clean_u, share_below(reference, model.distance(f))) for f in shifted.values()])
@@ -115,23 +201,6 @@ def auroc(clean: np.ndarray, shifted: np.ndarray) -> float:
             ranks[tied] = ranks[tied].mean()
     u = ranks[len(clean) :].sum() - len(shifted) * (len(shifted) + 1) / 2
     return float(u / (len(clean) * len(shifted)))
-
-
-def alarms_on(scores: np.ndarray, config: DriftConfig) -> int:
-    detector = DriftDetector(config)
-    for s in scores:
-        detector.update([s])
-    return detector.alarms
-
-
-def requests_to_alarm(clean: np.ndarray, shifted: np.ndarray, config: DriftConfig, horizon: int) -> int:
-    """A warmed-up test on clean images, then the shifted stream: inputs until the alarm."""
-    detector = DriftDetector(config)
-    detector.update(clean[: config.window])
-    for i, s in enumerate(shifted[:horizon]):
-        if detector.update([s]) == "drift":
-            return i + 1
-    return horizon + 1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,6 +226,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--log-dir", type=Path, default=Path("logs"), help="the live service's log")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--no-metrics", action="store_true")
+    parser.add_argument("--no-cache", action="store_true", help=f"recompute CAMA's outputs (cache: {CACHE})")
+    parser.add_argument(
+        "--shard",
+        type=lambda text: tuple(int(v) for v in text.split("/")),
+        default=None,
+        metavar="I/N",
+        help="only compute and cache the I-th of N shares of CAMA's outputs (parallel runs), then stop",
+    )
     parser.add_argument(
         "--sections",
         default=",".join(SECTIONS),
@@ -184,40 +261,93 @@ def scores_section(args: argparse.Namespace) -> None:
     mnist = load_mnist(args.data_dir)
     rng = np.random.default_rng(0)
     sets: dict[str, np.ndarray] = {}
+    train, val = validation_split(mnist.train, 0.05, 0)
     if args.suite == "mnistc":
         clean_x = mnist.test.x
         pick = np.sort(rng.choice(len(clean_x), size=min(args.n, len(clean_x)), replace=False))
         corrupted = load_mnist_c(args.data_dir)
         sets = {c: corrupted.images[c][pick] for c in MNISTC_CORRUPTIONS}
     else:
-        _, val = validation_split(mnist.train, 0.05, 0)
         held = val.x[2 * args.evidence_inputs :]  # never the canary the score is calibrated or fitted on
         clean_x = held
         base = held[: args.n]
         for name, level in TENT_VALIDATION:
             sets[f"{name}_{level:g}"] = named(name, level)(base, np.random.default_rng(1)).astype(np.float32)
         sets["uniform_noise"] = rng.random(base.shape, dtype=np.float32)
+    images = {"clean": clean_x, **sets}
+    serving = ServingData.load(args.serving_data)
+    canary = serving.canary.take(slice(0, 2 * args.evidence_inputs)).x
+    key = {
+        "checkpoint": file_digest(args.checkpoint),
+        "serving_data": file_digest(args.serving_data),
+        "k": k,
+        "screen": screen,
+        "evidence_inputs": args.evidence_inputs,
+        "n": args.n,
+        "sets": sorted(images),
+    }
+    held, reference = cached_outputs(args.suite, key) if not args.no_cache else ({}, None)
+    todo = blocks(images)
+    if args.shard is not None:
+        shard, shards = args.shard
+        todo = todo[shard::shards]
+    missing = [b for b in todo if f"lp/{b[0]}/{b[1]}" not in held]
+    version = None
     with tempfile.TemporaryDirectory(prefix="cama-drift-") as tmp:
-        registry = mnist_store(Path(tmp), args.checkpoint, args.serving_data)
-        evidence = EvidenceSettings(args.evidence_inputs, k, screen, defaults.chunk_work)
-        version = load_version(registry, "mnist", 1, threads=args.threads, evidence=evidence)
-        clean_by_rule, clean_f = unusual_scores(version, clean_x, k, screen, seed=1)
-        scored = {name: unusual_scores(version, x, k, screen, seed=2) for name, x in sets.items()}
-        shifted_by_rule = {name: by_rule for name, (by_rule, _) in scored.items()}
-        ridges = None
-        if args.suite == "validation":
-            ridges = class_ridge_sweep(
-                version,
-                ServingData.load(args.serving_data),
-                args.evidence_inputs,
-                clean_f,
-                {name: f for name, (_, f) in scored.items()},
-            )
+        if missing or reference is None:
+            registry = mnist_store(Path(tmp), args.checkpoint, args.serving_data)
+            evidence = EvidenceSettings(args.evidence_inputs, k, screen, defaults.chunk_work)
+            version = load_version(registry, "mnist", 1, threads=args.threads, evidence=evidence)
+            assert version.evidence is not None
+            canary_f = version.m_features(serving.canary.take(slice(0, 2 * args.evidence_inputs)))
+            reference = (version.evidence, canary_f)
+        print(
+            f"CAMA's outputs: {len(todo) - len(missing)} blocks cached, {len(missing)} to compute", flush=True
+        )
+        new = compute_blocks(version, images, missing, k, screen) if version is not None else {}
+    if new and not args.no_cache:
+        shard, shards = args.shard or (0, 1)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        saved = new if args.shard is not None else held | new
+        ref = np.empty((), dtype=object)
+        ref[()] = reference
+        np.savez(shard_path(args.suite, shard, shards), key=json.dumps(key), reference=ref, **saved)  # type: ignore[arg-type]
+    if args.shard is not None:
+        return
+    outputs = assemble(images, held | new)
+    reference, canary_f = reference
+    bits = {name: code_length(x) for name, x in images.items()}
+    by_rule = {
+        name: {rule: reference.unusual(lp, f, rule, bits[name]) for rule in RULES}
+        for name, (lp, f) in outputs.items()
+    }
+    clean_by_rule = by_rule.pop("clean")
+    shifted_by_rule = by_rule
+    ridges = None
+    if args.suite == "validation":
+        ridges = class_ridge_sweep(
+            reference_features(canary_f, serving, args.evidence_inputs),
+            outputs["clean"][1],
+            {name: f for name, (_, f) in outputs.items() if name != "clean"},
+        )
+    models = load_baselines()
+    baselines = {
+        name: {set_name: baseline_outputs(model, x) for set_name, x in images.items()}
+        for name, model in models.items()
+    }
+    background = PixelBackground.fit(train.x)
+    others = other_scores(outputs, baselines, bits, background, images)
+    other_auroc = {
+        score: {name: auroc(by_set["clean"], by_set[name]) for name in sets}
+        for score, by_set in others.items()
+    }
     rules = {
         rule: float(np.mean([auroc(clean_by_rule[rule], v[rule]) for v in shifted_by_rule.values()]))
         for rule in RULES
     }
     print("mean AUROC by rule: " + ", ".join(f"{r} {a:.3f}" for r, a in rules.items()), flush=True)
+    other_means = {score: float(np.mean(list(v.values()))) for score, v in other_auroc.items()}
+    print("mean AUROC by score: " + ", ".join(f"{s} {a:.3f}" for s, a in other_means.items()), flush=True)
     served = defaults.unusual_rule  # what the service serves; the rest below is that rule's
     clean = clean_by_rule[served]
     shifted = {name: v[served] for name, v in shifted_by_rule.items()}
@@ -260,6 +390,9 @@ def scores_section(args: argparse.Namespace) -> None:
             name: {rule: auroc(clean_by_rule[rule], v[rule]) for rule in RULES}
             for name, v in shifted_by_rule.items()
         },
+        "auroc_mean_by_score": other_means,
+        "auroc_by_score": other_auroc,
+        "background_mutation": MUTATION,
         "drift": asdict(config),
         "clean_images": len(clean),
         "clean_mean_unusual": float(clean.mean()),
@@ -273,13 +406,55 @@ def scores_section(args: argparse.Namespace) -> None:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     name = "drift.json" if args.suite == "mnistc" else "drift_val.json"
     (args.results_dir / name).write_text(json.dumps(report, indent=2) + "\n")
+    if args.suite == "mnistc":
+        ref = baseline_outputs(models["dnn_generic"], canary)
+        save_streams(
+            CACHE / "streams_mnistc.npz",
+            ref,
+            baselines["dnn_generic"],
+            canary_f,
+            outputs,
+            {"clean": clean, **shifted},
+        )
     if args.suite == "mnistc" and not args.no_metrics:
         metrics = {f"drift.auroc.{c}": r["auroc"] for c, r in rows.items()}
         metrics |= {f"drift.detect.requests_to_alarm.{c}": r["requests_to_alarm"] for c, r in rows.items()}
         metrics["drift.auroc.mean"] = mean_auroc
         metrics["drift.detect.requests_to_alarm.median"] = median_rta
         metrics["drift.false_alarms_per_10k"] = per_10k
+        for score, by_set in other_auroc.items():
+            metrics |= {f"drift.auroc.{c}.{score}": a for c, a in by_set.items()}
+            metrics[f"drift.auroc.mean.{score}"] = other_means[score]
         update_metrics(metrics)
+
+
+def reference_features(
+    canary_f: np.ndarray, serving: ServingData, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The canary's q(m|x) summaries: the first ``n`` (ranked), the second ``n`` (fitted) and
+    their labels."""
+    return canary_f[:n], canary_f[n : 2 * n], serving.canary_y[n : 2 * n]
+
+
+def save_streams(
+    path: Path,
+    ref: BaselineOutputs,
+    dnn: dict[str, BaselineOutputs],
+    canary_f: np.ndarray,
+    outputs: dict[str, tuple[np.ndarray, np.ndarray]],
+    unusual: dict[str, np.ndarray],
+) -> None:
+    """The stream detectors' inputs (:mod:`benchmarks.drift_online`): for the reference (the
+    canary) and every set, the DNN's penultimate activations and softmax outputs, q(m|x)'s mean
+    and (not for the reference) the service's unusual score."""
+    dims = canary_f.shape[1] // 2
+    arrays = {"ref/dnn": ref.features, "ref/dnn_softmax": ref.softmax, "ref/m": canary_f[:, :dims]}
+    for name, out in dnn.items():
+        arrays |= {f"{name}/dnn": out.features, f"{name}/dnn_softmax": out.softmax}
+        arrays[f"{name}/m"] = outputs[name][1][:, :dims]
+        arrays[f"{name}/unusual"] = unusual[name]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
 
 
 def live_section(args: argparse.Namespace, *, routed: bool) -> None:
