@@ -45,7 +45,7 @@ def _acc(results: Mapping[str, Any], protocol: str, method: str) -> float | None
     return None if summary is None else float(summary["accuracy"])
 
 
-def main_table(results: Mapping[str, Any], methods: list[str]) -> list[str]:
+def main_table(results: Mapping[str, Any], methods: list[str], streams: Mapping[str, Any]) -> list[str]:
     lines = [
         "| protocol | images | " + " | ".join(NAMES[m] for m in methods) + " |",
         "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |",
@@ -53,13 +53,13 @@ def main_table(results: Mapping[str, Any], methods: list[str]) -> list[str]:
     for protocol, by_method in results.items():
         values = {m: by_method[m]["accuracy"] for m in methods if m in by_method}
         best = max(values.values())
-        n = len(next(iter(by_method.values()))["curve"])
+        n = streams[protocol]["images"]
         cells = [
             f"**{values[m]:.3f}**" if values[m] == best else f"{values[m]:.3f}"
             for m in methods
             if m in values
         ]
-        lines.append(f"| `{protocol}` | ~{n * 100} | " + " | ".join(cells) + " |")
+        lines.append(f"| `{protocol}` | {n} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -145,6 +145,22 @@ def parts_table(results: Mapping[str, Any], protocols: list[str], methods: list[
     return lines
 
 
+def service_summary(service: Mapping[str, Any]) -> str:
+    """How many jobs started, how many published a version while their stream lasted."""
+    jobs = [j for s in service.values() for j in s["jobs"]]
+    landed = sum(1 for s in service.values() for v in s["first_answer_by_version"] if v != "1")
+    running = sum(1 for j in jobs if j["finished_s"] is None)
+    took = [j["finished_s"] - j["created_s"] for j in jobs if j["finished_s"] is not None]
+    text = (
+        f"Over the {len(service)} streams the service started {len(jobs)} adaptation jobs; "
+        f"{landed} of them published a version that answered before its stream ended, "
+        f"{running} were still running when their stream ended"
+    )
+    if took:
+        text += f"; the jobs that ended took {min(took):.0f} to {max(took):.0f} s"
+    return text + "."
+
+
 def service_table(service: Mapping[str, Any]) -> list[str]:
     lines = [
         "| protocol | requests | seconds | median latency (s) "
@@ -194,8 +210,9 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
     for ax, protocol in zip(axes.flat, protocols, strict=False):
         for method, summary in results[protocol].items():
             curve = summary["curve"]
-            xs = [100 * (i + 0.5) for i in range(len(curve))]
-            ax.plot(xs, curve, label=NAMES[method], color=COLOURS[method], lw=1.2)
+            window = report["curve_window"]
+            xs = [window * (i + 0.5) for i in range(len(curve))]
+            ax.plot(xs, curve, label=NAMES[method], color=COLOURS[method], lw=1.2, marker=".", ms=3)
         service = report.get("service", {}).get(protocol)
         if service:
             for version, first in service["first_answer_by_version"].items():
@@ -207,7 +224,7 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(protocols) :]:
         ax.axis("off")
-    axes[0][0].set_ylabel("accuracy (windows of 100)", fontsize=8)
+    axes[0][0].set_ylabel(f"accuracy (windows of {report['curve_window']})", fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -240,27 +257,37 @@ def write_report(report: Mapping[str, Any], md: Path, png: Path) -> None:
         f"- `continual`: {sizes['clean']} clean images, {sizes['whole']} of each of the 15 corruptions in "
         "MNIST-C's order, then the same clean images again; nothing restarts.",
         "",
-        "Methods: the DNN trained with the generic manipulations (`models/mnist_dnn_generic.pt`, no "
-        "adaptation); the dense-head BN-CNN (`models/mnist_bncnn_flat.pt`) with BatchNorm on each "
-        "batch's statistics (BN adaptation), with TENT online (`training.tent`, one Adam step per batch) "
-        "and with SAR online (`training.sar`: reliable-entropy filter, sharpness-aware step, model "
-        "recovery; Niu et al. 2023); CAMA as `POST /predict` answers it, not adapted; and CAMA through "
-        "the running service in auto-adapt mode (`CAMA_AUTO_ADAPT=mnist`, every other setting at its "
-        f"default): each batch is one `/predict` request, sent at a fixed **{report['rate_images_per_s']:g} "
-        "images per second** whether or not earlier requests were answered, scored by the label the "
-        "service answered then; the service raises drift, starts jobs on the unusual inputs it kept, "
-        "its gate decides and an accepted version is swapped in, as for any user. The service starts "
-        "afresh only between protocols. TENT's and SAR's settings are chosen per protocol on the "
-        "validation suite (below), never on MNIST-C.",
+        "Methods:",
+        "",
+        "- DNN (generic manipulations): `models/mnist_dnn_generic.pt`, no adaptation;",
+        "- BN adaptation: the dense-head BN-CNN (`models/mnist_bncnn_flat.pt`) with BatchNorm on each "
+        "batch's statistics;",
+        "- TENT online: `training.tent` on the same network, one Adam step per batch;",
+        "- SAR: `training.sar` on the same network (Niu et al. 2023: entropy filter, sharpness-aware "
+        "step, model recovery), one SGD step per batch;",
+        "- CAMA as served: the label `POST /predict`'s path gives (ONNX Runtime, first-sample screen, "
+        "K = 10), not adapted;",
+        "- CAMA through the service: the running service in auto-adapt mode "
+        "(`CAMA_AUTO_ADAPT=mnist`, `CAMA_AUTO_ADAPT_COOLDOWN_S=0`, every other setting at its default); "
+        "each batch is one `/predict` request, sent at a fixed "
+        f"**{report['rate_images_per_s']:g} images per second** whether or not earlier requests were "
+        "answered, and each image is scored by the label the service answered then. The service "
+        "raises drift, starts jobs on the unusual inputs it kept, its gate decides and an accepted "
+        "version is swapped in, as for any user. Between protocols (never within one) it is brought "
+        "back to its start: open jobs cancelled, v1 activated again, 100 clean images to warm its "
+        "drift test up.",
+        "",
+        "TENT's and SAR's settings are chosen per protocol on the validation suite (below), never on "
+        "MNIST-C.",
         "",
         "## Mean online accuracy",
         "",
-        *main_table(results, methods),
+        *main_table(results, methods, report["streams"]),
         "",
         "![accuracy along each stream](streams.png)",
         "",
-        "Accuracy over windows of 100 images along each stream; dotted lines mark where an adapted "
-        "version of the service first answered.",
+        f"Accuracy over windows of {report['curve_window']} images along each stream; dotted lines "
+        "mark where an adapted version of the service first answered.",
         "",
         "## Where each method wins",
         "",
@@ -275,6 +302,8 @@ def write_report(report: Mapping[str, Any], md: Path, png: Path) -> None:
         f"Rate {report['rate_images_per_s']:g} images per second. A job's requests missed are the "
         "requests sent after it took its inputs and answered before its version answered any (all "
         "of them to the end of the stream when its version never answered).",
+        "",
+        service_summary(report.get("service", {})),
         "",
         *service_table(report.get("service", {})),
         "",

@@ -1,18 +1,21 @@
 """A stream posted to the running service in auto-adapt mode, at a fixed rate, scored by its answers.
 
 Part of ``python -m benchmarks.streams`` (method ``cama_service``). One real service
-(``python -m app``, embedded worker, ``CAMA_AUTO_ADAPT=mnist``, every other setting at its
-default) answers the stream's batches as ``POST /predict`` requests, one request per batch, sent
-open-loop at ``rate`` images per second (a request leaves at its time whether or not the ones
-before it were answered). Each image is scored by the label the service answered, with the version
-that answered it; nothing else is sent: no ``/adapt``, no labels. The service raises drift, keeps
-the unusual inputs and starts jobs as it does for any user; the gate decides, an accepted version is
-hot-swapped in. ``GET /models/mnist/drift`` is polled every second for the jobs it starts.
+(``python -m app``, embedded worker, ``CAMA_AUTO_ADAPT=mnist``) answers the stream's batches as
+``POST /predict`` requests, one request per batch, sent open-loop at ``rate`` images per second (a
+request leaves at its time whether or not the ones before it were answered). Each image is scored
+by the label the service answered, with the version that answered it; nothing else is sent: no
+``/adapt``, no labels. The service raises drift, keeps the unusual inputs and starts jobs as it
+does for any user; the gate decides, an accepted version is hot-swapped in.
+``GET /models/mnist/drift`` is polled every second for the jobs it starts. Besides
+``CAMA_AUTO_ADAPT`` the only setting changed is ``CAMA_AUTO_ADAPT_COOLDOWN_S`` (below).
 
-Before each stream, ``WARMUP`` clean images (not in any stream) warm the drift test up. The next
-stream reuses the process when this one started no job and the drift test is not in ``drift``
-after the warm-up; otherwise the process is stopped and a new one starts on a fresh copy of the
-seeded store (no version, buffer or cool-down carries over).
+One process serves every stream. Before each stream it is brought back to its start: the jobs
+still running are cancelled, v1 is activated again (a new drift test starts with it, the buffer is
+emptied) and ``WARMUP`` clean images (in no stream) warm the drift test up; if it is still in
+``drift`` after them, the process is replaced by a new one on a fresh copy of the seeded store.
+``CAMA_AUTO_ADAPT_COOLDOWN_S`` is 0 so that a job cancelled at the end of one stream does not
+hold the next.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def _payload(x: np.ndarray, seed: int) -> dict[str, Any]:
 
 
 class StreamService:
-    """One service process at a time, restarted on a fresh store when a stream changed it."""
+    """One service process for every stream, brought back to its start between streams."""
 
     def __init__(self, template: Path, work: Path, log_dir: Path, threads: int) -> None:
         self.template = template
@@ -81,6 +84,7 @@ class StreamService:
         self.threads = threads
         self.svc: ServiceProcess | None = None
         self.starts = 0
+        self.open_jobs: list[str] = []
 
     def _start(self) -> ServiceProcess:
         self.stop()
@@ -94,9 +98,10 @@ class StreamService:
             models=["mnist"],
             token=TOKEN,
             auto_adapt="mnist",
+            auto_adapt_cooldown_s=0,  # a job cancelled at the end of one stream must not hold the next
             torch_threads=self.threads,
         )
-        svc.wait_ready(timeout=600)
+        svc.wait_ready(timeout=1800)
         self.svc = svc
         return svc
 
@@ -106,30 +111,46 @@ class StreamService:
             self.svc = None
 
     def run(self, stream: Stream, x: np.ndarray, warmup: np.ndarray, rate: float) -> ServiceRun:
-        """Post ``stream`` (images ``x``) after the warm-up, at ``rate`` images per second."""
+        """Post ``stream`` (images ``x``) after the reset and the warm-up, at ``rate`` images per
+        second."""
         fresh = self.svc is None
         if self.svc is None:
             self._start()
         assert self.svc is not None
-        state = asyncio.run(_warm_up(self.svc.url, warmup))
-        if state == "drift":
+        state = asyncio.run(_reset(self.svc.url, self.open_jobs, warmup))
+        if state == "drift":  # the clean warm-up did not clear it: start afresh
             self._start()
             fresh = True
-            asyncio.run(_warm_up(self.svc.url, warmup))
+            asyncio.run(_reset(self.svc.url, [], warmup))
         run = asyncio.run(_post_stream(self.svc.url, stream, x, rate))
         run.fresh_process = fresh
-        if run.jobs:
-            self.stop()  # a new process and store for the next stream
+        self.open_jobs = [job["id"] for job in run.jobs if job["state"] not in TERMINAL]
         return run
 
 
-async def _warm_up(url: str, warmup: np.ndarray) -> str:
-    """Post the clean warm-up images, one request at a time; the drift state after them."""
+async def _reset(url: str, open_jobs: list[str], warmup: np.ndarray) -> str:
+    """Cancel the jobs still open, serve v1 again, warm the drift test up with clean images; the
+    drift state after them."""
     async with httpx.AsyncClient(base_url=url, timeout=300, headers=AUTH) as client:
-        for i in range(0, len(warmup), WARMUP_REQUEST):
-            r = await client.post("/predict", json=_payload(warmup[i : i + WARMUP_REQUEST], 10**6 + i))
+        current = (await client.get("/models/mnist/drift")).json().get("auto_job")
+        for job_id in {*open_jobs, *([current] if current else [])}:  # one may start after a stream
+            await client.post(f"/jobs/{job_id}/cancel")
+            while (await client.get(f"/jobs/{job_id}")).json()["state"] not in TERMINAL:
+                await asyncio.sleep(1.0)
+        if (await client.get("/models/mnist/drift")).json()["version"] != 1:
+            r = await client.post("/models/mnist/activate", json={"version": 1})
             r.raise_for_status()
-        drift = (await client.get("/models/mnist/drift")).json()
+            while (await client.get("/models/mnist/drift")).json()["version"] != 1:
+                await asyncio.sleep(0.5)
+        return await _warm_up(client, warmup)
+
+
+async def _warm_up(client: httpx.AsyncClient, warmup: np.ndarray) -> str:
+    """Post the clean warm-up images, one request at a time; the drift state after them."""
+    for i in range(0, len(warmup), WARMUP_REQUEST):
+        r = await client.post("/predict", json=_payload(warmup[i : i + WARMUP_REQUEST], 10**6 + i))
+        r.raise_for_status()
+    drift = (await client.get("/models/mnist/drift")).json()
     return str(drift["state"])
 
 

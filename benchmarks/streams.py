@@ -96,7 +96,7 @@ BN_METHODS = ("bn_adapt", "tent_online", "sar")
 PER_SOURCE_CORRUPTIONS = ("impulse_noise", "fog", "zigzag")
 SAR_LRS = (1e-3, 1e-2, 3e-2, 1e-1)
 SAR_MARGINS = (0.4, 0.6)  # E0 = factor * ln C; the paper's factor is 0.4
-CURVE_WINDOW = 100
+CURVE_WINDOW = 50
 
 
 @dataclass(frozen=True)
@@ -448,9 +448,9 @@ def measure(args: argparse.Namespace, data: Data, cache: Cache) -> None:
                 for protocol in missing["cama_service"]:
                     stream = data.streams[protocol]
                     run = runner.run(stream, data.images[protocol], data.warmup, args.rate)
+                    cache.put_labels(protocol, "cama_service", run.labels, run.seconds)
                     summary = service_summary(run)
                     cache.put_json(f"{protocol}.service", summary)
-                    cache.put_labels(protocol, "cama_service", run.labels, run.seconds)
                     jobs = ", ".join(f"{j['state']} missed {j['requests_missed']}" for j in summary["jobs"])
                     accuracy = float((run.labels == stream.label).mean())
                     took = f"{run.seconds:.0f} s; jobs: {jobs or 'none'}"
@@ -494,6 +494,7 @@ def assemble(args: argparse.Namespace, data: Data, cache: Cache) -> None:
         "validation_sizes": asdict(QUICK_VALIDATION if args.quick else VALIDATION),
         "validation_small_batch": VALIDATION_SMALL_BATCH,
         "per_source_corruptions": list(data.per_source_names),
+        "curve_window": CURVE_WINDOW,
         "streams": {p: {"images": len(s), "batch": s.batch} for p, s in data.streams.items()},
         "checkpoints": {"cama": str(args.checkpoint), "dnn_generic": str(args.dnn), "bncnn": str(args.bncnn)},
         "validation": validation,
