@@ -1,7 +1,7 @@
 """Adaptation on the streams users have: mixed corruptions, label shift, small batches, one after another.
 
     python -m benchmarks.streams                  # every protocol and method
-    python -m benchmarks.streams --quick          # a smoke test: tiny streams, nothing written to docs/
+    python -m benchmarks.streams --quick          # a smoke test: tiny streams, its JSON in --cache-dir
     python -m benchmarks.streams --methods cama_service --protocols mixed   # a part; the rest cached
 
 Streams (:mod:`training.streams`, seeded, the same for every method) are built from MNIST-C's test
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=RATE, help="images per second posted to the service")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="tiny streams; writes only the JSON")
+    parser.add_argument("--quick", action="store_true", help="tiny streams; its JSON in --cache-dir only")
     parser.add_argument(
         "--cache-dir", type=Path, default=Path("logs/streams"), help="answers measured so far"
     )
@@ -504,10 +504,10 @@ def assemble(args: argparse.Namespace, data: Data, cache: Cache) -> None:
         "seconds": float(sum(seconds.values())),
         "seconds_by_part": seconds,
     }
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    name = "streams_quick.json" if args.quick else "streams.json"
-    (args.results_dir / name).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.results_dir / name}", flush=True)
+    out = cache.root / "streams_quick.json" if args.quick else args.results_dir / "streams.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}", flush=True)
     if missing:
         print(f"not measured yet: {', '.join(missing)}; the page waits for every method", flush=True)
         return
