@@ -85,7 +85,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     import training.baselines  # noqa: F401 - registers the DNN's checkpoint kind
     from cama.checkpoint import load_checkpoint
     from cama.image_model import ImageCama
-    from training.accuracy import served_accuracy
+    from training.accuracy import served_accuracy as cama_served_accuracy
     from training.baselines import evaluate_accuracy
     from training.data import recorded_test_split
     from training.export_model import export
@@ -98,7 +98,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     test = recorded_test_split(cama_meta.provenance)  # test/ of the folder both were trained on
     metrics = {
         "own_images.digits.test_images": float(len(test)),
-        "own_images.digits.cama.clean": served_accuracy(cama, test.x, test.y, k=10, seed=0),
+        "own_images.digits.cama.clean": cama_served_accuracy(cama, test.x, test.y, k=10, seed=0),
         "own_images.digits.dnn.clean": evaluate_accuracy(dnn, test.x, test.y),
     }
     name, level = SHIFT

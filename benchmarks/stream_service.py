@@ -31,7 +31,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.harness import ServiceProcess, clone_store
+from harness.processes import ServiceProcess
+from harness.stores import clone_store
 from training.streams import Stream
 
 TOKEN = "stream-bench-" + "c" * 24

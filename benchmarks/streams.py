@@ -72,15 +72,15 @@ from torch import Tensor, nn
 
 from app.core.config import Settings
 from app.serving import load_version
-from benchmarks.harness import mnist_store
 from benchmarks.live_adapt import log_weights
 from benchmarks.stream_report import write_report
 from benchmarks.stream_service import ServiceRun, StreamService, describe_jobs
 from cama.checkpoint import sha256_file
+from experiments.evaluate_mnistc import TENT_LRS, TENT_VALIDATION
+from harness.stores import mnist_store
 from store.registry import ModelRegistry
 from training.baselines import load_baseline, predict
 from training.data import MNISTC_CORRUPTIONS, VAL_FRACTION, load_mnist, load_mnist_c, validation_split
-from training.evaluate_mnistc import TENT_LRS, TENT_VALIDATION
 from training.manipulations import named
 from training.metrics import update_metrics
 from training.sar import setup_sar
