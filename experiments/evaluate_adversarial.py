@@ -569,10 +569,10 @@ def evaluate_measurement(args: argparse.Namespace) -> None:
 def measure_seed(seed: int, args: argparse.Namespace) -> None:
     """One generator seed of fig. 13: train CAMA and the DNN, attack, fine-tune."""
     from cama.measurement_model import MeasurementCama, MeasurementCamaConfig
-    from experiments import evaluate_measurement as em
+    from experiments import measurement_study as em
     from training.measurement_data import make_dataset, schema_dict, to_frame
     from training.measurement_schema import Encoding, TableSchema
-    from training.train_measurement import TrainConfig, accuracy, train
+    from training.measurement_training import TrainConfig, accuracy, train
 
     cfg = em.EvalConfig()
     recipe = dataclasses.replace(MEASUREMENT_RECIPE, seed=seed)
