@@ -39,7 +39,7 @@ from cama.checkpoint import load_checkpoint
 from cama.measurement_model import MeasurementCama
 from cama.runtime import atomic_write
 from training.measurement_data import make_dataset, to_frame
-from training.train_measurement import accuracy, as_tensors, load_encoding, replay_path
+from training.measurement_training import accuracy, as_tensors, load_encoding, replay_path
 
 PAPER_ALPHA = 0.5  # eq. 8's weight of the clean term in the paper's MNIST experiments
 

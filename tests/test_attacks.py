@@ -9,8 +9,10 @@ from torch import nn
 
 from cama.config import ImageCamaConfig
 from cama.image_model import ImageCama
+from experiments.adversarial_report import sanity_checks
+from experiments.adversarial_run import cama_logits, fixed_noise_accuracy
 from experiments.attacks import Attack, attack_loss, batched_perturb, expected_gradient, perturb
-from experiments.evaluate_adversarial import cama_logits, fixed_noise_accuracy, image_split, sanity_checks
+from experiments.evaluate_adversarial import image_split
 
 
 def linear(weight: torch.Tensor):
@@ -153,8 +155,8 @@ def test_sanity_checks_pass_and_fail_on_the_figures():
 
 
 def test_the_measurement_figures_are_means_over_seeds(tmp_path):
+    from experiments.adversarial_report import figures
     from experiments.eval_cache import Cache
-    from experiments.evaluate_adversarial import figures
 
     cache = Cache(tmp_path / "adversarial_measurement_eval.json", False)
     for seed, value in ((0, 0.5), (1, 0.7)):
@@ -168,7 +170,8 @@ def test_the_measurement_attack_runs_end_to_end(tmp_path):
     """Fig. 13's whole path on tiny models: every attack, eps and method measured, means written."""
     import json
 
-    from experiments.evaluate_adversarial import EPS, METHODS, main
+    from experiments.adversarial_protocol import EPS, METHODS
+    from experiments.evaluate_adversarial import main
 
     main(["--dataset", "measurement", "--dry-run", "--seeds", "0", "--out-dir", str(tmp_path),
           "--work-dir", str(tmp_path / "work"), "--threads", "1"])  # fmt: skip
@@ -201,8 +204,9 @@ def test_fgsm_at_a_budget_keeps_what_broke_an_input_at_a_smaller_one(tmp_path):
     """FGSM's single step overshoots: here class 1 wins only for v in (0.517, 0.583), so from
     v = 0.5 the steps of 0.02 and 0.05 break the input and the step of 0.1 jumps past. The figure
     at 0.1 and 0.2 keeps the 0.05 example, which lies inside those balls."""
+    from experiments.adversarial_protocol import EPS
+    from experiments.adversarial_run import Attacked, Classifier, Run
     from experiments.eval_cache import Cache
-    from experiments.evaluate_adversarial import EPS, Attacked, Classifier, Run
 
     def f(v, draw):
         return torch.cat([torch.zeros_like(v), 1.0 - 30.0 * (v - 0.55).abs()], 1)
@@ -222,8 +226,9 @@ def test_fgsm_at_a_budget_keeps_what_broke_an_input_at_a_smaller_one(tmp_path):
 
 
 def test_the_transfer_and_more_steps_figures_make_their_examples_only_when_measured(tmp_path):
+    from experiments.adversarial_run import Classifier, Run
     from experiments.eval_cache import Cache
-    from experiments.evaluate_adversarial import Classifier, Run, more_steps, transfer
+    from experiments.evaluate_adversarial import more_steps, transfer
 
     torch.manual_seed(0)
     weight = torch.randn(6, 2)

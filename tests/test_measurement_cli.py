@@ -19,7 +19,8 @@ import pytest
 from cama.adapt import MEASUREMENT_RECIPE
 from cama.checkpoint import load_checkpoint
 from cama.measurement_model import MeasurementCama
-from training import check_measurement_gate, evaluate_measurement, measurement_oracles, train_measurement
+from experiments import check_measurement_gate, evaluate_measurement, measurement_oracles
+from training import measurement_training, train_measurement
 from training.measurement_data import make_dataset, schema_dict, to_frame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +138,7 @@ def test_predict_applies_the_stored_standardisation_and_reports_accuracy(
     assert summary["accuracy"] == pytest.approx(float((pred["label"] == pred["predicted"]).mean()))
     # the same rows with shifted raw units give other inputs: the stored statistics are applied
     _, meta = load_checkpoint(out)
-    encoding = train_measurement.load_encoding(meta.provenance)
+    encoding = measurement_training.load_encoding(meta.provenance)
     stats = encoding.standardizer
     encoded = encoding.encode(test)
     expected = (test["x3"].to_numpy() - stats.mean["x3"]) / stats.std["x3"]
