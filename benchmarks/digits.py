@@ -11,7 +11,8 @@ scores both checkpoints on ``test/`` (``cama-serve evaluate``'s numerics: CAMA a
 /predict`` answers it), exports CAMA into a fresh store, serves it (embedded worker, the
 default promotion gate), and adapts it through the service: the test split is shifted
 vertically (range 0.25, two pixels at most, seeded), its first half posted unlabelled to
-``/adapt``, and ``/predict`` scores the other half before and after. It writes
+``/adapt``, and ``/predict`` scores the other half before and after. Where the gate refuses the
+job, the candidate it refused is scored too (the same code path run here, kept). It writes
 ``benchmarks/results/own_images_digits.json`` and the metrics ``own_images.digits.*``.
 """
 
@@ -83,8 +84,12 @@ def served_accuracy(
 def measure(args: argparse.Namespace) -> dict[str, float]:
     """Clean accuracy of both models on ``test/``; one adaptation through the service."""
     import training.baselines  # noqa: F401 - registers the DNN's checkpoint kind
+    from cama.adapt import FinetuneConfig, GateConfig
     from cama.checkpoint import load_checkpoint
     from cama.image_model import ImageCama
+    from experiments.experiment import adapt_as_served
+    from store.data import ServingData
+    from store.registry import ModelRegistry
     from training.accuracy import served_accuracy as cama_served_accuracy
     from training.baselines import evaluate_accuracy
     from training.data import recorded_test_split
@@ -135,6 +140,19 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
             clean_after, _ = served_accuracy(client, "digits", test.x[half:], score_y)
     finally:
         svc.stop()
+    # what the job fine-tuned, kept although the gate may refuse it: the same code path
+    # (cama.adapt.adapt_batch, the recipe and default gate) run here on the same unlabelled half
+    serving = ServingData.load(ModelRegistry(store).version_dir("digits", 1) / "replay.npz")
+    recipe = FinetuneConfig(**cama_meta.provenance["adapt_recipe"])
+    candidate, _ = adapt_as_served(cama, adapt_x, recipe, GateConfig(), serving, keep_refused=True)
+    metrics |= {
+        "own_images.digits.cama.vshift_0.25.candidate": cama_served_accuracy(
+            candidate, score_x, score_y, k=10, seed=0
+        ),
+        "own_images.digits.cama.clean_half.candidate": cama_served_accuracy(
+            candidate, test.x[half:], score_y, k=10, seed=0
+        ),
+    }
     metrics |= {
         "own_images.digits.cama.vshift_0.25.before": before,
         "own_images.digits.cama.vshift_0.25.after": after,
