@@ -270,7 +270,7 @@ def _strings(t: InferInputRequest, n: int) -> list[str]:
     flat = [v for row in values for v in (row if isinstance(row, list) else [row])]
     if len(flat) != n or any(isinstance(v, list) for v in flat):
         raise InvalidInputError(
-            f"input {t.name!r}: {len(values)} elements for shape {t.shape}", reason="bad_shape"
+            f"input {t.name!r}: {len(flat)} elements for shape {t.shape}", reason="bad_shape"
         )
     return flat
 

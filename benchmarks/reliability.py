@@ -7,9 +7,12 @@ Loopback only, every loop bounded in count and time. Each section starts its own
 processes (tiny models, or the committed MNIST model for the memory sections), writes
 ``benchmarks/results/reliability.json`` and the ``reliability.*`` keys of ``docs/results/metrics.json``:
 
-- ``fuzz``: schemathesis (``--checks all``) against the OpenAPI schema until at least
-  ``--fuzz-requests`` requests were answered; ``reliability.fuzz.requests`` and ``.5xx`` are the
-  server's own counts (``cama_requests_total``).
+- ``fuzz``: schemathesis (``--checks all``) against the OpenAPI schema (the native and the
+  Open Inference Protocol's ``/v2`` routes) until at least ``--fuzz-requests`` requests were
+  answered, then ``--fuzz-v2-requests`` mutations of valid ``/v2`` inference requests (JSON and
+  binary tensor data, which a schema cannot describe); ``reliability.fuzz.requests`` and ``.5xx``
+  are the server's own counts (``cama_requests_total``), ``.v2_requests`` and ``.v2_5xx`` those
+  of the ``/v2`` routes.
 - ``bad_inputs``: hand-made hostile requests (bombs, malformed and truncated bodies, loose types,
   made-up methods, a corrupt ACTIVE file); ``.tried`` and ``.5xx`` (a reset connection counts).
 - ``worst_request``: the largest resident-memory growth one request within the limits causes
@@ -31,6 +34,7 @@ import random
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -64,11 +68,14 @@ def images(n: int, seed: int = 0) -> list[str]:
     return [png_base64(img / 255.0) for img in x]
 
 
-def server_counts(url: str) -> tuple[int, int]:
-    """(requests answered, 5xx answers) from the server's own ``cama_requests_total``."""
+def server_counts(url: str, route_prefix: str = "") -> tuple[int, int]:
+    """(requests answered, 5xx answers) from the server's own ``cama_requests_total``, of the
+    routes whose template starts with ``route_prefix`` (templates hold braces: ``{name}``)."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
     total = fives = 0
-    for m in re.finditer(r"^cama_requests_total\{([^}]*)\} ([0-9.e+]+)$", text, re.M):
+    for m in re.finditer(r"^cama_requests_total\{(.*)\} ([0-9.e+]+)$", text, re.M):
+        if f'route="{route_prefix}' not in m.group(1):
+            continue
         n = int(float(m.group(2)))
         total += n
         if re.search(r'status="5', m.group(1)):
@@ -106,9 +113,135 @@ def tiny_stores(work: Path) -> tuple[Path, Path]:
     return seed, store
 
 
+def v2_requests(seed: int = 0) -> list[tuple[str, dict[str, Any], bytes]]:
+    """Valid Open Inference Protocol requests as (path, JSON header, binary tensor data): FP32
+    and BYTES (PNG) images in JSON and binary form, and a measurement model's three tensors."""
+    x, _ = digit_like_images(2, seed=seed)
+    pixels = (x[:, None] / 255.0).astype("<f4")
+    files = [base64.b64decode(png) for png in images(2, seed)]
+    rng = np.random.default_rng(seed)
+    meas = {"x": 10, "a": 5, "c": 5}
+    cols = {name: rng.standard_normal((2, d)).astype("<f4") for name, d in meas.items()}
+    params = {"k": 3, "seed": seed}
+
+    def tensor(name: str, shape: list[int], datatype: str, size: int | None = None, data: Any = None) -> Any:
+        out: dict[str, Any] = {"name": name, "shape": shape, "datatype": datatype}
+        if size is None:
+            out["data"] = data
+        else:
+            out["parameters"] = {"binary_data_size": size}
+        return out
+
+    framed = b"".join(struct.pack("<I", len(f)) + f for f in files)
+    pixel_json = tensor("x", [2, 1, 28, 28], "FP32", data=pixels.ravel().tolist())
+    pixel_binary = tensor("x", [2, 1, 28, 28], "FP32", pixels.nbytes)
+    png_json = tensor("x", [2], "BYTES", data=images(2, seed))
+    meas_binary = [tensor(n, [2, d], "FP32", cols[n].nbytes) for n, d in meas.items()]
+    as_binary = [{"name": "probabilities", "parameters": {"binary_data": True}}]
+    binary_out = {**params, "binary_data_output": True}
+    return [
+        ("/v2/models/tiny/infer", {"inputs": [pixel_json], "parameters": params}, b""),
+        ("/v2/models/tiny/infer", {"inputs": [pixel_binary], "parameters": binary_out}, pixels.tobytes()),
+        ("/v2/models/tiny/versions/1/infer", {"inputs": [tensor("x", [2], "BYTES", len(framed))],
+                                              "outputs": [{"name": "label"}]}, framed),
+        ("/v2/models/tiny/infer", {"inputs": [png_json], "outputs": as_binary}, b""),
+        ("/v2/models/meas/infer", {"inputs": meas_binary, "parameters": params},
+         b"".join(cols[n].tobytes() for n in meas)),
+    ]  # fmt: skip
+
+
+ODD_VALUES: list[Any] = [
+    None,
+    True,
+    -1,
+    0,
+    2**64,
+    1e308,
+    0.5,
+    "",
+    "x" * 300,
+    "FP32",
+    "BYTES",
+    [],
+    [[]],
+    {},
+    [-1],
+]
+
+
+def mutate_json(value: Any, rng: random.Random) -> Any:
+    """``value`` with one node replaced by an odd value, deleted, or given an unknown key."""
+    if isinstance(value, dict) and value and rng.random() < 0.7:
+        key = rng.choice(list(value))
+        roll = rng.random()
+        if roll < 0.15:
+            return {k: v for k, v in value.items() if k != key}
+        if roll < 0.25:
+            return {**value, "unknown": rng.choice(ODD_VALUES)}
+        return {**value, key: mutate_json(value[key], rng)}
+    if isinstance(value, list) and value and rng.random() < 0.7:
+        i = rng.randrange(len(value))
+        return [*value[:i], mutate_json(value[i], rng), *value[i + 1 :]]
+    return rng.choice(ODD_VALUES)
+
+
+def v2_mutations(url: str, n: int, seed: int = 0) -> dict[str, Any]:
+    """``n`` mutations of :func:`v2_requests`: a JSON node changed, body bytes flipped, cut or added,
+    the ``Inference-Header-Content-Length``, content type or path changed. Returns how many were
+    sent and which came back 5xx (or reset the connection)."""
+    rng = random.Random(seed)
+    bases = v2_requests(seed)
+    paths = ["/v2/models/tiny/infer", "/v2/models/meas/infer", "/v2/models/tiny/versions/9/infer",
+             "/v2/models/nope/infer", "/v2/models/tiny/versions/1/infer"]  # fmt: skip
+    sent, bad = 0, []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(n):
+            path, header, data = rng.choice(bases)
+            for _ in range(rng.randint(1, 3)):
+                header = mutate_json(header, rng) if rng.random() < 0.6 else header
+            text = json.dumps(header).encode()
+            body = text + data
+            headers = (
+                {"content-type": "application/octet-stream"} if data else {"content-type": "application/json"}
+            )
+            if data:
+                headers["inference-header-content-length"] = str(len(text))
+            roll = rng.random()
+            if roll < 0.15 and body:
+                cut = rng.randrange(len(body))
+                body = (
+                    body[:cut]
+                    if rng.random() < 0.5
+                    else body[:cut] + rng.randbytes(rng.randint(1, 64)) + body[cut:]
+                )
+            elif roll < 0.3 and body:
+                flipped = bytearray(body)
+                for _ in range(rng.randint(1, 8)):
+                    flipped[rng.randrange(len(flipped))] = rng.randrange(256)
+                body = bytes(flipped)
+            elif roll < 0.4:
+                headers["inference-header-content-length"] = rng.choice(
+                    ["-1", "0", "x", str(len(body) + 1), "1e3"]
+                )
+            elif roll < 0.45:
+                headers["content-type"] = rng.choice(["text/plain", "multipart/form-data", ""])
+            elif roll < 0.5:
+                path = rng.choice(paths)
+            sent += 1
+            try:
+                status = client.post(path, content=body, headers=headers).status_code
+            except httpx.HTTPError as exc:
+                status = 599
+                bad.append(f"{i}: {type(exc).__name__}")
+            if status >= 500:
+                bad.append(f"{i}: {status} {path} {body[:200]!r}")
+    return {"sent": sent, "5xx": len(bad), "details": bad[:10]}
+
+
 # --- sections ------------------------------------------------------------------------------------
-def fuzz(work: Path, target: int, budget_s: float) -> dict[str, Any]:
-    """schemathesis with every check, repeated with new seeds until ``target`` requests."""
+def fuzz(work: Path, target: int, budget_s: float, v2_target: int = 1000) -> dict[str, Any]:
+    """schemathesis with every check, repeated with new seeds until ``target`` requests; then
+    ``v2_target`` mutated Open Inference Protocol requests (:func:`v2_mutations`)."""
     seed_dir, store = tiny_stores(work / "fuzz")
     api = ServiceProcess(
         work / "fuzz.log", model_store=str(store), seed_dir=str(seed_dir), models=["tiny", "meas"],
@@ -138,12 +271,19 @@ def fuzz(work: Path, target: int, budget_s: float) -> dict[str, Any]:
             runs += 1
             if proc.returncode != 0:
                 failures.append(proc.stdout[-3000:])
+        schema_v2 = server_counts(api.url, "/v2")
+        mutations = v2_mutations(api.url, v2_target)
         requests, fives = server_counts(api.url)
+        v2, v2_fives = server_counts(api.url, "/v2")
     finally:
         api.stop()
     return {
         "requests": requests - base_requests,
         "5xx": fives - base_fives,
+        "v2_requests": v2,
+        "v2_5xx": v2_fives,
+        "v2_schema_requests": schema_v2[0],
+        "v2_mutations": mutations,
         "runs": runs,
         "timed_out_runs": timed_out,
         "failed_runs": len(failures),
@@ -496,6 +636,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--fuzz-requests", type=int, default=10000)
     parser.add_argument("--fuzz-budget-s", type=float, default=1100.0)
+    parser.add_argument("--fuzz-v2-requests", type=int, default=1000, help="mutated /v2 inference requests")
     parser.add_argument("--soak-seconds", type=float, default=600.0)
     parser.add_argument("--no-metrics", action="store_true", help="do not write docs/results/metrics.json")
     args = parser.parse_args(argv)
@@ -505,7 +646,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown sections {sorted(unknown)}; known: {SECTIONS}")
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     metric_keys = {
-        "fuzz": ("requests", "5xx"), "bad_inputs": ("tried", "5xx"), "worst_request": ("rss_growth_mb",),
+        "fuzz": ("requests", "5xx", "v2_requests", "v2_5xx"), "bad_inputs": ("tried", "5xx"),
+        "worst_request": ("rss_growth_mb",),
         "soak": ("rss_growth_mb",), "worker_kill": ("recovery_seconds",), "swap": ("failed_requests",),
         "redis_down": ("predict_failed",),
     }  # fmt: skip
@@ -515,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.monotonic()
             print(f"== {section}", flush=True)
             if section == "fuzz":
-                out = fuzz(work, args.fuzz_requests, args.fuzz_budget_s)
+                out = fuzz(work, args.fuzz_requests, args.fuzz_budget_s, args.fuzz_v2_requests)
             elif section == "bad_inputs":
                 out = bad_inputs(work)
             elif section == "worst_request":

@@ -423,6 +423,6 @@ def test_metrics_and_micro_batching_are_shared_with_predict(service, http):
     assert len({json.dumps(p) for p in v2}) == 1  # batching never changes an answer
     passes = _metric(http, "cama_batch_inputs_count", 'model="tiny"') - before
     assert passes < 32  # requests of both routes shared forward passes
-    route = 'route="/v2/models/{name}/infer",status="200"'
+    route = 'model="tiny",route="/v2/models/{name}/infer",status="200"'
     assert _metric(http, "cama_requests_total", route) >= 16
     assert 'model="nope"' not in http.get("/metrics").text
