@@ -328,7 +328,7 @@ def _lifetime_point(
     then the service's resident memory."""
     http_load(url, images, 1, 1, 3.0)  # warm-up
     out: dict[str, Any] = {"sizes": {}}
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     for n in LIFETIME_SIZES:
         if n != args.http_batch:
             out["sizes"][str(n)] = http_load(url, images, args.clients, n, args.http_seconds)
@@ -456,18 +456,18 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.lifetime_only:
             life = measure_lifetime(registry, mnist.test.x, args, Path(tmp) / "api-lifetime.log")
-            metrics = lifetime_metrics(life)
+            life_metrics = lifetime_metrics(life)
             args.results_dir.mkdir(parents=True, exist_ok=True)
-            report = {
+            life_report = {
                 "k": args.k,
                 "threads": args.threads,
                 "clients": args.clients,
                 **life,
-                "metrics": metrics,
+                "metrics": life_metrics,
             }
-            (args.results_dir / "predict_lifetime.json").write_text(json.dumps(report, indent=2) + "\n")
+            (args.results_dir / "predict_lifetime.json").write_text(json.dumps(life_report, indent=2) + "\n")
             if not args.no_metrics:
-                update_metrics(metrics)
+                update_metrics(life_metrics)
             return
         results = measure_paths(version, mnist.test.x, mnist.test.y, args)
         serving = ServingData.load(args.serving_data)
