@@ -330,7 +330,7 @@ def _lifetime_point(
     then the service's resident memory."""
     http_load(url, images, 1, 1, 3.0)  # warm-up
     out: dict[str, Any] = {"sizes": {}}
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     for n in LIFETIME_SIZES:
         if n != args.http_batch:
             out["sizes"][str(n)] = http_load(url, images, args.clients, n, args.http_seconds)
@@ -355,10 +355,15 @@ def _lifetime_point(
 
 
 def measure_lifetime(
-    registry: ModelRegistry, x: np.ndarray, args: argparse.Namespace, log: Path
+    registry: ModelRegistry,
+    x: np.ndarray,
+    args: argparse.Namespace,
+    log: Path,
+    save: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """One embedded-mode service measured fresh, then after ``--jobs`` ``/adapt`` jobs in the same
-    process (each published and activated), at both points by :func:`_lifetime_point`."""
+    process (each published and activated), at both points by :func:`_lifetime_point`, and also
+    after each number of jobs in ``--measure-after``; ``save(result so far)`` after each point."""
     images = [png_base64(img[0]) for img in x[:512]]
     finetune = {"max_steps": args.job_steps, "min_steps": 0}
     svc = ServiceProcess(
@@ -375,7 +380,11 @@ def measure_lifetime(
         svc.wait_ready(timeout=300)
         print("service fresh:", flush=True)
         out["fresh"] = _lifetime_point(svc.url, svc.proc.pid, images, _raw_speed(registry, x, args), args)
-        job_seconds, versions = [], []
+        if save is not None:
+            save(out)
+        job_seconds: list[float] = []
+        versions: list[int] = []
+        points = sorted({n for n in args.measure_after if 0 < n < args.jobs} | {args.jobs})
         with httpx.Client(base_url=svc.url, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
             for i in range(args.jobs):
                 start = (i * args.job_images) % (len(x) - args.job_images)
@@ -389,17 +398,19 @@ def measure_lifetime(
                     raise RuntimeError(f"job {i + 1} ended {job['state']}: {job['reasons'] or job['error']}")
                 versions.append(int(job["version"]))
                 print(f"job {i + 1}/{args.jobs}: v{versions[-1]} in {job_seconds[-1]:.1f} s", flush=True)
-            deadline = time.monotonic() + 120
-            while c.get("/models/mnist").json()["served_version"] != versions[-1]:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"v{versions[-1]} not served after the jobs")
-                time.sleep(0.5)
-        out["job_seconds"] = job_seconds
-        out["versions"] = versions
-        print(f"service after {args.jobs} jobs (serving v{versions[-1] if versions else 1}):", flush=True)
-        out["after_jobs"] = _lifetime_point(
-            svc.url, svc.proc.pid, images, _raw_speed(registry, x, args), args
-        )
+                if i + 1 not in points:
+                    continue
+                deadline = time.monotonic() + 120
+                while c.get("/models/mnist").json()["served_version"] != versions[-1]:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"v{versions[-1]} not served after the jobs")
+                    time.sleep(0.5)
+                print(f"service after {i + 1} jobs (serving v{versions[-1]}):", flush=True)
+                point = _lifetime_point(svc.url, svc.proc.pid, images, _raw_speed(registry, x, args), args)
+                out["after_jobs" if i + 1 == args.jobs else f"after_{i + 1}_jobs"] = point
+                out["job_seconds"], out["versions"] = job_seconds, versions
+                if save is not None:
+                    save(out)
     finally:
         svc.stop()
     return out
@@ -440,6 +451,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=20, help="/adapt jobs before the second measurement")
     parser.add_argument("--job-images", type=int, default=100, help="test images per /adapt job")
     parser.add_argument("--job-steps", type=int, default=20, help="fine-tuning steps per /adapt job")
+    parser.add_argument(
+        "--measure-after", type=int, nargs="*", default=[4, 13], help="also measure after these jobs"
+    )
     parser.add_argument("--lifetime-only", action="store_true", help="only the fresh / after-jobs service")
     parser.add_argument("--calibrate", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
@@ -457,19 +471,18 @@ def main(argv: list[str] | None = None) -> None:
             (args.results_dir / "predict_calibration.json").write_text(json.dumps(rows, indent=2) + "\n")
             return
         if args.lifetime_only:
-            life = measure_lifetime(registry, mnist.test.x, args, Path(tmp) / "api-lifetime.log")
-            metrics = lifetime_metrics(life)
             args.results_dir.mkdir(parents=True, exist_ok=True)
-            report = {
-                "k": args.k,
-                "threads": args.threads,
-                "clients": args.clients,
-                **life,
-                "metrics": metrics,
-            }
-            (args.results_dir / "predict_lifetime.json").write_text(json.dumps(report, indent=2) + "\n")
+            target = args.results_dir / "predict_lifetime.json"
+            settings = {"k": args.k, "threads": args.threads, "clients": args.clients}
+
+            def save(life: dict[str, Any]) -> None:
+                target.write_text(json.dumps({**settings, **life}, indent=2) + "\n")
+
+            life = measure_lifetime(registry, mnist.test.x, args, Path(tmp) / "api-lifetime.log", save)
+            life_metrics = lifetime_metrics(life)
+            target.write_text(json.dumps({**settings, **life, "metrics": life_metrics}, indent=2) + "\n")
             if not args.no_metrics:
-                update_metrics(metrics)
+                update_metrics(life_metrics)
             return
         results = measure_paths(version, mnist.test.x, mnist.test.y, args)
         serving = ServingData.load(args.serving_data)
