@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from cama.checkpoint import CheckpointError, load_checkpoint
-from cama.novelty import DEFAULT_RULE, EvidenceReference, Rule, code_length, log_evidence, m_features
+from cama.novelty import DEFAULT_RULE, EvidenceReference, Rule, log_evidence, m_features
 from cama.objectives import Noise, bayes_log_weights, class_log_weights, screened_log_weights
 from store.data import INPUT_NAMES, Inputs, ServingData
 from store.registry import CorruptVersionError, Manifest, ModelRegistry
@@ -171,8 +171,7 @@ class LoadedVersion:
         """The unusual score of inputs answered with eq. 6's log-weights ``log_w`` (cama.novelty)."""
         assert self.evidence is not None
         features = self.m_features(inputs) if self.evidence.m_model is not None else None
-        bits = code_length(inputs.x) if self.evidence.complexity_scores is not None else None
-        return np.asarray(self.evidence.unusual(log_evidence(log_w), features, code_bits=bits))
+        return np.asarray(self.evidence.unusual(log_evidence(log_w), features))
 
     @torch.no_grad()
     def log_weights_torch(self, inputs: Inputs, noise: NoiseArrays) -> np.ndarray:
@@ -202,8 +201,7 @@ def calibrate_evidence(
     """The clean reference of the unusual score (:mod:`cama.novelty`): ``log p(x)`` of the
     version's canary inputs through the served path at ``k`` samples, with fixed noise, and their
     q(m|x) summaries; the Gaussians over those are fitted on ``fit`` (other clean inputs) if given,
-    the class Gaussian where ``fit_labels`` gives their labels; for an image model, with the
-    canary's code lengths (:func:`cama.novelty.code_length`)."""
+    the class Gaussian where ``fit_labels`` gives their labels."""
     scores = []
     for start in range(0, len(canary), batch):
         part = canary.take(slice(start, start + batch))
@@ -218,7 +216,6 @@ def calibrate_evidence(
         features=features,
         fit_features=fit_features,
         fit_labels=fit_labels if fit_features is not None else None,
-        code_bits=code_length(canary.x) if loaded.kind == "image" else None,
         rule=rule,
     )
 

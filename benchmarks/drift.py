@@ -44,18 +44,21 @@ from benchmarks.drift_scores import (
     BaselineOutputs,
     PixelBackground,
     baseline_outputs,
+    code_length,
+    complexity_corrected,
     load_baselines,
 )
 from benchmarks.drift_stream import alarms_on, requests_to_alarm
 from benchmarks.live_adapt import corruption_sets, live_adaptation, routing
+from cama.checkpoint import load_checkpoint
 from cama.drift import DriftConfig
 from cama.novelty import (
     CLASS_RIDGE,
     RULES,
+    EvidenceReference,
     MGaussian,
-    code_length,
-    complexity_corrected,
     log_evidence,
+    m_features,
     share_below,
 )
 from experiments.evaluate_mnistc import TENT_VALIDATION
@@ -69,7 +72,7 @@ RESULTS = Path("benchmarks/results")
 CACHE = Path(".cache/drift")  # CAMA's log p(x) and q(m|x) per image, and the stream detectors' inputs
 BLOCK = 1000  # images per cached block of CAMA's outputs
 CLASS_RIDGES = (0.01, 0.03, 0.1, 0.3, 1.0)  # the class Gaussian's ridges the validation suite compares
-SECTIONS = ("scores", "auto_adapt", "routing")
+SECTIONS = ("scores", "baselines", "auto_adapt", "routing")
 BATCH = 100
 
 
@@ -96,7 +99,9 @@ def shard_path(suite: str, shard: int, shards: int) -> Path:
     return CACHE / f"{suite}.{shard}of{shards}.npz"
 
 
-def cached_outputs(suite: str, key: dict[str, Any]) -> tuple[dict[str, np.ndarray], Any]:
+def cached_outputs(
+    suite: str, key: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], tuple[EvidenceReference, np.ndarray] | None]:
     """Every cached block of CAMA's outputs (``lp/<set>/<start>``, ``f/<set>/<start>``) under
     ``key``, from every shard file of ``suite``, and the cached clean reference (or None)."""
     held: dict[str, np.ndarray] = {}
@@ -147,6 +152,15 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def baseline_scores(baselines: dict[str, dict[str, BaselineOutputs]]) -> dict[str, dict[str, np.ndarray]]:
+    """``msp_<model>`` and ``energy_<model>`` of each baseline on each named set."""
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    for model, by_set in baselines.items():
+        scores[f"msp_{model}"] = {name: out.msp for name, out in by_set.items()}
+        scores[f"energy_{model}"] = {name: out.energy for name, out in by_set.items()}
+    return scores
+
+
 def other_scores(
     outputs: dict[str, tuple[np.ndarray, np.ndarray]],
     baselines: dict[str, dict[str, BaselineOutputs]],
@@ -156,16 +170,24 @@ def other_scores(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Every per-input score of :mod:`benchmarks.drift_scores` on each named set: score -> set ->
     ``(N,)``, higher is more unusual."""
-    scores: dict[str, dict[str, np.ndarray]] = {}
-    for model, by_set in baselines.items():
-        scores[f"msp_{model}"] = {name: out.msp for name, out in by_set.items()}
-        scores[f"energy_{model}"] = {name: out.energy for name, out in by_set.items()}
+    scores = baseline_scores(baselines)
     scores["log_px"] = {name: -lp for name, (lp, _) in outputs.items()}
     scores["log_px_complexity"] = {
         name: complexity_corrected(lp, bits[name]) for name, (lp, _) in outputs.items()
     }
     scores["log_px_ratio"] = {name: background.log_px(images[name]) - lp for name, (lp, _) in outputs.items()}
     return scores
+
+
+def class_shares(
+    canary: tuple[np.ndarray, np.ndarray, np.ndarray], features: list[np.ndarray], ridge: float = CLASS_RIDGE
+) -> list[np.ndarray]:
+    """The ``m_class`` rule's score (:mod:`cama.novelty`) of each array of q(m|x) summaries, from
+    the canary's (``canary`` = ranked, fitted, the fitted ones' labels) as the service calibrates it."""
+    ranked, fit, labels = canary
+    model = MGaussian.fit(fit, labels, ridge)
+    reference = np.sort(model.distance(ranked))
+    return [share_below(reference, model.distance(f)) for f in features]
 
 
 def class_ridge_sweep(
@@ -176,15 +198,10 @@ def class_ridge_sweep(
     """Mean AUROC of the ``m_class`` rule for each ridge in ``CLASS_RIDGES``: the class Gaussian
     fitted on the canary's second half (``canary`` = ranked, fitted, their labels), ranked on its
     first (as the service does); ``clean`` and ``shifted`` are q(m|x) summaries."""
-    ranked, fit, labels = canary
     out: dict[str, float] = {}
     for ridge in CLASS_RIDGES:
-        model = MGaussian.fit(fit, labels, ridge)
-        reference = np.sort(model.distance(ranked))
-        clean_u = share_below(reference, model.distance(clean))
-        out[f"{ridge:g}"] = float(
-            np.mean([auroc(clean_u, share_below(reference, model.distance(f))) for f in shifted.values()])
-        )
+        clean_u, *rest = class_shares(canary, [clean, *shifted.values()], ridge)
+        out[f"{ridge:g}"] = float(np.mean([auroc(clean_u, u) for u in rest]))
         print(f"m_class ridge {ridge:g}: mean AUROC {out[f'{ridge:g}']:.4f}", flush=True)
     return out
 
@@ -245,21 +262,23 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(sections) - set(SECTIONS):
         parser.error(f"unknown sections {sorted(unknown)}")
     if args.suite == "validation":
-        sections = [part for part in sections if part == "scores"]
+        sections = [part for part in sections if part in ("scores", "baselines")]
     if "routing" in sections and "auto_adapt" not in sections:
         parser.error("routing uses the versions the auto_adapt section publishes")
     if "scores" in sections:
         scores_section(args)
+    elif "baselines" in sections:  # the scores section measures them too
+        baselines_section(args)
     if "auto_adapt" in sections:
         live_section(args, routed="routing" in sections)
 
 
-def scores_section(args: argparse.Namespace) -> None:
-    defaults = Settings()
-    k, screen = defaults.k, defaults.screen_margin
-    config = DriftConfig(args.window, args.alarm_z, args.clear_z)
+def suite_images(
+    args: argparse.Namespace, rng: np.random.Generator
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The suite's images by set (``clean`` first) and the training images (not the validation
+    split) that background models may be fitted on."""
     mnist = load_mnist(args.data_dir)
-    rng = np.random.default_rng(0)
     sets: dict[str, np.ndarray] = {}
     train, val = validation_split(mnist.train, 0.05, 0)
     if args.suite == "mnistc":
@@ -274,7 +293,74 @@ def scores_section(args: argparse.Namespace) -> None:
         for name, level in TENT_VALIDATION:
             sets[f"{name}_{level:g}"] = named(name, level)(base, np.random.default_rng(1)).astype(np.float32)
         sets["uniform_noise"] = rng.random(base.shape, dtype=np.float32)
-    images = {"clean": clean_x, **sets}
+    return {"clean": clean_x, **sets}, train.x
+
+
+def score_aurocs(
+    scores: dict[str, dict[str, np.ndarray]],
+) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """AUROC of each score (score -> set -> ``(N,)``) on each set against ``clean``, and the means."""
+    by_set = {
+        score: {name: auroc(v["clean"], v[name]) for name in v if name != "clean"}
+        for score, v in scores.items()
+    }
+    return by_set, {score: float(np.mean(list(v.values()))) for score, v in by_set.items()}
+
+
+def baselines_section(args: argparse.Namespace) -> None:
+    """The discriminative baselines' scores alone (no CAMA pass): ``drift_baselines[_val].json``
+    and, for MNIST-C, their keys."""
+    images, _ = suite_images(args, np.random.default_rng(0))
+    baselines = {
+        name: {set_name: baseline_outputs(model, x) for set_name, x in images.items()}
+        for name, model in load_baselines().items()
+    }
+    by_set, means = score_aurocs(baseline_scores(baselines))
+    print("mean AUROC by score: " + ", ".join(f"{s} {a:.3f}" for s, a in means.items()), flush=True)
+    report = {"suite": args.suite, "auroc_mean_by_score": means, "auroc_by_score": by_set}
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    name = "drift_baselines.json" if args.suite == "mnistc" else "drift_baselines_val.json"
+    (args.results_dir / name).write_text(json.dumps(report, indent=2) + "\n")
+    if args.suite == "mnistc":
+        cheap_streams(args, images, baselines)
+    if args.suite == "mnistc" and not args.no_metrics:
+        update_metrics(score_keys(by_set, means))
+
+
+def cheap_streams(
+    args: argparse.Namespace, images: dict[str, np.ndarray], baselines: dict[str, dict[str, BaselineOutputs]]
+) -> None:
+    """The stream detectors' inputs without CAMA's ``log p(x)``: q(m|x) comes from the checkpoint's
+    encoder (the torch path the service computes it on) and the unusual score from the ``m_class``
+    rule, which reads q(m|x) only; refused when the service serves another rule."""
+    if Settings().unusual_rule != "m_class":
+        raise SystemExit("the baselines section's streams need the m_class rule; run the scores section")
+    serving = ServingData.load(args.serving_data)
+    n = args.evidence_inputs
+    model, _ = load_checkpoint(args.checkpoint)
+    canary_f = m_features(model, serving.canary.x[: 2 * n])
+    features = {
+        name: np.concatenate([m_features(model, x[i : i + 500]) for i in range(0, len(x), 500)])
+        for name, x in images.items()
+    }
+    canary = reference_features(canary_f, serving, n)
+    unusual = dict(zip(features, class_shares(canary, list(features.values())), strict=True))
+    ref = baseline_outputs(load_baselines()["dnn_generic"], serving.canary.x[: 2 * n])
+    save_streams(CACHE / "streams_mnistc.npz", ref, baselines["dnn_generic"], canary_f, features, unusual)
+
+
+def score_keys(by_set: dict[str, dict[str, float]], means: dict[str, float]) -> dict[str, float]:
+    """``drift.auroc.<set>.<score>`` and ``drift.auroc.mean.<score>``."""
+    keys = {f"drift.auroc.{name}.{score}": a for score, v in by_set.items() for name, a in v.items()}
+    return keys | {f"drift.auroc.mean.{score}": a for score, a in means.items()}
+
+
+def scores_section(args: argparse.Namespace) -> None:
+    defaults = Settings()
+    k, screen = defaults.k, defaults.screen_margin
+    config = DriftConfig(args.window, args.alarm_z, args.clear_z)
+    rng = np.random.default_rng(0)
+    images, train_x = suite_images(args, rng)
     serving = ServingData.load(args.serving_data)
     canary = serving.canary.take(slice(0, 2 * args.evidence_inputs)).x
     key = {
@@ -286,7 +372,10 @@ def scores_section(args: argparse.Namespace) -> None:
         "n": args.n,
         "sets": sorted(images),
     }
-    held, reference = cached_outputs(args.suite, key) if not args.no_cache else ({}, None)
+    held: dict[str, np.ndarray] = {}
+    reference: tuple[EvidenceReference, np.ndarray] | None = None
+    if not args.no_cache:
+        held, reference = cached_outputs(args.suite, key)
     todo = blocks(images)
     if args.shard is not None:
         shard, shards = args.shard
@@ -309,16 +398,17 @@ def scores_section(args: argparse.Namespace) -> None:
         shard, shards = args.shard or (0, 1)
         CACHE.mkdir(parents=True, exist_ok=True)
         saved = new if args.shard is not None else held | new
-        ref = np.empty((), dtype=object)
-        ref[()] = reference
-        np.savez(shard_path(args.suite, shard, shards), key=json.dumps(key), reference=ref, **saved)  # type: ignore[arg-type]
+        packed = np.empty((), dtype=object)
+        packed[()] = reference
+        np.savez(shard_path(args.suite, shard, shards), key=json.dumps(key), reference=packed, **saved)  # type: ignore[arg-type]
     if args.shard is not None:
         return
     outputs = assemble(images, held | new)
-    reference, canary_f = reference
+    assert reference is not None
+    served_reference, canary_f = reference
     bits = {name: code_length(x) for name, x in images.items()}
     by_rule = {
-        name: {rule: reference.unusual(lp, f, rule, bits[name]) for rule in RULES}
+        name: {rule: served_reference.unusual(lp, f, rule) for rule in RULES}
         for name, (lp, f) in outputs.items()
     }
     clean_by_rule = by_rule.pop("clean")
@@ -335,18 +425,14 @@ def scores_section(args: argparse.Namespace) -> None:
         name: {set_name: baseline_outputs(model, x) for set_name, x in images.items()}
         for name, model in models.items()
     }
-    background = PixelBackground.fit(train.x)
+    background = PixelBackground.fit(train_x)
     others = other_scores(outputs, baselines, bits, background, images)
-    other_auroc = {
-        score: {name: auroc(by_set["clean"], by_set[name]) for name in sets}
-        for score, by_set in others.items()
-    }
+    other_auroc, other_means = score_aurocs(others)
     rules = {
         rule: float(np.mean([auroc(clean_by_rule[rule], v[rule]) for v in shifted_by_rule.values()]))
         for rule in RULES
     }
     print("mean AUROC by rule: " + ", ".join(f"{r} {a:.3f}" for r, a in rules.items()), flush=True)
-    other_means = {score: float(np.mean(list(v.values()))) for score, v in other_auroc.items()}
     print("mean AUROC by score: " + ", ".join(f"{s} {a:.3f}" for s, a in other_means.items()), flush=True)
     served = defaults.unusual_rule  # what the service serves; the rest below is that rule's
     clean = clean_by_rule[served]
@@ -413,7 +499,7 @@ def scores_section(args: argparse.Namespace) -> None:
             ref,
             baselines["dnn_generic"],
             canary_f,
-            outputs,
+            {name: f for name, (_, f) in outputs.items()},
             {"clean": clean, **shifted},
         )
     if args.suite == "mnistc" and not args.no_metrics:
@@ -422,9 +508,7 @@ def scores_section(args: argparse.Namespace) -> None:
         metrics["drift.auroc.mean"] = mean_auroc
         metrics["drift.detect.requests_to_alarm.median"] = median_rta
         metrics["drift.false_alarms_per_10k"] = per_10k
-        for score, by_set in other_auroc.items():
-            metrics |= {f"drift.auroc.{c}.{score}": a for c, a in by_set.items()}
-            metrics[f"drift.auroc.mean.{score}"] = other_means[score]
+        metrics |= score_keys(other_auroc, other_means)
         update_metrics(metrics)
 
 
@@ -441,7 +525,7 @@ def save_streams(
     ref: BaselineOutputs,
     dnn: dict[str, BaselineOutputs],
     canary_f: np.ndarray,
-    outputs: dict[str, tuple[np.ndarray, np.ndarray]],
+    features: dict[str, np.ndarray],
     unusual: dict[str, np.ndarray],
 ) -> None:
     """The stream detectors' inputs (:mod:`benchmarks.drift_online`): for the reference (the
@@ -451,7 +535,7 @@ def save_streams(
     arrays = {"ref/dnn": ref.features, "ref/dnn_softmax": ref.softmax, "ref/m": canary_f[:, :dims]}
     for name, out in dnn.items():
         arrays |= {f"{name}/dnn": out.features, f"{name}/dnn_softmax": out.softmax}
-        arrays[f"{name}/m"] = outputs[name][1][:, :dims]
+        arrays[f"{name}/m"] = features[name][:, :dims]
         arrays[f"{name}/unusual"] = unusual[name]
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)  # type: ignore[arg-type]

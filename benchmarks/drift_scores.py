@@ -16,6 +16,8 @@ The baselines' penultimate activations and softmax outputs also feed the stream 
 
 from __future__ import annotations
 
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.baselines import load_baseline
+from training.baselines import BNCNN, DNN, load_baseline
 
 BASELINES = {
     "dnn_generic": Path("models/mnist_dnn_generic.pt"),
@@ -32,6 +34,22 @@ BASELINES = {
 MUTATION = 0.2  # share of pixels the background model's training images replace by noise (not tuned)
 PROB_EPS = 1e-4  # the background's pixel probabilities are kept in [eps, 1 - eps]
 BATCH = 1000
+
+
+def code_length(x: np.ndarray) -> np.ndarray:
+    """``L(x)``: the bits of each image's 8-bit levels ``round(255 x)`` compressed by zlib (DEFLATE,
+    level 9), the complexity estimate of Serrà et al. (2020); ``x`` is ``(B, ...)`` in [0, 1], returns
+    ``(B,)``. Images decoded from PNG/JPEG are exactly ``levels / 255``, so their levels are the file's."""
+    levels = np.rint(np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+    rows = levels.reshape(len(levels), -1)
+    return np.array([8.0 * len(zlib.compress(row.tobytes(), 9)) for row in rows])
+
+
+def complexity_corrected(log_px: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """Serrà et al. (2020)'s score ``S(x) = -log2 p(x) - L(x)`` in bits: the model's code length less
+    a generic compressor's; higher is more unusual. ``log_px`` in nats, ``bits`` from
+    :func:`code_length`."""
+    return np.asarray(-np.asarray(log_px, dtype=np.float64) / math.log(2.0) - np.asarray(bits))
 
 
 @dataclass(frozen=True)
@@ -58,11 +76,13 @@ class BaselineOutputs:
 
 def head_split(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The network up to its last linear layer's input, and that layer (DNN and BN-CNN)."""
-    if hasattr(model, "net"):  # DNN: Sequential(..., ReLU, Dropout, Linear)
+    if isinstance(model, DNN):  # Sequential(..., ReLU, Dropout, Linear)
         layers = list(model.net)
         return nn.Sequential(*layers[:-1]), layers[-1]
-    head = list(model.head)  # BN-CNN: features, then Sequential(..., ReLU, Linear)
-    return nn.Sequential(model.features, *head[:-1]), head[-1]
+    if isinstance(model, BNCNN):  # features, then Sequential(..., ReLU, Linear)
+        head = list(model.head)
+        return nn.Sequential(model.features, *head[:-1]), head[-1]
+    raise TypeError(f"no penultimate layer known for {type(model).__name__}")
 
 
 @torch.inference_mode()

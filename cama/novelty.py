@@ -28,8 +28,6 @@ test (:mod:`cama.drift`) relies on.
 
 from __future__ import annotations
 
-import math
-import zlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-Rule = Literal["evidence", "m", "m_class", "max", "complexity", "m_class_complexity"]
-RULES: tuple[Rule, ...] = ("evidence", "m", "m_class", "max", "complexity", "m_class_complexity")
+Rule = Literal["evidence", "m", "m_class", "max"]
+RULES: tuple[Rule, ...] = ("evidence", "m", "m_class", "max")
 DEFAULT_RULE: Rule = "m_class"  # the best mean AUROC on the validation split (benchmarks.drift)
 RIDGE = 1e-3  # added to the covariance's diagonal, relative to its mean variance
 CLASS_RIDGE = 0.1  # the same for the class Gaussian (chosen on the validation split)
@@ -48,22 +46,6 @@ def log_evidence(log_w: np.ndarray) -> np.ndarray:
     """``log p(x) = logsumexp_c log p(x, y_c)`` for per-class log-weights ``(B, C)``; returns ``(B,)``."""
     top = log_w.max(axis=1, keepdims=True)
     return np.asarray((top + np.log(np.exp(log_w - top).sum(axis=1, keepdims=True)))[:, 0])
-
-
-def code_length(x: np.ndarray) -> np.ndarray:
-    """``L(x)``: the bits of each image's 8-bit levels ``round(255 x)`` compressed by zlib (DEFLATE,
-    level 9), the complexity estimate of Serrà et al. (2020); ``x`` is ``(B, ...)`` in [0, 1], returns
-    ``(B,)``. Images decoded from PNG/JPEG are exactly ``levels / 255``, so their levels are the file's."""
-    levels = np.rint(np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-    rows = levels.reshape(len(levels), -1)
-    return np.array([8.0 * len(zlib.compress(row.tobytes(), 9)) for row in rows])
-
-
-def complexity_corrected(log_px: np.ndarray, bits: np.ndarray) -> np.ndarray:
-    """Serrà et al. (2020)'s score ``S(x) = -log2 p(x) - L(x)`` in bits: the model's code length less
-    a generic compressor's; higher is more unusual. ``log_px`` in nats, ``bits`` from
-    :func:`code_length`."""
-    return np.asarray(-np.asarray(log_px, dtype=np.float64) / math.log(2.0) - np.asarray(bits))
 
 
 def m_features(model: nn.Module, x: np.ndarray, cond: tuple[np.ndarray, ...] = ()) -> np.ndarray:
@@ -122,9 +104,7 @@ def share_below(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class EvidenceReference:
     """The clean reference: the canary's ``log p(x)`` (sorted) at K samples and, where q(m|x) is
-    used, the Gaussian over f(x), the canary's distances and its combined scores (sorted); where
-    the canary's code lengths are given, its complexity-corrected scores ``S(x)`` and the combined
-    scores of the class Gaussian and ``S`` (sorted)."""
+    used, the Gaussian over f(x), the canary's distances and its combined scores (sorted)."""
 
     scores: np.ndarray  # (N,) log p(x), ascending
     k: int
@@ -134,8 +114,6 @@ class EvidenceReference:
     rule: Rule = DEFAULT_RULE
     class_model: MGaussian | None = None  # one mean per class (needs labelled clean inputs)
     class_scores: np.ndarray | None = None  # (N,) its distances, ascending
-    complexity_scores: np.ndarray | None = None  # (N,) S(x') of the canary, ascending
-    class_complexity: np.ndarray | None = None  # (N,) max(u_mc, u_c) of the canary, ascending
 
     @classmethod
     def from_scores(
@@ -146,22 +124,17 @@ class EvidenceReference:
         features: np.ndarray | None = None,
         fit_features: np.ndarray | None = None,
         fit_labels: np.ndarray | None = None,
-        code_bits: np.ndarray | None = None,
         rule: Rule = DEFAULT_RULE,
         class_ridge: float = CLASS_RIDGE,
     ) -> EvidenceReference:
         """From the canary's ``log p(x)`` and, optionally, its q(m|x) summaries ``features`` (same
         rows) with the Gaussian fitted on ``fit_features`` (other clean inputs; default the same)
-        and, given their labels ``fit_labels``, the class Gaussian fitted on them too; and its code
-        lengths ``code_bits`` (:func:`code_length`, same rows)."""
+        and, given their labels ``fit_labels``, the class Gaussian fitted on them too."""
         values = np.asarray(scores, dtype=np.float64)
         keep = np.isfinite(values)
         if not keep.any():
             raise ValueError("the clean reference holds no finite log p(x)")
-        complexity = None
-        if code_bits is not None:
-            complexity = np.sort(complexity_corrected(values[keep], np.asarray(code_bits)[keep]))
-        ref = cls(np.sort(values[keep]), k, rule=rule, complexity_scores=complexity)
+        ref = cls(np.sort(values[keep]), k, rule=rule)
         if features is None:
             return ref
         feats = np.asarray(features, dtype=np.float64)[keep]
@@ -170,26 +143,11 @@ class EvidenceReference:
         m_scores = np.sort(m_model.distance(feats))
         with_m = cls(ref.scores, k, m_model, m_scores, rule=rule)
         combined = np.sort(with_m._raw(values[keep], feats))
-        class_model = class_scores = class_complexity = None
+        class_model = class_scores = None
         if fit_labels is not None:
             class_model = MGaussian.fit(fit, fit_labels, class_ridge)
             class_scores = np.sort(class_model.distance(feats))
-            if code_bits is not None:
-                u_mc = share_below(class_scores, class_model.distance(feats))
-                u_c = share_below(complexity, complexity_corrected(values[keep], np.asarray(code_bits)[keep]))
-                class_complexity = np.sort(np.maximum(u_mc, u_c))
-        return cls(
-            ref.scores,
-            k,
-            m_model,
-            m_scores,
-            combined,
-            rule,
-            class_model,
-            class_scores,
-            complexity,
-            class_complexity,
-        )
+        return cls(ref.scores, k, m_model, m_scores, combined, rule, class_model, class_scores)
 
     def _evidence_share(self, log_px: np.ndarray) -> np.ndarray:
         above = self.scores.size - np.searchsorted(self.scores, np.asarray(log_px), side="right")
@@ -202,43 +160,19 @@ class EvidenceReference:
         return np.asarray(np.maximum(self._evidence_share(log_px), u_m))
 
     def unusual(
-        self,
-        log_px: np.ndarray,
-        features: np.ndarray | None = None,
-        rule: Rule | None = None,
-        code_bits: np.ndarray | None = None,
+        self, log_px: np.ndarray, features: np.ndarray | None = None, rule: Rule | None = None
     ) -> np.ndarray:
-        """The unusual score ``(B,)`` of inputs with evidence ``log_px``, q(m|x) summaries
-        ``features`` and code lengths ``code_bits`` by ``rule`` (default the reference's own).
-        Where the reference or the call lacks what a rule reads, the rule falls back:
-        ``m_class_complexity`` to ``m_class`` without code lengths and to ``complexity`` without
-        q(m|x); ``complexity`` to ``evidence``; ``m_class`` to ``m`` without a class Gaussian;
-        ``m``, ``m_class`` and ``max`` to ``evidence`` without q(m|x)."""
+        """The unusual score ``(B,)`` of inputs with evidence ``log_px`` and q(m|x) summaries
+        ``features`` by ``rule`` (default the reference's own); the evidence rule where the
+        reference or the call has no q(m|x), the ``m`` rule for ``m_class`` where it has no class
+        Gaussian."""
         rule = rule or self.rule
-        has_bits = code_bits is not None and self.complexity_scores is not None
-        u_c = (
-            share_below(self.complexity_scores, complexity_corrected(log_px, code_bits))
-            if has_bits and self.complexity_scores is not None and code_bits is not None
-            else None
-        )
-        u_mc = (
-            share_below(self.class_scores, self.class_model.distance(features))
-            if features is not None and self.class_model is not None and self.class_scores is not None
-            else None
-        )
-        if rule == "m_class_complexity" and u_c is not None and u_mc is not None:
-            assert self.class_complexity is not None
-            return share_below(self.class_complexity, np.maximum(u_mc, u_c))
-        if rule == "m_class_complexity":
-            rule = "m_class" if u_mc is not None else "complexity"
-        if rule == "complexity":
-            return u_c if u_c is not None else self._evidence_share(log_px)
         if rule == "evidence" or self.m_model is None or features is None:
             return self._evidence_share(log_px)
         assert self.m_scores is not None
         assert self.combined is not None
-        if rule == "m_class" and u_mc is not None:
-            return u_mc
+        if rule == "m_class" and self.class_model is not None and self.class_scores is not None:
+            return share_below(self.class_scores, self.class_model.distance(features))
         if rule in ("m", "m_class"):
             return share_below(self.m_scores, self.m_model.distance(features))
         return share_below(self.combined, self._raw(log_px, features))
