@@ -133,17 +133,26 @@ async def _reset(url: str, open_jobs: list[str], warmup: np.ndarray) -> str:
     """Cancel the jobs still open, serve v1 again, warm the drift test up with clean images; the
     drift state after them."""
     async with httpx.AsyncClient(base_url=url, timeout=300, headers=AUTH) as client:
-        current = (await client.get("/models/mnist/drift")).json().get("auto_job")
-        for job_id in {*open_jobs, *([current] if current else [])}:  # one may start after a stream
-            await client.post(f"/jobs/{job_id}/cancel")
-            while (await client.get(f"/jobs/{job_id}")).json()["state"] not in TERMINAL:
-                await asyncio.sleep(1.0)
+        await _cancel(client, open_jobs)
         if (await client.get("/models/mnist/drift")).json()["version"] != 1:
             r = await client.post("/models/mnist/activate", json={"version": 1})
             r.raise_for_status()
             while (await client.get("/models/mnist/drift")).json()["version"] != 1:
                 await asyncio.sleep(0.5)
-        return await _warm_up(client, warmup)
+        state = await _warm_up(client, warmup)
+        await asyncio.sleep(2 * POLL_S)  # a job on inputs kept before the warm-up starts by now
+        await _cancel(client, [])
+        return state
+
+
+async def _cancel(client: httpx.AsyncClient, open_jobs: list[str]) -> None:
+    """Cancel ``open_jobs`` and the drift-started job running now (one may start after a stream, on
+    its inputs); wait until each has ended. A job ended this way empties the buffer."""
+    current = (await client.get("/models/mnist/drift")).json().get("auto_job")
+    for job_id in {*open_jobs, *([current] if current else [])}:
+        await client.post(f"/jobs/{job_id}/cancel")
+        while (await client.get(f"/jobs/{job_id}")).json()["state"] not in TERMINAL:
+            await asyncio.sleep(1.0)
 
 
 async def _warm_up(client: httpx.AsyncClient, warmup: np.ndarray) -> str:

@@ -18,8 +18,8 @@ sized by ``FULL`` (``QUICK`` for ``--quick``):
 
 Each method's answers are kept under ``--cache-dir`` as they are measured, so a part can be
 measured on its own (``--methods``, ``--protocols``) and an interrupted run goes on where it
-stopped; the page, the plot and the metrics are written once every method has answered every
-protocol.
+stopped; the page, the plot, ``streams.json`` and the metrics are written once every method has
+answered every protocol (a ``--protocols`` subset or ``--quick`` writes its JSON to the cache folder).
 
 Methods, each answering every image once, in stream order:
 
@@ -471,8 +471,8 @@ def seeded_store(args: argparse.Namespace) -> ModelRegistry:
 
 
 def assemble(args: argparse.Namespace, data: Data, cache: Cache) -> None:
-    """The JSON report from the cache; with every method on every protocol, the page, the plot and
-    the metrics."""
+    """The JSON report from the cache; with every method on every protocol (all of them, not a
+    ``--protocols`` subset), the page, the plot and the metrics."""
     results: dict[str, dict[str, Any]] = {}
     missing = []
     for protocol, stream in data.streams.items():
@@ -486,6 +486,11 @@ def assemble(args: argparse.Namespace, data: Data, cache: Cache) -> None:
     validation = cache.json(validation_name(args)) or {}
     choice = {m: {p: chosen(validation[m], p) for p in data.streams} for m in validation}
     seconds = cache.json("seconds") or {}
+    service = {p: rec for p in data.streams if (rec := cache.json(f"{p}.service")) is not None}
+    for protocol, rec in service.items():
+        served, answered = cache.labels(protocol, "cama"), cache.labels(protocol, "cama_service")
+        if served is not None and answered is not None:
+            rec["v1_disagreement"] = v1_disagreement(rec, served, answered)
     report: dict[str, Any] = {
         "command": "python -m benchmarks.streams" + (" --quick" if args.quick else ""),
         "seed": args.seed,
@@ -500,11 +505,12 @@ def assemble(args: argparse.Namespace, data: Data, cache: Cache) -> None:
         "validation": validation,
         "chosen": choice,
         "results": results,
-        "service": {p: rec for p in data.streams if (rec := cache.json(f"{p}.service")) is not None},
+        "service": service,
         "seconds": float(sum(seconds.values())),
         "seconds_by_part": seconds,
     }
-    out = cache.root / "streams_quick.json" if args.quick else args.results_dir / "streams.json"
+    complete = not args.quick and set(data.streams) == set(PROTOCOLS)
+    out = args.results_dir / "streams.json" if complete else cache.root / "streams_part.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}", flush=True)
@@ -513,11 +519,19 @@ def assemble(args: argparse.Namespace, data: Data, cache: Cache) -> None:
         return
     for protocol, by_method in results.items():
         print(f"{protocol}: " + _fmt({m: s["accuracy"] for m, s in by_method.items()}), flush=True)
-    if args.quick:
-        return
+    if not complete:
+        return  # the page and the metrics come from a run of every protocol
     write_report(report, args.docs_dir / "streams.md", args.docs_dir / "streams.png")
     if not args.no_metrics:
         update_metrics(metric_keys(results))
+
+
+def v1_disagreement(record: Mapping[str, Any], served: np.ndarray, answered: np.ndarray) -> float:
+    """The share of the images the service answered with v1 (before any adapted version answered)
+    whose label differs from CAMA as served: the same model, other importance-sampling noise."""
+    later = [first for version, first in record["first_answer_by_version"].items() if version != "1"]
+    stop = min(later, default=len(served))
+    return float((served[:stop] != answered[:stop]).mean())
 
 
 def service_summary(run: ServiceRun) -> dict[str, Any]:
