@@ -22,7 +22,7 @@ lint:
 	$(BIN)/ruff format --check .
 
 typecheck:
-	$(BIN)/mypy cama store training app worker benchmarks
+	$(BIN)/mypy cama store training app worker benchmarks cama_serve
 
 pytest:
 	$(BIN)/python -m pytest -q
