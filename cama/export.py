@@ -24,8 +24,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from cama.objectives import Noise, bayes_log_weights, class_log_weights
 
@@ -175,21 +173,7 @@ def export_onnx(
             dynamo=True,
             external_data=False,
         )
-    release_export_caches()
     return target
-
-
-def release_export_caches() -> None:
-    """Empty the caches ``torch.export`` keeps at class level and keys by one export's objects: the
-    fake-tensor dispatch cache and the ``lru_cache`` of each ``ShapeEnv`` method (keyed by the
-    export's shape environment, which it so keeps alive with all its fake tensors and symbols). No
-    later export hits them; kept, they grow by some 130,000 objects per export, and every full
-    garbage collection of a long-lived process walks them."""
-    FakeTensorMode.cache_clear()
-    for attribute in vars(ShapeEnv).values():
-        clear = getattr(attribute, "cache_clear", None)
-        if callable(clear):
-            clear()
 
 
 @contextlib.contextmanager
