@@ -122,7 +122,7 @@ def representation(streams: dict[str, np.ndarray], prefix: str, name: str) -> np
     """The ``(N, D)`` inputs of a detector: a stored representation, or ``dnn_msp``, the largest
     softmax output."""
     if name == "dnn_msp":
-        return streams[f"{prefix}/dnn_softmax"].max(axis=1, keepdims=True)
+        return np.asarray(streams[f"{prefix}/dnn_softmax"].max(axis=1, keepdims=True))
     return streams[f"{prefix}/{name}"]
 
 
