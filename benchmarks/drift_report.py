@@ -66,6 +66,8 @@ environment does not hold, so its benchmark runs in a virtual environment of its
 python3 -m venv venv-bench
 venv-bench/bin/pip install torch==2.13.0 'alibi-detect[torch]==0.13.0'
 python -m benchmarks.drift                                    # the service's env: writes the streams
+python -m benchmarks.drift --sections baselines               # or without CAMA's log p(x): the
+                                                              # baselines' scores and the streams
 PYTHONPATH=$PWD venv-bench/bin/python -m benchmarks.drift_online
 python -m benchmarks.drift_report                             # this page
 ```
@@ -152,7 +154,7 @@ def stream_section(service: dict[str, Any], online: dict[str, Any] | None) -> st
         f"service's own setting has an ERT of at least {online['service_ert']:.3g}, which alibi-detect "
         f"cannot be configured to: see `benchmarks/drift_online.py`), window {online['window']}, "
         f"{online['bootstraps']} simulated streams per detector, {online['clean_streams']} shuffled "
-        f"passes over the clean images:",
+        f"pass{'es' if online['clean_streams'] > 1 else ''} over the clean images:",
         table(["detector", "watches", "median requests to alarm", "false alarms per 10k"], rows),
     ]
     by_set = [
