@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -122,16 +123,19 @@ def compute_blocks(
     todo: list[tuple[str, int]],
     k: int,
     screen: float | None,
+    save: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """``log p(x)`` and q(m|x)'s summary of the blocks ``todo`` (``lp/<set>/<start>``,
     ``f/<set>/<start>``), with the noise one pass over the set draws (seed 1 for ``clean``, 2 for
-    the rest)."""
+    the rest); ``save`` is given what is done after each block."""
     out: dict[str, np.ndarray] = {}
     for name, start in todo:
         seed = (1 if name == "clean" else 2) + start
         lp, f = evidence_and_features(version, images[name][start : start + BLOCK], k, screen, seed)
         out[f"lp/{name}/{start}"], out[f"f/{name}/{start}"] = lp, f
         print(f"CAMA's outputs: {name} {start}+{len(lp)}", flush=True)
+        if save is not None:
+            save(out)
     return out
 
 
@@ -393,14 +397,20 @@ def scores_section(args: argparse.Namespace) -> None:
         print(
             f"CAMA's outputs: {len(todo) - len(missing)} blocks cached, {len(missing)} to compute", flush=True
         )
-        new = compute_blocks(version, images, missing, k, screen) if version is not None else {}
-    if new and not args.no_cache:
         shard, shards = args.shard or (0, 1)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        saved = new if args.shard is not None else held | new
-        packed = np.empty((), dtype=object)
-        packed[()] = reference
-        np.savez(shard_path(args.suite, shard, shards), key=json.dumps(key), reference=packed, **saved)  # type: ignore[arg-type]
+
+        def save(new: dict[str, np.ndarray]) -> None:
+            if args.no_cache:
+                return
+            CACHE.mkdir(parents=True, exist_ok=True)
+            packed = np.empty((), dtype=object)
+            packed[()] = reference
+            path = shard_path(args.suite, shard, shards)
+            with path.with_suffix(".part").open("wb") as out:  # renamed into place: never half-written
+                np.savez(out, key=json.dumps(key), reference=packed, **(held | new))  # type: ignore[arg-type]
+            path.with_suffix(".part").replace(path)
+
+        new = compute_blocks(version, images, missing, k, screen, save) if version is not None else {}
     if args.shard is not None:
         return
     outputs = assemble(images, held | new)

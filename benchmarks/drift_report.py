@@ -44,7 +44,10 @@ Written by `python -m benchmarks.drift_report` from the results of the commands 
   L(x)`, `L(x)` the zlib code length in bits of the image's 8-bit levels), and as a likelihood ratio
   to a background model (Ren et al., 2019; here a product of per-pixel Bernoullis fitted on
   training images with {mutation:.0%} of their pixels replaced by noise, not a second copy of the
-  model). Higher is more unusual for every score.
+  model). Higher is more unusual for every score. CAMA's `log p(x)` is the Bernoulli likelihood
+  of grey levels in [0, 1] that it is trained with: a density, not a code length over the 256
+  levels the compressor codes, so the two terms of `S(x)` are not in the same units (the
+  correction assumes they are).
 - **Choosing the service's rule** (`python -m benchmarks.drift --suite validation`): the same
   measurement on the validation suite (the 7 manipulations of `training.manipulations` the
   evaluation CLIs validate on, and uniform noise, applied to held-out images of MNIST's training
@@ -63,6 +66,8 @@ environment does not hold, so its benchmark runs in a virtual environment of its
 python3 -m venv venv-bench
 venv-bench/bin/pip install torch==2.13.0 'alibi-detect[torch]==0.13.0'
 python -m benchmarks.drift                                    # the service's env: writes the streams
+python -m benchmarks.drift --sections baselines               # or without CAMA's log p(x): the
+                                                              # baselines' scores and the streams
 PYTHONPATH=$PWD venv-bench/bin/python -m benchmarks.drift_online
 python -m benchmarks.drift_report                             # this page
 ```
@@ -81,17 +86,18 @@ def per_input_section(title: str, report: dict[str, Any], baselines: dict[str, A
     report = dict(report)
     scores = dict(report.get("auroc_mean_by_score", {}))
     by_score = dict(report.get("auroc_by_score", {}))
-    for name, mean in (baselines or {}).get("auroc_mean_by_score", {}).items():
+    extra: dict[str, Any] = baselines or {}
+    for name, mean in extra.get("auroc_mean_by_score", {}).items():
         if name not in scores:
             scores[name] = mean
-            by_score[name] = baselines["auroc_by_score"][name]  # type: ignore[index]
+            by_score[name] = extra["auroc_by_score"][name]
     report["auroc_by_score"] = by_score
     rules = report["auroc_mean_by_rule"]
     served = report["rule"]
     means = [
         [f"unusual, rule `{r}`" + (" (served)" if r == served else ""), f"{a:.3f}"] for r, a in rules.items()
     ]
-    means += [[SCORE_NAMES.get(s, s) + f" (`{s}`)", f"{a:.3f}"] for s, a in scores.items()]
+    means += [[f"{SCORE_NAMES.get(s, s)} (`{s}`)", f"{a:.3f}"] for s, a in scores.items()]
     means.sort(key=lambda row: -float(row[1]))
     sets = list(report["auroc_by_rule"])
     header = ["set", *[f"`{r}`" for r in rules], *[f"`{s}`" for s in scores]]
@@ -148,7 +154,7 @@ def stream_section(service: dict[str, Any], online: dict[str, Any] | None) -> st
         f"service's own setting has an ERT of at least {online['service_ert']:.3g}, which alibi-detect "
         f"cannot be configured to: see `benchmarks/drift_online.py`), window {online['window']}, "
         f"{online['bootstraps']} simulated streams per detector, {online['clean_streams']} shuffled "
-        f"passes over the clean images:",
+        f"pass{'es' if online['clean_streams'] > 1 else ''} over the clean images:",
         table(["detector", "watches", "median requests to alarm", "false alarms per 10k"], rows),
     ]
     by_set = [
