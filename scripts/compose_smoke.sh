@@ -9,7 +9,8 @@
 #
 # Needs a Docker engine, docker compose (the v2 plugin or docker-compose), the venv (make install)
 # and MNIST in $CAMA_DATA_DIR (default ./data, training.data); to build the base, root and mmdebstrap.
-# Settings: BASE_IMAGE (skip the registry probe and use this base), SMOKE_ARGS (passed to the
+# Settings: BASE_IMAGE (skip the registry probe and use this base), SKIP_BUILD=1 (use the images
+# of an earlier run), SMOKE_ARGS (passed to the
 # client, e.g. "--n 500 --manipulation rotation --level 30"), CAMA_PORT (default: a free port).
 # The CPU torch wheel comes from pip's configured find-links directories (or WHEEL_DIRS).
 set -euo pipefail
@@ -101,10 +102,14 @@ for dir in $wheel_dirs; do
     done
 done
 
-# 3. build both images
+# 3. build both images (SKIP_BUILD=1: use the images an earlier run built under this tag)
 t=$EPOCHREALTIME
-compose build >"$LOG_DIR/build.log" 2>&1 || { tail -40 "$LOG_DIR/build.log" >&2; exit 1; }
-echo "build: cama-serve:$CAMA_IMAGE_TAG and cama-redis:$CAMA_IMAGE_TAG in $(since "$t") s"
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+    echo "build: skipped; cama-serve:$CAMA_IMAGE_TAG built $(docker image inspect -f '{{.Created}}' "cama-serve:$CAMA_IMAGE_TAG")"
+else
+    compose build >"$LOG_DIR/build.log" 2>&1 || { tail -40 "$LOG_DIR/build.log" >&2; exit 1; }
+    echo "build: cama-serve:$CAMA_IMAGE_TAG and cama-redis:$CAMA_IMAGE_TAG in $(since "$t") s"
+fi
 
 # 4. what the service image holds: the service imports (no connection is made at import), no
 #    training extra, no CUDA wheels on CPU
