@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from benchmarks.drift_online import DETECTORS
+
 RESULTS = Path("benchmarks/results")
 PAGE = Path("docs/results/drift.md")
 SCORE_NAMES = {
@@ -144,7 +146,9 @@ def stream_section(service: dict[str, Any], online: dict[str, Any] | None) -> st
         what = (
             "the service's test, `alarm_z` at this ERT"
             if name == "cama_test"
-            else (f"`{r['method']}` on `{r['representation']}` ({r['dims']} dims)")
+            else (
+                f"`{r['method']}` on `{r['representation']}` ({r['dims']} dim{'s' if r['dims'] > 1 else ''})"
+            )
         )
         rows.append(
             [f"`{name}`", what, f"{r['requests_to_alarm_median']:g}", f"{r['false_alarms_per_10k']:.2f}"]
@@ -157,6 +161,8 @@ def stream_section(service: dict[str, Any], online: dict[str, Any] | None) -> st
         f"pass{'es' if online['clean_streams'] > 1 else ''} over the clean images:",
         table(["detector", "watches", "median requests to alarm", "false alarms per 10k"], rows),
     ]
+    if missing := [f"`{name}`" for name in DETECTORS if name not in online["detectors"]]:
+        parts.append("Not measured in the last run: " + ", ".join(missing) + ".")
     by_set = [
         [name, *[f"{r['requests_to_alarm'][s]:g}" for s in r["requests_to_alarm"]]]
         for name, r in online["detectors"].items()
