@@ -14,20 +14,14 @@ import numpy as np
 import pytest
 
 from app.auto_adapt import LiveBuffer
-from benchmarks.harness import ServiceProcess, clone_store, digit_like_images, template_store
+from benchmarks.harness import ACCEPTING_GATE, ServiceProcess, clone_store, digit_like_images, template_store
 from cama.novelty import route
 from store.data import Inputs
 from store.registry import ModelRegistry
 
 TOKEN = "a" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-ACCEPT_ALL = {
-    "gate_margin": 1.0,
-    "gate_min_elbo_gain": -1e9,
-    "gate_max_label_kl_rise": 1e9,
-    "gate_max_confidence_drop": 1.0,
-    "gate_min_confidence": "null",
-}
+ACCEPT_ALL = ACCEPTING_GATE
 
 
 class Clock:
