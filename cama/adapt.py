@@ -392,7 +392,8 @@ class GateEvaluation:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GateEvaluation:
         """The evaluation :meth:`as_dict` wrote."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
