@@ -294,9 +294,9 @@ class GateConfig:
       falls by at most the first and stays at least the second: an adaptation that explains the
       batch without the label (random noise images, say) leaves the posterior flat;
     - ``max_changed_share``: at most this share of the held-out inputs changes its predicted label;
-    - ``max_unexplained_changes``: at most this share of the held-out inputs changes its label
-      without the new version explaining that input better than the batch as a whole: its own
-      ELBO(x) gain exceeds the held-out median gain by more than ``explain_margin`` nats;
+    - ``min_explained_share``: of the held-out inputs whose label changes, at least this share
+      is explained better by the new version than the batch as a whole: its own ELBO(x) gain
+      exceeds the held-out median gain by more than ``explain_margin`` nats;
     - ``min_confident_agreement``: on the held-out inputs the base predicted with confidence at
       least ``confident``, the new version agrees with the base on at least this share;
     - ``max_class_share_fall``: no class's share of the held-out predictions falls by more than
@@ -317,7 +317,9 @@ class GateConfig:
     # uniform noise 0.31-0.35
     min_confidence: float | None = 0.5
     max_changed_share: float | None = None
-    max_unexplained_changes: float | None = None
+    # chosen on the validation suite: the changes of the job that gained (vshift) are mostly
+    # explained, those of the jobs that lost (rotation 30, elastic) mostly not
+    min_explained_share: float | None = 0.5
     explain_margin: float = 0.0
     min_confident_agreement: float | None = None
     confident: float = 0.99
@@ -336,7 +338,7 @@ class GateConfig:
             (fraction(self.max_confidence_drop), "max_confidence_drop must be in [0, 1]"),
             (fraction(self.min_confidence), "min_confidence must be in [0, 1]"),
             (fraction(self.max_changed_share), "max_changed_share must be in [0, 1]"),
-            (fraction(self.max_unexplained_changes), "max_unexplained_changes must be in [0, 1]"),
+            (fraction(self.min_explained_share), "min_explained_share must be in [0, 1]"),
             (fraction(self.min_confident_agreement), "min_confident_agreement must be in [0, 1]"),
             (0.0 <= self.confident <= 1.0, "confident must be in [0, 1]"),
             (fraction(self.max_class_share_fall), "max_class_share_fall must be in [0, 1]"),
@@ -360,9 +362,9 @@ GATE_CHECKS: dict[str, tuple[tuple[str, ...], str]] = {
     "confidence_drop": (("max_confidence_drop",), "the held-out mean confidence falls"),
     "min_confidence": (("min_confidence",), "no class explains the held-out batch"),
     "changed": (("max_changed_share",), "too many held-out labels change"),
-    "unexplained": (
-        ("max_unexplained_changes", "explain_margin"),
-        "labels change on inputs the new version does not explain better",
+    "explained": (
+        ("min_explained_share", "explain_margin"),
+        "the labels that change are mostly on inputs the new version does not explain better",
     ),
     "confident_agreement": (
         ("min_confident_agreement", "confident"),
@@ -401,7 +403,7 @@ class HeldoutComparison:
     """The two versions compared input by input on the held-out part (:func:`compare_heldout`)."""
 
     changed_share: float = 0.0  # share of held-out inputs whose predicted label changes
-    unexplained_share: float = 0.0  # share that changes without an ELBO(x) gain above the median's
+    explained_share: float = 1.0  # share of the changed ones whose ELBO(x) gain beats the median's
     confident_inputs: int = 0  # held-out inputs the base predicted with confidence >= ``confident``
     confident_agreement: float = 1.0  # share of those on which the new version keeps the label
     class_share_fall: float = 0.0  # the largest fall of one class's share of the predictions
@@ -412,7 +414,8 @@ def compare_heldout(before: GateEvaluation, after: GateEvaluation, cfg: GateConf
     version (a) on the N held-out inputs, and gains g_i = e_a,i - e_b,i with median g~:
 
     changed = mean_i [l_a,i != l_b,i];
-    unexplained = mean_i [l_a,i != l_b,i and g_i - g~ <= explain_margin];
+    explained = #{i: l_a,i != l_b,i and g_i - g~ > explain_margin} / #{i: l_a,i != l_b,i}
+    (1 if no label changes);
     confident agreement = mean over {i: c_b,i >= confident} of [l_a,i == l_b,i];
     class-share fall = max_y (mean_i [l_b,i = y] - mean_i [l_a,i = y]).
 
@@ -422,14 +425,14 @@ def compare_heldout(before: GateEvaluation, after: GateEvaluation, cfg: GateConf
     lb, la = np.asarray(before.labels), np.asarray(after.labels)
     changed = la != lb
     gain = np.asarray(after.elbos, dtype=np.float64) - np.asarray(before.elbos, dtype=np.float64)
-    unexplained = changed & (gain - np.median(gain) <= cfg.explain_margin)
+    explained = changed & (gain - np.median(gain) > cfg.explain_margin)
     confident = np.asarray(before.confidences) >= cfg.confident
     classes = int(max(lb.max(), la.max())) + 1
     share_b = np.bincount(lb, minlength=classes) / lb.size
     share_a = np.bincount(la, minlength=classes) / la.size
     return HeldoutComparison(
         changed_share=float(changed.mean()),
-        unexplained_share=float(unexplained.mean()),
+        explained_share=float(explained.sum() / changed.sum()) if changed.any() else 1.0,
         confident_inputs=int(confident.sum()),
         confident_agreement=float((~changed[confident]).mean()) if confident.any() else 1.0,
         class_share_fall=float((share_b - share_a).max()),
@@ -611,13 +614,14 @@ def promotion_gate(before: GateEvaluation, after: GateEvaluation, cfg: GateConfi
                 f"{cfg.max_changed_share:.1%} allowed)",
             )
         )
-    if cfg.max_unexplained_changes is not None and held.unexplained_share > cfg.max_unexplained_changes:
+    if cfg.min_explained_share is not None and held.explained_share < cfg.min_explained_share:
         refusals.append(
             (
-                "unexplained",
-                f"{held.unexplained_share:.1%} of the held-out inputs change label without an ELBO(x) gain "
-                f"above the median's by more than {cfg.explain_margin:.1f} nats (at most "
-                f"{cfg.max_unexplained_changes:.1%} allowed)",
+                "explained",
+                f"of the {held.changed_share:.1%} of held-out inputs whose label changes, "
+                f"{held.explained_share:.1%} gain more ELBO(x) than the median input by more than "
+                f"{cfg.explain_margin:.1f} nats (at least {cfg.min_explained_share:.1%} needed): the "
+                "labels change where the adapted model does not explain the input better",
             )
         )
     if cfg.min_confident_agreement is not None and held.confident_agreement < cfg.min_confident_agreement:
@@ -690,7 +694,7 @@ class AdaptOutcome:
             "heldout_confidence_before": before.heldout_confidence,
             "heldout_confidence_after": after.heldout_confidence,
             "heldout_changed_share": self.decision.heldout.changed_share,
-            "heldout_unexplained_share": self.decision.heldout.unexplained_share,
+            "heldout_explained_share": self.decision.heldout.explained_share,
             "heldout_confident_agreement": self.decision.heldout.confident_agreement,
             "heldout_class_share_fall": self.decision.heldout.class_share_fall,
         }

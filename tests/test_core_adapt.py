@@ -344,8 +344,8 @@ REFUSED = [
     ("min_confidence", 0.5, heldout(BASE_LABELS, [-190.0] * 20, heldout_confidence=0.4)),
     # 6 of 20 labels change (30%)
     ("changed", 0.2, heldout(relabel(range(6)), [-190.0] * 20)),
-    # 3 labels change on inputs that gain nothing while the batch gains 10 nats
-    ("unexplained", 0.1, heldout(relabel(range(3)), [-200.0] * 3 + [-190.0] * 17)),
+    # 3 labels change on inputs that gain nothing while the batch gains 10 nats: none explained
+    ("explained", 0.5, heldout(relabel(range(3)), [-200.0] * 3 + [-190.0] * 17)),
     # 3 of the base's confident labels overturned: 85% kept
     ("confident_agreement", 0.9, heldout(relabel(range(3)), [-190.0] * 20)),
     # both inputs of class 1 move to class 2: class 1 loses its 10% share
@@ -370,14 +370,18 @@ def test_each_check_refuses_alone_and_is_switched_off_by_none(check, threshold, 
 def test_label_changes_on_inputs_the_new_version_explains_better_are_kept():
     # the 3 changed inputs gain 30 nats where the batch gains 10: explained, not refused
     after = heldout(relabel(range(3)), [-170.0] * 3 + [-190.0] * 17)
-    cfg = adapt.GateConfig(**{**ALL_OFF, "max_unexplained_changes": 0.1, "explain_margin": 5.0})
+    cfg = adapt.GateConfig(**{**ALL_OFF, "min_explained_share": 0.5, "explain_margin": 5.0})
     decision = adapt.promotion_gate(BASE, after, cfg)
     assert decision.accepted
     assert decision.heldout.changed_share == pytest.approx(0.15)
-    assert decision.heldout.unexplained_share == 0.0
+    assert decision.heldout.explained_share == 1.0
     # with a margin above the 20-nat lead, the same changes count as unexplained
-    stricter = adapt.GateConfig(**{**ALL_OFF, "max_unexplained_changes": 0.1, "explain_margin": 25.0})
-    assert adapt.promotion_gate(BASE, after, stricter).refused_by == ("unexplained",)
+    stricter = adapt.GateConfig(**{**ALL_OFF, "min_explained_share": 0.5, "explain_margin": 25.0})
+    assert adapt.promotion_gate(BASE, after, stricter).refused_by == ("explained",)
+    # one of two changes explained: exactly the half needed
+    half = heldout(relabel(range(2)), [-170.0, -190.0] + [-190.0] * 18)
+    assert adapt.promotion_gate(BASE, half, cfg).heldout.explained_share == 0.5
+    assert adapt.promotion_gate(BASE, half, cfg).accepted
 
 
 def test_confident_agreement_reads_only_the_inputs_the_base_was_sure_of():

@@ -462,11 +462,11 @@ def gate_table(s: Setup) -> list[str]:
         "",
         f"The gate `{gate_id(s.gate)}` (`cama.adapt.GateConfig`) on each job's held-out fifth,",
         "judged from the cached evidence; accuracy on the scoring half, which the gate never sees.",
-        "changed: share of held-out labels that change; unexplained: share that change without an",
-        "ELBO(x) gain above the held-out median's; agreement: share of the base's confident labels kept;",
+        "changed: share of held-out labels that change; explained: share of those whose ELBO(x) gain",
+        "is above the held-out median's; agreement: share of the base's confident labels kept;",
         "class fall: the largest fall of one class's share of the predictions.",
         "",
-        "| set | n | unadapted | adapted | change | changed | unexplained | agreement | class fall | gate |",
+        "| set | n | unadapted | adapted | change | changed | explained | agreement | class fall | gate |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     confusion = gate_confusion(s)
@@ -480,7 +480,7 @@ def gate_table(s: Setup) -> list[str]:
             said = "kept" if gate["accepted"] else "refused: " + ", ".join(gate.get("refused_by", []))
             lines.append(
                 f"| {name} | {n} | {base:.3f} | {adapted:.3f} | {100 * (adapted - base):+.1f} |"
-                f" {gate['heldout_changed_share']:.3f} | {gate['heldout_unexplained_share']:.3f} |"
+                f" {gate['heldout_changed_share']:.3f} | {gate['heldout_explained_share']:.3f} |"
                 f" {gate['heldout_confident_agreement']:.3f} | {gate['heldout_class_share_fall']:.3f} |"
                 f" {said} |"
             )
