@@ -39,7 +39,6 @@ import httpx
 import numpy as np
 import redis
 
-from cama.adapt import GateConfig
 from harness.inputs import png_base64
 from harness.processes import ContinuousClient, Process, ServiceProcess, WorkerProcess, wait_job
 from harness.stores import build_store, clone_store
@@ -101,12 +100,7 @@ def run_mode(mode: str, template: Path, split: Split, args: argparse.Namespace, 
         "seed_dir": str(work / "seed"),
         "models": [args.name],
         "token": TOKEN,
-        "gate_margin": args.gate_margin,
-        "gate_min_elbo_gain": args.gate_min_elbo_gain,
-        "gate_max_label_kl_rise": args.gate_max_label_kl_rise,
-        "gate_max_confidence_drop": args.gate_max_confidence_drop,
-        "gate_min_confidence": "null" if args.gate_min_confidence is None else args.gate_min_confidence,
-        "gate_k": args.gate_k,
+        "gate": args.gate,
         "torch_threads": args.threads,
         "max_adapt_inputs": max(len(split.adapt), 10),
         "job_timeout_s": args.timeout,
@@ -247,10 +241,6 @@ def metrics_of(results: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _optional_float(text: str) -> float | None:
-    return None if text.lower() in ("none", "null") else float(text)
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -277,16 +267,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shift", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--k", type=int, default=10, help="importance samples per prediction")
-    parser.add_argument("--gate-k", type=int, default=10)
-    parser.add_argument("--gate-margin", type=float, default=0.005)
-    parser.add_argument("--gate-min-elbo-gain", type=float, default=0.0)
-    parser.add_argument("--gate-max-label-kl-rise", type=float, default=0.1)
-    parser.add_argument("--gate-max-confidence-drop", type=float, default=0.2)
     parser.add_argument(
-        "--gate-min-confidence",
-        type=_optional_float,
-        default=GateConfig().min_confidence,
-        help="held-out mean confidence required after adapting ('none': no floor)",
+        "--gate",
+        type=json.loads,
+        default={},
+        help="promotion-gate settings over cama.adapt.GateConfig's defaults (JSON; null: a check off)",
     )
     parser.add_argument(
         "--after-swap", type=int, default=300, help="answers the continuous client collects after the swap"

@@ -49,7 +49,15 @@ import httpx
 import numpy as np
 
 from harness.inputs import bomb_png, digit_like_images, png_base64
-from harness.processes import ROOT, ContinuousClient, ServiceProcess, WorkerProcess, free_port, wait_job
+from harness.processes import (
+    ACCEPTING_GATE,
+    ROOT,
+    ContinuousClient,
+    ServiceProcess,
+    WorkerProcess,
+    free_port,
+    wait_job,
+)
 from harness.stores import build_store, make_measurement_seed_dir, make_seed_dir
 from store.artifacts import export_checkpoint, seed_paths
 from store.memory import rss_bytes
@@ -526,8 +534,7 @@ def worker_kill(work: Path) -> dict[str, Any]:
     rproc, url = redis_server(work, "worker_kill")
     common: dict[str, object] = {
         "model_store": str(store), "seed_dir": str(seed_dir), "models": ["tiny"], "token": TOKEN,
-        "redis_url": url, "gate_margin": 1.0, "gate_min_elbo_gain": -1e9, "gate_max_label_kl_rise": 1e9,
-        "gate_max_confidence_drop": 1.0, "gate_min_confidence": "null",
+        "redis_url": url, **ACCEPTING_GATE,
     }  # fmt: skip
     api = ServiceProcess(work / "kill-api.log", **common)
     first = WorkerProcess(work / "kill-worker1.log", **common)

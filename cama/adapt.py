@@ -279,38 +279,164 @@ def finetune(
 
 @dataclass(frozen=True)
 class GateConfig:
-    """A new version is promoted only if clean accuracy drops by at most ``max_clean_drop``
-    (a fraction: 0.005 is half a point), held-out ELBO(x) rises by more than ``min_elbo_gain``
-    the held-out predictions' label histogram moves away from p(y) by at most ``max_label_kl_rise``
-    nats (:func:`label_marginal_kl`; a batch whose true labels are far from p(y), e.g. all one
-    class, needs it relaxed or off) and their mean confidence max_c p(y_c|x) falls by at most
-    ``max_confidence_drop`` and stays at least ``min_confidence``: an adaptation that explains the
-    batch without the label (random noise images, say) leaves the posterior flat. Predictions use
-    the served path: eq. 6 with ``k`` samples behind the first-sample screen of ``screen`` nats
-    (None: all K everywhere)."""
+    """The promotion gate's settings, the one definition of them: the service's settings
+    (``CAMA_GATE__<FIELD>``), its job runner, the evaluations and the docs' list of checks
+    (:data:`GATE_CHECKS`) read these fields. ``None`` switches a check off.
 
-    max_clean_drop: float = 0.005
-    min_elbo_gain: float = 0.0
-    max_label_kl_rise: float | None = 0.1  # nats; None switches the label-collapse check off
-    max_confidence_drop: float | None = 0.2  # None switches the lost-label-information check off
-    # the adapted model's mean confidence on the held-out batch must reach this: a batch that no
-    # class explains (noise, another kind of image) is not a manipulation of the classes. Chosen on
-    # the validation suite (python -m experiments.evaluate_mnistc --suite validation): after adapting,
-    # the named manipulations keep 0.89-1.0 and a batch of uniform noise 0.31-0.35
+    A new version is promoted only if every check that is on holds (:func:`promotion_gate`):
+
+    - ``max_clean_drop``: clean canary accuracy falls by at most this fraction (0.005: half a point);
+    - ``min_elbo_gain``: the held-out mean ELBO(x) (eq. 7) rises by more than this many nats;
+    - ``max_label_kl_rise``: the held-out predicted-label histogram moves away from p(y) by at most
+      this many nats (:func:`label_marginal_kl`; a batch whose true labels are far from p(y), e.g.
+      all one class, needs it relaxed or off);
+    - ``max_confidence_drop``, ``min_confidence``: the held-out mean confidence max_c p(y_c|x)
+      falls by at most the first and stays at least the second: an adaptation that explains the
+      batch without the label (random noise images, say) leaves the posterior flat;
+    - ``max_changed_share``: at most this share of the held-out inputs changes its predicted label;
+    - ``min_explained_share``: of the held-out inputs whose label changes, at least this share
+      is explained better by the new version than the batch as a whole: its own ELBO(x) gain
+      exceeds the held-out median gain by more than ``explain_margin`` nats;
+    - ``min_confident_agreement``: on the held-out inputs the base predicted with confidence at
+      least ``confident``, the new version agrees with the base on at least this share;
+    - ``max_class_share_fall``: no class's share of the held-out predictions falls by more than
+      this (collapse onto fewer classes).
+
+    The per-input checks compare the two versions input by input on the held-out part; their
+    thresholds are chosen on the validation suite (``python -m experiments.evaluate_mnistc --suite
+    validation``, ``docs/results/gate.md``). Predictions use the served path: eq. 6 with ``k``
+    samples behind the first-sample screen of ``screen`` nats (None: all K everywhere).
+    """
+
+    max_clean_drop: float | None = 0.005
+    min_elbo_gain: float | None = 0.0
+    max_label_kl_rise: float | None = 0.1
+    max_confidence_drop: float | None = 0.2
+    # a batch that no class explains (noise, another kind of image) is not a manipulation of the
+    # classes: after adapting, the validation suite's manipulations keep 0.89-1.0 and a batch of
+    # uniform noise 0.31-0.35
     min_confidence: float | None = 0.5
+    max_changed_share: float | None = None
+    # chosen on the validation suite: the changes of the job that gained (vshift) are mostly
+    # explained, those of the jobs that lost (rotation 30, elastic) mostly not
+    min_explained_share: float | None = 0.5
+    explain_margin: float = 0.0
+    min_confident_agreement: float | None = None
+    confident: float = 0.99
+    max_class_share_fall: float | None = None
     k: int = 10
     seed: int = 0
     screen: float | None = SCREEN_MARGIN
 
+    def __post_init__(self) -> None:
+        def fraction(value: float | None) -> bool:
+            return value is None or 0.0 <= value <= 1.0
+
+        checks = (
+            (fraction(self.max_clean_drop), "max_clean_drop must be in [0, 1]"),
+            (self.max_label_kl_rise is None or self.max_label_kl_rise >= 0, "max_label_kl_rise must be >= 0"),
+            (fraction(self.max_confidence_drop), "max_confidence_drop must be in [0, 1]"),
+            (fraction(self.min_confidence), "min_confidence must be in [0, 1]"),
+            (fraction(self.max_changed_share), "max_changed_share must be in [0, 1]"),
+            (fraction(self.min_explained_share), "min_explained_share must be in [0, 1]"),
+            (fraction(self.min_confident_agreement), "min_confident_agreement must be in [0, 1]"),
+            (0.0 <= self.confident <= 1.0, "confident must be in [0, 1]"),
+            (fraction(self.max_class_share_fall), "max_class_share_fall must be in [0, 1]"),
+            (self.k >= 1, "k must be >= 1"),
+            (self.screen is None or self.screen >= 0.0, "screen must be >= 0"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every setting, by name."""
+        return dataclasses.asdict(self)
+
+
+# each check of :func:`promotion_gate`: the GateConfig fields it reads, and what it refuses
+GATE_CHECKS: dict[str, tuple[tuple[str, ...], str]] = {
+    "clean": (("max_clean_drop",), "clean canary accuracy falls by more than the margin"),
+    "elbo": (("min_elbo_gain",), "the held-out mean ELBO(x) does not rise"),
+    "label_kl": (("max_label_kl_rise",), "the held-out label histogram moves away from p(y)"),
+    "confidence_drop": (("max_confidence_drop",), "the held-out mean confidence falls"),
+    "min_confidence": (("min_confidence",), "no class explains the held-out batch"),
+    "changed": (("max_changed_share",), "too many held-out labels change"),
+    "explained": (
+        ("min_explained_share", "explain_margin"),
+        "the labels that change are mostly on inputs the new version does not explain better",
+    ),
+    "confident_agreement": (
+        ("min_confident_agreement", "confident"),
+        "the new version overturns the base where the base was confident",
+    ),
+    "class_share": (("max_class_share_fall",), "a class loses its share of the predictions"),
+}
+
 
 @dataclass(frozen=True)
 class GateEvaluation:
-    """Label-free and canary evidence about one model."""
+    """Label-free and canary evidence about one model; the per-input tuples follow the held-out
+    inputs' order (empty: no per-input evidence, and the per-input checks have nothing to judge)."""
 
     clean_accuracy: float
     heldout_elbo: float
     heldout_label_kl: float = 0.0  # KL(predicted-label histogram || p(y)) on the held-out inputs
     heldout_confidence: float = 1.0  # mean max_c p(y_c|x) on the held-out inputs (eq. 6)
+    labels: tuple[int, ...] = ()  # argmax_c p(y_c|x) per held-out input (eq. 6)
+    confidences: tuple[float, ...] = ()  # max_c p(y_c|x) per held-out input
+    elbos: tuple[float, ...] = ()  # ELBO(x) per held-out input (eq. 7)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, the per-input tuples as lists (what an evaluation's cache stores)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GateEvaluation:
+        """The evaluation :meth:`as_dict` wrote."""
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class HeldoutComparison:
+    """The two versions compared input by input on the held-out part (:func:`compare_heldout`)."""
+
+    changed_share: float = 0.0  # share of held-out inputs whose predicted label changes
+    explained_share: float = 1.0  # share of the changed ones whose ELBO(x) gain beats the median's
+    confident_inputs: int = 0  # held-out inputs the base predicted with confidence >= ``confident``
+    confident_agreement: float = 1.0  # share of those on which the new version keeps the label
+    class_share_fall: float = 0.0  # the largest fall of one class's share of the predictions
+
+
+def compare_heldout(before: GateEvaluation, after: GateEvaluation, cfg: GateConfig) -> HeldoutComparison:
+    """Per-input evidence: with labels l, confidences c and ELBO(x) e of the base (b) and the new
+    version (a) on the N held-out inputs, and gains g_i = e_a,i - e_b,i with median g~:
+
+    changed = mean_i [l_a,i != l_b,i];
+    explained = #{i: l_a,i != l_b,i and g_i - g~ > explain_margin} / #{i: l_a,i != l_b,i}
+    (1 if no label changes);
+    confident agreement = mean over {i: c_b,i >= confident} of [l_a,i == l_b,i];
+    class-share fall = max_y (mean_i [l_b,i = y] - mean_i [l_a,i = y]).
+
+    Without per-input evidence on either side, nothing changed."""
+    if not before.labels or len(before.labels) != len(after.labels):
+        return HeldoutComparison()
+    lb, la = np.asarray(before.labels), np.asarray(after.labels)
+    changed = la != lb
+    gain = np.asarray(after.elbos, dtype=np.float64) - np.asarray(before.elbos, dtype=np.float64)
+    explained = changed & (gain - np.median(gain) > cfg.explain_margin)
+    confident = np.asarray(before.confidences) >= cfg.confident
+    classes = int(max(lb.max(), la.max())) + 1
+    share_b = np.bincount(lb, minlength=classes) / lb.size
+    share_a = np.bincount(la, minlength=classes) / la.size
+    return HeldoutComparison(
+        changed_share=float(changed.mean()),
+        explained_share=float(explained.sum() / changed.sum()) if changed.any() else 1.0,
+        confident_inputs=int(confident.sum()),
+        confident_agreement=float((~changed[confident]).mean()) if confident.any() else 1.0,
+        class_share_fall=float((share_b - share_a).max()),
+    )
 
 
 @dataclass(frozen=True)
@@ -321,11 +447,14 @@ class GateDecision:
     before: GateEvaluation
     after: GateEvaluation
     reasons: tuple[str, ...]
+    heldout: HeldoutComparison = field(default_factory=HeldoutComparison)
+    refused_by: tuple[str, ...] = ()  # the :data:`GATE_CHECKS` that refused
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "accepted": self.accepted,
             "reasons": list(self.reasons),
+            "refused_by": list(self.refused_by),
             "clean_accuracy_before": self.before.clean_accuracy,
             "clean_accuracy_after": self.after.clean_accuracy,
             "heldout_elbo_before": self.before.heldout_elbo,
@@ -334,6 +463,7 @@ class GateDecision:
             "heldout_label_kl_after": self.after.heldout_label_kl,
             "heldout_confidence_before": self.before.heldout_confidence,
             "heldout_confidence_after": self.after.heldout_confidence,
+            **{f"heldout_{k}": v for k, v in dataclasses.asdict(self.heldout).items()},
         }
 
 
@@ -354,9 +484,10 @@ def gate_evaluation(
     should_stop: Callable[[], bool] | None = None,
     chunk: int = 100,
 ) -> GateEvaluation:
-    """Clean canary accuracy (eq. 6), mean held-out ELBO(x) (eq. 7), how far the held-out
-    predictions' label histogram is from the prior (:func:`label_marginal_kl`) and their mean
-    posterior confidence max_c p(y_c|x) (eq. 6), with fixed noise.
+    """Clean canary accuracy (eq. 6), held-out ELBO(x) (eq. 7), how far the held-out predictions'
+    label histogram is from the prior (:func:`label_marginal_kl`) and their posterior confidence
+    max_c p(y_c|x) (eq. 6), with fixed noise: means, and per held-out input its label, confidence
+    and ELBO(x).
 
     ``should_stop()`` is asked between chunks of ``chunk`` inputs; when it says so,
     :class:`AdaptationCancelledError` is raised.
@@ -386,11 +517,16 @@ def gate_evaluation(
         sub = slice_cond(cond_heldout, i, i + chunk)
         elbos.append(marginal_elbo(model, heldout_x[i : i + chunk], sub, generator=gen))
     heldout_pred = predict(heldout_x, cond_heldout)
+    elbo = torch.cat(elbos).float()
+    confidence = heldout_pred.probs.max(dim=1).values.float()
     return GateEvaluation(
         clean_accuracy=acc,
-        heldout_elbo=float(torch.cat(elbos).mean()),
+        heldout_elbo=float(elbo.mean()),
         heldout_label_kl=label_marginal_kl(model, heldout_pred.labels, cond_heldout),
-        heldout_confidence=float(heldout_pred.probs.max(dim=1).values.float().mean()),
+        heldout_confidence=float(confidence.mean()),
+        labels=tuple(int(v) for v in heldout_pred.labels.tolist()),
+        confidences=tuple(round(float(v), 5) for v in confidence.tolist()),
+        elbos=tuple(round(float(v), 3) for v in elbo.tolist()),
     )
 
 
@@ -413,44 +549,106 @@ def label_marginal_kl(model: CamaModel, labels: Tensor, cond: Any = None) -> flo
 
 
 def promotion_gate(before: GateEvaluation, after: GateEvaluation, cfg: GateConfig) -> GateDecision:
-    """Promote only if clean accuracy held, the held-out ELBO(x) (eq. 7) rose, the held-out
-    predictions did not collapse onto fewer classes and did not lose their confidence."""
-    reasons: list[str] = []
+    """Promote only if every check of :data:`GATE_CHECKS` that ``cfg`` switches on holds: clean
+    accuracy held, the held-out ELBO(x) (eq. 7) rose, the held-out predictions did not collapse
+    onto fewer classes nor lose their confidence, and, input by input (:func:`compare_heldout`),
+    few labels changed, those that changed are inputs the new version explains better, and the
+    base's confident predictions stand."""
+    held = compare_heldout(before, after, cfg)
+    refusals: list[tuple[str, str]] = []
     drop = before.clean_accuracy - after.clean_accuracy
-    if drop > cfg.max_clean_drop:
-        reasons.append(
-            f"clean canary accuracy fell by {drop * 100:.2f} points "
-            f"(limit {cfg.max_clean_drop * 100:.2f}): "
-            f"{before.clean_accuracy:.4f} -> {after.clean_accuracy:.4f}"
+    if cfg.max_clean_drop is not None and drop > cfg.max_clean_drop:
+        refusals.append(
+            (
+                "clean",
+                f"clean canary accuracy fell by {drop * 100:.2f} points "
+                f"(limit {cfg.max_clean_drop * 100:.2f}): "
+                f"{before.clean_accuracy:.4f} -> {after.clean_accuracy:.4f}",
+            )
         )
     if cfg.max_label_kl_rise is not None:
         rise = after.heldout_label_kl - before.heldout_label_kl
         if rise > cfg.max_label_kl_rise:
-            reasons.append(
-                f"predicted labels on the held-out batch moved away from p(y) by {rise:.3f} nats "
-                f"(limit {cfg.max_label_kl_rise:.3f}; KL {before.heldout_label_kl:.3f} -> "
-                f"{after.heldout_label_kl:.3f}): the adaptation collapses the classes"
+            refusals.append(
+                (
+                    "label_kl",
+                    f"predicted labels on the held-out batch moved away from p(y) by {rise:.3f} nats "
+                    f"(limit {cfg.max_label_kl_rise:.3f}; KL {before.heldout_label_kl:.3f} -> "
+                    f"{after.heldout_label_kl:.3f}): the adaptation collapses the classes",
+                )
             )
     if cfg.max_confidence_drop is not None:
         fall = before.heldout_confidence - after.heldout_confidence
         if fall > cfg.max_confidence_drop:
-            reasons.append(
-                f"mean confidence on the held-out batch fell by {fall:.3f} (limit "
-                f"{cfg.max_confidence_drop:.3f}; {before.heldout_confidence:.3f} -> "
-                f"{after.heldout_confidence:.3f}): the adapted model explains the batch without the label"
+            refusals.append(
+                (
+                    "confidence_drop",
+                    f"mean confidence on the held-out batch fell by {fall:.3f} (limit "
+                    f"{cfg.max_confidence_drop:.3f}; {before.heldout_confidence:.3f} -> "
+                    f"{after.heldout_confidence:.3f}): the adapted model explains the batch "
+                    "without the label",
+                )
             )
     if cfg.min_confidence is not None and after.heldout_confidence < cfg.min_confidence:
-        reasons.append(
-            f"mean confidence on the held-out batch is {after.heldout_confidence:.3f} after adapting "
-            f"(at least {cfg.min_confidence:.3f} needed): no class explains the batch"
+        refusals.append(
+            (
+                "min_confidence",
+                f"mean confidence on the held-out batch is {after.heldout_confidence:.3f} after adapting "
+                f"(at least {cfg.min_confidence:.3f} needed): no class explains the batch",
+            )
         )
     gain = after.heldout_elbo - before.heldout_elbo
-    if not gain > cfg.min_elbo_gain:
-        reasons.append(
-            f"held-out ELBO(x) did not rise by more than {cfg.min_elbo_gain:.2f} nats: "
-            f"{before.heldout_elbo:.2f} -> {after.heldout_elbo:.2f}"
+    if cfg.min_elbo_gain is not None and not gain > cfg.min_elbo_gain:
+        refusals.append(
+            (
+                "elbo",
+                f"held-out ELBO(x) did not rise by more than {cfg.min_elbo_gain:.2f} nats: "
+                f"{before.heldout_elbo:.2f} -> {after.heldout_elbo:.2f}",
+            )
         )
-    return GateDecision(accepted=not reasons, before=before, after=after, reasons=tuple(reasons))
+    if cfg.max_changed_share is not None and held.changed_share > cfg.max_changed_share:
+        refusals.append(
+            (
+                "changed",
+                f"{held.changed_share:.1%} of the held-out labels change (at most "
+                f"{cfg.max_changed_share:.1%} allowed)",
+            )
+        )
+    if cfg.min_explained_share is not None and held.explained_share < cfg.min_explained_share:
+        refusals.append(
+            (
+                "explained",
+                f"of the {held.changed_share:.1%} of held-out inputs whose label changes, "
+                f"{held.explained_share:.1%} gain more ELBO(x) than the median input by more than "
+                f"{cfg.explain_margin:.1f} nats (at least {cfg.min_explained_share:.1%} needed): the "
+                "labels change where the adapted model does not explain the input better",
+            )
+        )
+    if cfg.min_confident_agreement is not None and held.confident_agreement < cfg.min_confident_agreement:
+        refusals.append(
+            (
+                "confident_agreement",
+                f"the adapted model keeps {held.confident_agreement:.1%} of the base's labels on the "
+                f"{held.confident_inputs} held-out inputs the base was at least {cfg.confident:.2f} sure "
+                f"of (at least {cfg.min_confident_agreement:.1%} needed)",
+            )
+        )
+    if cfg.max_class_share_fall is not None and held.class_share_fall > cfg.max_class_share_fall:
+        refusals.append(
+            (
+                "class_share",
+                f"a class's share of the held-out predictions falls by {held.class_share_fall:.3f} (at "
+                f"most {cfg.max_class_share_fall:.3f} allowed): the predictions collapse onto fewer classes",
+            )
+        )
+    return GateDecision(
+        accepted=not refusals,
+        before=before,
+        after=after,
+        reasons=tuple(r for _, r in refusals),
+        heldout=held,
+        refused_by=tuple(c for c, _ in refusals),
+    )
 
 
 # --- adapt, then judge ------------------------------------------------------------------------
@@ -495,6 +693,10 @@ class AdaptOutcome:
             "heldout_label_kl_after": after.heldout_label_kl,
             "heldout_confidence_before": before.heldout_confidence,
             "heldout_confidence_after": after.heldout_confidence,
+            "heldout_changed_share": self.decision.heldout.changed_share,
+            "heldout_explained_share": self.decision.heldout.explained_share,
+            "heldout_confident_agreement": self.decision.heldout.confident_agreement,
+            "heldout_class_share_fall": self.decision.heldout.class_share_fall,
         }
         if self.report.history:
             out["final_objective"] = self.report.history[-1].objective

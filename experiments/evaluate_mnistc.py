@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cama.adapt import AdaptOutcome, FinetuneConfig, GateConfig
+from cama.adapt import AdaptOutcome, FinetuneConfig, GateConfig, GateEvaluation, promotion_gate
 from cama.checkpoint import load_checkpoint, sha256_file
 from cama.image_model import ImageCama
 from cama.runtime import atomic_write, resolve_device
@@ -89,6 +90,15 @@ TENT_VALIDATION = (
     ("rotation", 30.0),
     ("vshift", 0.3),
     ("hshift", 0.3),
+)
+# further generic manipulations in the gate's validation suite only (TENT's step size is chosen on
+# TENT_VALIDATION alone): shapes and levels set before any was measured, none modelled on MNIST-C
+GATE_VALIDATION = (
+    ("rotation", 45.0),
+    ("blobs", 0.2),
+    ("veil", 0.7),
+    ("elastic", 3.0),
+    ("invert", 1.0),
 )
 METHODS = (
     "dnn",
@@ -242,52 +252,82 @@ def measure(s: Setup, corruption: str) -> None:
             measure_cama_ft(s, prefix, n, adapt_x, score)
 
 
+GATED = re.compile(r"\.(gate_accepted|cama_ft|clean_after_ft)\.n\d+$")  # what the gate decides
+EVIDENCE = "evidence=1"  # what a job's cached gate evidence holds; bumped when that changes
+
+
 def measure_cama_ft(s: Setup, prefix: str, n: int, adapt_x: np.ndarray, score: Split) -> None:
-    """``cama_ft`` (and, at n = 500, clean accuracy after it) through the service's code path."""
-    # the recipe and the gate it was judged by: either changed, the job is measured again
+    """One job through the service's code path: the adapted model's scores (``cama_adapted``, and
+    ``clean_adapted`` on the clean scoring half) and the gate's evidence before and after, cached
+    by recipe; then the gate's verdict (:func:`judge`), which only the evidence feeds, so a new
+    gate is judged on cached jobs without adapting again."""
+    c, recipe = s.cache, recipe_id(s.recipe)
+    names = ("cama_adapted", "clean_adapted", "adapt_seconds", "gate_evidence")
+    keys = {name: f"{prefix}.{name}.n{n}" for name in names}
+    tags = {**dict.fromkeys(keys, recipe), "gate_evidence": f"{recipe};{EVIDENCE}"}
+    if not all(c.fresh(keys[k], s.digest, tags[k]) for k in names):
+        t0 = time.perf_counter()
+        model, outcome = adapt_like_the_service(s, adapt_x)
+        seconds = time.perf_counter() - t0
+        info: dict[str, Any] = {"model": s.digest, "n_adapt": n}
+        print(f"  {prefix} n={n}: adapted in {seconds:.0f}s", flush=True)
+        if not c.fresh(keys["adapt_seconds"], s.digest, recipe):  # the job's time, gate included
+            c.put(
+                keys["adapt_seconds"],
+                {"value": seconds, **info, "recipe": recipe, "steps": outcome.report.steps},
+            )
+        evidence = {"before": outcome.decision.before.as_dict(), "after": outcome.decision.after.as_dict()}
+        c.put(
+            keys["gate_evidence"],
+            {
+                "value": outcome.heldout_inputs,
+                **info,
+                "recipe": tags["gate_evidence"],
+                "seconds": seconds,
+                **evidence,
+            },
+        )
+        c.get(keys["cama_adapted"], partial(served_accuracy, model, score.x, score.y), recipe=recipe, **info)
+        c.get(
+            keys["clean_adapted"],
+            partial(served_accuracy, model, s.clean_score.x, s.clean_score.y),
+            recipe=recipe,
+            **info,
+        )
+    c.get(f"{prefix}.cama", partial(served_accuracy, s.cama, score.x, score.y), model=s.digest)
+    judge(s, prefix, n)
+
+
+def judge(s: Setup, prefix: str, n: int) -> None:
+    """The gate's verdict on a cached job (:func:`cama.adapt.promotion_gate` on its evidence) and
+    what it serves: the adapted model if accepted, else the unadapted one (``cama_ft``,
+    ``clean_after_ft``)."""
     c, recipe = s.cache, f"{recipe_id(s.recipe)};gate:{gate_id(s.gate)}"
-    keys = [f"{prefix}.cama_ft.n{n}", f"{prefix}.clean_after_ft.n{n}", f"{prefix}.adapt_seconds.n{n}"]
-    keys.append(f"{prefix}.cama_adapted.n{n}")
-    if all(c.fresh(k, s.digest, recipe) for k in keys):
-        return
-    t0 = time.perf_counter()
-    model, outcome = adapt_like_the_service(s, adapt_x)
-    seconds = time.perf_counter() - t0
-    info: dict[str, Any] = {"model": s.digest, "recipe": recipe, "n_adapt": n}
-    accepted = outcome.accepted
-    reasons = list(outcome.decision.reasons)
-    print(
-        f"  {prefix} n={n}: {seconds:.0f}s, gate {'accepts' if accepted else 'REFUSES'} {reasons}", flush=True
+    evidence = c.data[f"{prefix}.gate_evidence.n{n}"]
+    decision = promotion_gate(
+        GateEvaluation.from_dict(evidence["before"]), GateEvaluation.from_dict(evidence["after"]), s.gate
     )
-    c.put(keys[2], {"value": seconds, **info, "steps": outcome.report.steps})
-    gate = outcome.decision.as_dict()
-    c.put(f"{prefix}.gate_accepted.n{n}", {"value": float(accepted), **info, "gate": gate})
-    adapted = c.get(
-        keys[3], partial(served_accuracy, model, score.x, score.y), model=s.digest, recipe=recipe, n_adapt=n
+    info: dict[str, Any] = {"model": s.digest, "recipe": recipe, "n_adapt": n}
+    c.put(
+        f"{prefix}.gate_accepted.n{n}",
+        {"value": float(decision.accepted), **info, "gate": decision.as_dict()},
     )
     # a refused job leaves the served model in place: its scores are the unadapted model's, the
     # same numbers (same model, images and noise seed) as `cama` and `clean.cama`
-    served = model if accepted else s.cama
-    unadapted = f"{prefix}.cama"
-    if accepted:
-        c.put(keys[0], {"value": adapted, **info}, show=True)
-    elif c.fresh(unadapted, s.digest):
-        c.put(keys[0], {"value": c.data[unadapted]["value"], **info}, show=True)
-    else:
-        c.get(
-            keys[0],
-            partial(served_accuracy, served, score.x, score.y),
-            model=s.digest,
-            recipe=recipe,
-            n_adapt=n,
-        )
-    c.get(
-        keys[1],
-        partial(served_accuracy, served, s.clean_score.x, s.clean_score.y),
+    unadapted = c.data[f"{prefix}.cama"]["value"]
+    clean = c.get(
+        f"{s.prefix}.clean.cama",
+        partial(served_accuracy, s.cama, s.clean_score.x, s.clean_score.y),
         model=s.digest,
-        recipe=recipe,
-        n_adapt=n,
     )
+    chosen = {
+        "cama_ft": c.data[f"{prefix}.cama_adapted.n{n}"]["value"] if decision.accepted else unadapted,
+        "clean_after_ft": c.data[f"{prefix}.clean_adapted.n{n}"]["value"] if decision.accepted else clean,
+    }
+    for name, value in chosen.items():
+        c.put(f"{prefix}.{name}.n{n}", {"value": value, **info}, show=name == "cama_ft")
+    verdict = "accepts" if decision.accepted else f"REFUSES {list(decision.refused_by)}"
+    print(f"  {prefix} n={n}: the gate {verdict}", flush=True)
 
 
 def every_corruption(s: Setup, data: dict[str, float], pattern: str) -> list[float] | None:
@@ -299,8 +339,18 @@ def every_corruption(s: Setup, data: dict[str, float], pattern: str) -> list[flo
 def outputs(s: Setup) -> dict[str, float]:
     """Means over the suite's sets, summary keys, the table and the plot."""
     p = s.prefix
-    data = {k: float(v["value"]) for k, v in s.cache.data.items() if k.startswith(f"{p}.")}
-    metrics = {k: v for k, v in data.items() if not k.startswith("mnistc.tent_lr.")}
+    # the figures a gate decides are reported only for the gate of this run: a job judged by
+    # another gate (no cached evidence to judge it again) is left out, never mixed in
+    judged = f"{recipe_id(s.recipe)};gate:{gate_id(s.gate)}"
+    stale = [
+        k
+        for k, v in s.cache.data.items()
+        if k.startswith(f"{p}.") and GATED.search(k) and v.get("recipe") != judged
+    ]
+    data = {k: float(v["value"]) for k, v in s.cache.data.items() if k.startswith(f"{p}.") and k not in stale}
+    metrics = {
+        k: v for k, v in data.items() if not k.startswith("mnistc.tent_lr.") and ".gate_evidence." not in k
+    }
     for n in s.ns:
         for method in METHODS:
             values = every_corruption(s, data, f"{p}.{{}}.{method}.n{n}")
@@ -315,12 +365,20 @@ def outputs(s: Setup) -> dict[str, float]:
         seconds = every_corruption(s, data, f"{p}.{{}}.adapt_seconds.n{n}")
         if seconds is not None:
             metrics[f"{p}.adapt_seconds.median.n{n}"] = float(np.median(seconds))
+    metrics |= gate_confusion(s)
     metrics[f"{p}.clean.cama"] = s.cache.get(
         f"{p}.clean.cama", partial(served_accuracy, s.cama, s.clean_score.x, s.clean_score.y), model=s.digest
     )
     out = Path(s.args.out_dir)
     if p == "mnistc":
-        update_metrics(metrics, out / "metrics.json")
+        summaries = [
+            f"{p}.{what}.n{n}"
+            for n in s.ns
+            for what in ("mean.cama_ft", "gate_accepted", "clean_after_ft.min")
+        ]
+        update_metrics(
+            metrics, out / "metrics.json", drop=tuple(k for k in [*stale, *summaries] if k not in metrics)
+        )
     atomic_write(out / f"{p}.md", table(metrics, s) + "\n")
     plot(metrics, s, out / f"{p}.png")
     return metrics
@@ -366,9 +424,91 @@ def table(m: dict[str, float], s: Setup) -> str:
         if poisoned is not None:
             lines.append(f"\nA batch of uniform noise: {'ACCEPTED' if poisoned else 'refused'} by the gate.")
         lines.append("")
+    lines += gate_table(s)
     lines += ["Published means over the 15 corruptions, for orientation (other protocols):", ""]
     lines += [f"- {name}: {value:.3f}" for name, value in PUBLISHED.items()]
     return "\n".join(lines)
+
+
+LOST = 0.005  # a job that moves accuracy by more than this lost or gained; within it, held
+
+
+def verdict(s: Setup, name: str, n: int) -> dict[str, Any] | None:
+    """The cached ``gate_accepted`` entry of the job on ``name`` at ``n`` if this run's gate
+    judged it, else None."""
+    entry = s.cache.data.get(f"{s.prefix}.{name}.gate_accepted.n{n}")
+    judged = f"{recipe_id(s.recipe)};gate:{gate_id(s.gate)}"
+    return entry if entry is not None and entry.get("recipe") == judged else None
+
+
+def job_outcome(s: Setup, name: str, n: int) -> str | None:
+    """Whether the job on set ``name`` at ``n`` lost, held or gained accuracy on its scoring half
+    (``cama_adapted`` against ``cama``, by :data:`LOST`), or None if it is not measured."""
+    data = s.cache.data
+    adapted, base = data.get(f"{s.prefix}.{name}.cama_adapted.n{n}"), data.get(f"{s.prefix}.{name}.cama")
+    if adapted is None or base is None or verdict(s, name, n) is None:
+        return None
+    delta = float(adapted["value"]) - float(base["value"])
+    return "lost" if delta < -LOST else "gained" if delta > LOST else "held"
+
+
+def gate_confusion(s: Setup) -> dict[str, float]:
+    """``<prefix>.gate.<lost|held|gained>_<kept|refused>.n<N>``: how many jobs of each outcome the
+    gate kept and refused (the poisoned batch excluded)."""
+    out: dict[str, float] = {}
+    for n in s.ns:
+        for name in s.names:
+            outcome = job_outcome(s, name, n)
+            if outcome is None:
+                continue
+            for o in ("lost", "held", "gained"):
+                for verdict in ("kept", "refused"):
+                    out.setdefault(f"{s.prefix}.gate.{o}_{verdict}.n{n}", 0.0)
+            kept = s.cache.data[f"{s.prefix}.{name}.gate_accepted.n{n}"]["value"] == 1.0  # judged
+            key = f"{s.prefix}.gate.{outcome}_{'kept' if kept else 'refused'}.n{n}"
+            out[key] = out.get(key, 0.0) + 1.0
+    return out
+
+
+def gate_table(s: Setup) -> list[str]:
+    """The gate's verdict on every measured job with its per-input evidence, and the confusion of
+    verdicts against what each job did to accuracy (which the gate never sees)."""
+    p, data = s.prefix, s.cache.data
+    lines = [
+        "## The promotion gate's verdicts",
+        "",
+        f"The gate `{gate_id(s.gate)}` (`cama.adapt.GateConfig`) on each job's held-out fifth,",
+        "judged from the cached evidence; accuracy on the scoring half, which the gate never sees.",
+        "changed: share of held-out labels that change; explained: share of those whose ELBO(x) gain",
+        "is above the held-out median's; agreement: share of the base's confident labels kept;",
+        "class fall: the largest fall of one class's share of the predictions.",
+        "",
+        "| set | n | unadapted | adapted | change | changed | explained | agreement | class fall | gate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    confusion = gate_confusion(s)
+    for n in s.ns:
+        for name in s.sets:
+            entry = verdict(s, name, n)
+            if entry is None or f"{p}.{name}.cama_adapted.n{n}" not in data:
+                continue
+            gate = entry["gate"]
+            base, adapted = data[f"{p}.{name}.cama"]["value"], data[f"{p}.{name}.cama_adapted.n{n}"]["value"]
+            said = "kept" if gate["accepted"] else "refused: " + ", ".join(gate.get("refused_by", []))
+            lines.append(
+                f"| {name} | {n} | {base:.3f} | {adapted:.3f} | {100 * (adapted - base):+.1f} |"
+                f" {gate['heldout_changed_share']:.3f} | {gate['heldout_explained_share']:.3f} |"
+                f" {gate['heldout_confident_agreement']:.3f} | {gate['heldout_class_share_fall']:.3f} |"
+                f" {said} |"
+            )
+    lines += ["", "| n | outcome (by 0.5 point) | kept | refused |", "|---:|---|---:|---:|"]
+    for n in s.ns:
+        for outcome in ("lost", "held", "gained"):
+            kept = confusion.get(f"{p}.gate.{outcome}_kept.n{n}", 0.0)
+            refused = confusion.get(f"{p}.gate.{outcome}_refused.n{n}", 0.0)
+            if kept or refused:
+                lines.append(f"| {n} | {outcome} | {kept:.0f} | {refused:.0f} |")
+    return [*lines, ""]
 
 
 BAR_METHODS = ("dnn", "tent_flat", "tent_flat_online", "tent_gap_online", "cama", "cama_ft")
@@ -480,6 +620,7 @@ def main(argv: list[str] | None = None) -> None:
         prefix, labels, clean = "mnistc_val", val.y, val
         rng = np.random.default_rng(1)
         sets = {f"{name}_{level:g}": named(name, level)(val.x, rng) for name, level in TENT_VALIDATION}
+        sets |= {f"{name}_{level:g}": named(name, level)(val.x, rng) for name, level in GATE_VALIDATION}
         sets[POISONED] = np.random.default_rng(2).random(val.x.shape).astype(np.float32)
     unknown = set(args.corruptions or ()) - set(sets)
     if unknown:
@@ -516,6 +657,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.sections:
         for corruption in args.corruptions or list(s.sets):
             measure(s, corruption)
+    for corruption in s.sets:  # the gate's verdict on every cached job, under today's gate
+        for n in s.ns:
+            if s.cache.fresh(
+                f"{prefix}.{corruption}.gate_evidence.n{n}", s.digest, f"{recipe_id(s.recipe)};{EVIDENCE}"
+            ):
+                judge(s, f"{prefix}.{corruption}", n)
     metrics = outputs(s)
     for n in s.ns:
         row = {m: metrics.get(f"{prefix}.mean.{m}.n{n}") for m in METHODS}

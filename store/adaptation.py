@@ -18,6 +18,7 @@ holds does nothing. A cancelled job, or one that fails or is rejected, never cha
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -80,17 +81,7 @@ class JobSettings(Protocol):
     @property
     def holdout_fraction(self) -> float: ...
     @property
-    def gate_margin(self) -> float: ...
-    @property
-    def gate_min_elbo_gain(self) -> float: ...
-    @property
-    def gate_max_label_kl_rise(self) -> float | None: ...
-    @property
-    def gate_max_confidence_drop(self) -> float | None: ...
-    @property
-    def gate_min_confidence(self) -> float | None: ...
-    @property
-    def gate_k(self) -> int: ...
+    def gate(self) -> GateConfig: ...
     @property
     def screen_margin(self) -> float | None: ...
 
@@ -281,15 +272,7 @@ def _adapt(job: JobRecord, ctx: JobContext, lease: Lease | None = None) -> JobRe
     batch_x, batch_cond = _tensors(batch, device)
     canary_x, canary_cond = _tensors(data.canary, device)
     replay_x, replay_cond = _tensors(data.replay, device)
-    gate_cfg = GateConfig(
-        max_clean_drop=settings.gate_margin,
-        min_elbo_gain=settings.gate_min_elbo_gain,
-        max_label_kl_rise=settings.gate_max_label_kl_rise,
-        max_confidence_drop=settings.gate_max_confidence_drop,
-        min_confidence=settings.gate_min_confidence,
-        k=settings.gate_k,
-        screen=settings.screen_margin,
-    )
+    gate_cfg = dataclasses.replace(settings.gate, screen=settings.screen_margin)
     try:
         outcome = adapt_batch(
             model,  # type: ignore[arg-type]

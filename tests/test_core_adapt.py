@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -308,3 +311,118 @@ def test_bf16_runs_only_where_the_cpu_computes_it(monkeypatch):
     monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     assert runtime.bf16_native(torch.device("cpu"))
     assert not runtime.bf16_native(torch.device("meta"))
+
+
+# --- each check of the promotion gate can refuse, alone ------------------------------------------
+
+THRESHOLD = {name: fields[0] for name, (fields, _) in adapt.GATE_CHECKS.items()}
+ALL_OFF = dict.fromkeys(THRESHOLD.values())
+
+
+def heldout(labels, elbos, *, confidence=0.999, **means) -> adapt.GateEvaluation:
+    """Evidence on 20 held-out inputs."""
+    summary = {"clean_accuracy": 0.98, "heldout_elbo": float(sum(elbos)) / len(elbos), **means}
+    return adapt.GateEvaluation(
+        **summary, labels=tuple(labels), confidences=(confidence,) * len(labels), elbos=tuple(elbos)
+    )
+
+
+BASE_LABELS = list(range(10)) * 2
+
+
+def relabel(changed: range) -> list[int]:
+    return [(y + 1) % 10 if i in changed else y for i, y in enumerate(BASE_LABELS)]
+
+
+BASE = heldout(BASE_LABELS, [-200.0] * 20, heldout_confidence=0.95, heldout_label_kl=0.02)
+# (check, its threshold, the evidence after adapting that it refuses)
+REFUSED = [
+    ("clean", 0.005, heldout(BASE_LABELS, [-190.0] * 20, clean_accuracy=0.97)),
+    ("elbo", 0.0, heldout(BASE_LABELS, [-201.0] * 20)),
+    ("label_kl", 0.1, heldout(BASE_LABELS, [-190.0] * 20, heldout_label_kl=1.0)),
+    ("confidence_drop", 0.2, heldout(BASE_LABELS, [-190.0] * 20, heldout_confidence=0.6)),
+    ("min_confidence", 0.5, heldout(BASE_LABELS, [-190.0] * 20, heldout_confidence=0.4)),
+    # 6 of 20 labels change (30%)
+    ("changed", 0.2, heldout(relabel(range(6)), [-190.0] * 20)),
+    # 3 labels change on inputs that gain nothing while the batch gains 10 nats: none explained
+    ("explained", 0.5, heldout(relabel(range(3)), [-200.0] * 3 + [-190.0] * 17)),
+    # 3 of the base's confident labels overturned: 85% kept
+    ("confident_agreement", 0.9, heldout(relabel(range(3)), [-190.0] * 20)),
+    # both inputs of class 1 move to class 2: class 1 loses its 10% share
+    ("class_share", 0.05, heldout(relabel(range(1, 20, 10)), [-190.0] * 20)),
+]
+
+
+def test_every_check_is_covered_here():
+    assert sorted(name for name, _, _ in REFUSED) == sorted(adapt.GATE_CHECKS)
+
+
+@pytest.mark.parametrize(("check", "threshold", "after"), REFUSED, ids=[c for c, _, _ in REFUSED])
+def test_each_check_refuses_alone_and_is_switched_off_by_none(check, threshold, after):
+    cfg = adapt.GateConfig(**{**ALL_OFF, THRESHOLD[check]: threshold})
+    decision = adapt.promotion_gate(BASE, after, cfg)
+    assert not decision.accepted
+    assert decision.refused_by == (check,)
+    assert len(decision.reasons) == 1
+    assert adapt.promotion_gate(BASE, after, adapt.GateConfig(**ALL_OFF)).accepted
+
+
+def test_label_changes_on_inputs_the_new_version_explains_better_are_kept():
+    # the 3 changed inputs gain 30 nats where the batch gains 10: explained, not refused
+    after = heldout(relabel(range(3)), [-170.0] * 3 + [-190.0] * 17)
+    cfg = adapt.GateConfig(**{**ALL_OFF, "min_explained_share": 0.5, "explain_margin": 5.0})
+    decision = adapt.promotion_gate(BASE, after, cfg)
+    assert decision.accepted
+    assert decision.heldout.changed_share == pytest.approx(0.15)
+    assert decision.heldout.explained_share == 1.0
+    # with a margin above the 20-nat lead, the same changes count as unexplained
+    stricter = adapt.GateConfig(**{**ALL_OFF, "min_explained_share": 0.5, "explain_margin": 25.0})
+    assert adapt.promotion_gate(BASE, after, stricter).refused_by == ("explained",)
+    # one of two changes explained: exactly the half needed
+    half = heldout(relabel(range(2)), [-170.0, -190.0] + [-190.0] * 18)
+    assert adapt.promotion_gate(BASE, half, cfg).heldout.explained_share == 0.5
+    assert adapt.promotion_gate(BASE, half, cfg).accepted
+
+
+def test_confident_agreement_reads_only_the_inputs_the_base_was_sure_of():
+    unsure = dataclasses.replace(BASE, confidences=(0.6,) * 3 + (0.999,) * 17)
+    after = heldout(relabel(range(3)), [-190.0] * 20)
+    held = adapt.compare_heldout(unsure, after, adapt.GateConfig())
+    assert held.confident_inputs == 17
+    assert held.confident_agreement == 1.0  # only unsure labels changed
+
+
+def test_gate_evidence_round_trips_and_judges_offline():
+    model = make("transform").eval()
+    x, y = data(12)
+    cfg = adapt.GateConfig(k=2)
+    evaluation = adapt.gate_evaluation(model, x, y, x[:8], cfg)
+    assert len(evaluation.labels) == len(evaluation.confidences) == len(evaluation.elbos) == 8
+    assert evaluation.heldout_elbo == pytest.approx(sum(evaluation.elbos) / 8, abs=1e-2)
+    again = adapt.GateEvaluation.from_dict(json.loads(json.dumps(evaluation.as_dict())))
+    assert again == evaluation
+    assert (
+        adapt.promotion_gate(again, again, cfg).as_dict()
+        == adapt.promotion_gate(evaluation, evaluation, cfg).as_dict()
+    )
+
+
+def test_gate_config_ranges_are_checked():
+    with pytest.raises(ValueError, match="max_changed_share"):
+        adapt.GateConfig(max_changed_share=1.5)
+    with pytest.raises(ValueError, match="k must be"):
+        adapt.GateConfig(k=0)
+
+
+def test_docs_gate_section_lists_every_check_as_the_code_has_it():
+    """docs/m_pathway.md's gate section names each check of GATE_CHECKS by its settings, with the
+    shipped default of each; every GateConfig field is a check's setting or a named evaluation one."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "m_pathway.md").read_text()
+    section = text.split("## Refusing an adaptation that makes things worse", 1)[1].split("\n## ", 1)[0]
+    defaults = adapt.GateConfig()
+    for name, (fields, _) in adapt.GATE_CHECKS.items():
+        for f in fields:
+            assert f"`{f}` ({getattr(defaults, f)})" in section, (name, f)
+    in_checks = {f for fields, _ in adapt.GATE_CHECKS.values() for f in fields}
+    evaluation = {"k", "seed", "screen"}
+    assert {f.name for f in dataclasses.fields(adapt.GateConfig)} == in_checks | evaluation

@@ -22,6 +22,7 @@ import redis
 from app.core.config import Settings
 from harness.inputs import digit_like_images, png_base64
 from harness.processes import (
+    ACCEPTING_GATE,
     ContinuousClient,
     ServiceProcess,
     WorkerProcess,
@@ -68,11 +69,7 @@ def stack(tmp_path_factory, redis_ns):
         "token": TOKEN,
         "redis_url": REDIS_URL,
         "finetune": {"epochs": 1, "batch_size": 16, "lr": 0.01, "min_steps": 0},
-        "gate_margin": 1.0,
-        "gate_min_elbo_gain": -1e9,
-        "gate_max_label_kl_rise": 1e9,
-        "gate_max_confidence_drop": 1.0,
-        "gate_min_confidence": "null",
+        **ACCEPTING_GATE,
         "poll_interval_s": 30.0,
         **redis_ns,
     }
@@ -244,11 +241,7 @@ def test_a_job_whose_worker_is_killed_is_requeued_and_published_once(tmp_path, t
         "redis_url": REDIS_URL,
         "redis_prefix": f"{redis_ns['redis_prefix']}kill-{run}:",
         "queue": f"{redis_ns['queue']}-kill-{run}",
-        "gate_margin": 1.0,
-        "gate_min_elbo_gain": -1e9,
-        "gate_max_label_kl_rise": 1e9,
-        "gate_max_confidence_drop": 1.0,
-        "gate_min_confidence": "null",
+        **ACCEPTING_GATE,
         "job_lease_s": 3,
         "reap_interval_s": 1,
     }

@@ -57,7 +57,7 @@ def accepting(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory):
-    svc, registry = start(tmp_path_factory, "strict", gate_min_elbo_gain=1e9)
+    svc, registry = start(tmp_path_factory, "strict", gate={**ACCEPTING_GATE["gate"], "min_elbo_gain": 1e9})
     try:
         yield svc, registry
     finally:

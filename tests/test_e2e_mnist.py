@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from harness.processes import ROOT, service_env
+from harness.processes import ACCEPTING_GATE, ROOT, service_env
 from harness.stores import template_store
 from training.data import resolve_data_dir
 
@@ -42,7 +42,7 @@ def test_shifted_mnist_adaptation_through_the_service(tmp_path, tmp_path_factory
     ]
     if USE_REAL:
         args = [
-            "--checkpoint", str(REAL), "--mode", "both", "--k", "5", "--gate-k", "5",
+            "--checkpoint", str(REAL), "--mode", "both", "--k", "5", "--gate", '{"k": 5}',
             "--n-test", os.environ.get("CAMA_E2E_N_TEST", "2000"), "--poisoned", "200", "--min-gain", "30",
         ]  # fmt: skip
         if "CAMA_E2E_FINETUNE" in os.environ:  # else the script's recipe (benchmarks.e2e_mnist.RECIPE)
@@ -51,8 +51,8 @@ def test_shifted_mnist_adaptation_through_the_service(tmp_path, tmp_path_factory
         _, template = template_store(tmp_path_factory.getbasetemp() / "tiny_template")
         args = [
             "--store", str(template), "--name", "tiny", "--mode", "embedded", "--n-test", "80", "--k", "2",
-            "--poisoned", "0", "--min-gain=-100", "--gate-margin", "1.0", "--gate-min-elbo-gain=-1e9",
-            "--gate-max-label-kl-rise", "1e9", "--gate-min-confidence", "none",
+            "--poisoned", "0", "--min-gain=-100",
+            "--gate", json.dumps(ACCEPTING_GATE["gate"]),
             "--finetune", '{"epochs": 1, "batch_size": 16}',
         ]  # fmt: skip
     env = {

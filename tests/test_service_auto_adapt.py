@@ -16,20 +16,14 @@ import pytest
 from app.auto_adapt import LiveBuffer
 from cama.novelty import route
 from harness.inputs import digit_like_images
-from harness.processes import ServiceProcess
+from harness.processes import ACCEPTING_GATE, ServiceProcess
 from harness.stores import clone_store, template_store
 from store.data import Inputs
 from store.registry import ModelRegistry
 
 TOKEN = "a" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-ACCEPT_ALL = {
-    "gate_margin": 1.0,
-    "gate_min_elbo_gain": -1e9,
-    "gate_max_label_kl_rise": 1e9,
-    "gate_max_confidence_drop": 1.0,
-    "gate_min_confidence": "null",
-}
+ACCEPT_ALL = ACCEPTING_GATE
 
 
 class Clock:

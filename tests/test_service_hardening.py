@@ -236,7 +236,7 @@ def test_cancelling_during_the_first_gate_evaluation_stops_it(tmp_path, start_se
     store = tmp_path / "store"
     build_store(store, seed_dir, ["slow"])
     svc = start_service(
-        model_store=str(store), seed_dir=str(seed_dir), models=["slow"], token=TOKEN, gate_k=50
+        model_store=str(store), seed_dir=str(seed_dir), models=["slow"], token=TOKEN, gate={"k": 50}
     )
     with httpx.Client(base_url=svc.url, timeout=60, headers=auth()) as c:
         job_id = c.post("/adapt", json={"model": "slow", "images": good_images(40)}).json()["job_id"]

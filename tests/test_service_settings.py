@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from app.core.config import Settings
 from app.schemas import JobPublic
-from cama.adapt import MEASUREMENT_RECIPE, FinetuneConfig
+from cama.adapt import MEASUREMENT_RECIPE, FinetuneConfig, GateConfig
 from store.adaptation import finetune_config
 
 
@@ -20,7 +20,7 @@ def test_development_defaults_are_the_embedded_mode(monkeypatch):
     assert s.embedded
     assert s.token is None
     assert s.models == ["mnist", "cifar_binary", "measurement"]
-    assert s.gate_margin == 0.005
+    assert s.gate == GateConfig()  # the core's defaults
     assert s.k == 10
     assert s.batching
 
@@ -40,12 +40,12 @@ def test_environment_variables_including_nested_recipe(monkeypatch):
     monkeypatch.setenv("CAMA_MODELS", '["mnist"]')
     monkeypatch.setenv("CAMA_REDIS_URL", "redis://localhost:6379/0")
     monkeypatch.setenv("CAMA_FINETUNE", '{"lr": 0.003, "epochs": 5}')
-    monkeypatch.setenv("CAMA_GATE_MARGIN", "0.01")
+    monkeypatch.setenv("CAMA_GATE__MAX_CLEAN_DROP", "0.01")
     s = Settings()
     assert s.models == ["mnist"]
     assert not s.embedded
     assert s.finetune == {"lr": 0.003, "epochs": 5}  # only what the operator set
-    assert s.gate_margin == 0.01
+    assert s.gate.max_clean_drop == 0.01
     monkeypatch.delenv("CAMA_FINETUNE")
     monkeypatch.setenv("CAMA_FINETUNE__LR", "0.002")
     monkeypatch.setenv("CAMA_FINETUNE__BF16", "false")
@@ -86,17 +86,21 @@ def test_invalid_values_are_refused():
         Settings(drift_alarm_z=3.0, drift_clear_z=3.0)
 
 
-def test_gate_checks_default_on_and_switch_off_with_null(monkeypatch):
+def test_gate_settings_are_the_core_gate_config_and_switch_off_with_null(monkeypatch):
+    assert Settings().gate.max_label_kl_rise == GateConfig().max_label_kl_rise
+    monkeypatch.setenv("CAMA_GATE__MAX_LABEL_KL_RISE", "null")
+    monkeypatch.setenv("CAMA_GATE__MAX_CONFIDENCE_DROP", "null")
+    monkeypatch.setenv("CAMA_GATE__K", "3")
     s = Settings()
-    assert s.gate_max_label_kl_rise == 0.1
-    assert s.gate_max_confidence_drop == 0.2
-    monkeypatch.setenv("CAMA_GATE_MAX_LABEL_KL_RISE", "null")
-    monkeypatch.setenv("CAMA_GATE_MAX_CONFIDENCE_DROP", "null")
-    s = Settings()
-    assert s.gate_max_label_kl_rise is None
-    assert s.gate_max_confidence_drop is None
-    monkeypatch.setenv("CAMA_GATE_MAX_CONFIDENCE_DROP", "-1")
-    with pytest.raises(ValidationError, match="gate_max_confidence_drop"):
+    assert s.gate == replace(GateConfig(), max_label_kl_rise=None, max_confidence_drop=None, k=3)
+    monkeypatch.setenv("CAMA_GATE__MAX_CONFIDENCE_DROP", "-1")
+    with pytest.raises(ValidationError, match="max_confidence_drop must be"):  # the core's ranges
+        Settings()
+    monkeypatch.delenv("CAMA_GATE__MAX_CONFIDENCE_DROP")
+    monkeypatch.setenv("CAMA_GATE", '{"min_confidence": null}')
+    assert Settings().gate.min_confidence is None
+    monkeypatch.setenv("CAMA_GATE", '{"max_clean_dorp": 0.1}')
+    with pytest.raises(ValidationError, match="unknown gate settings"):
         Settings()
 
 

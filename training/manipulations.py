@@ -126,6 +126,44 @@ def fit_zca(x: np.ndarray, eps: float = 1e-2) -> Callable[[np.ndarray], np.ndarr
     return apply
 
 
+def blobs(x: np.ndarray, coverage: float, rng: np.random.Generator) -> np.ndarray:
+    """Occluders of random shape: where a smooth random map (:func:`_smooth_fields`, a 5x5 grid)
+    lies above its own ``1 - coverage`` quantile, the image is one random grey level (per image)."""
+    n, size = x.shape[0], x.shape[-1]
+    fields = _smooth_fields(n, size, 5, rng)
+    cut = np.quantile(fields.reshape(n, -1), 1.0 - coverage, axis=1).reshape(n, 1, 1, 1)
+    grey = rng.random((n, 1, 1, 1)).astype(x.dtype)
+    out: np.ndarray = np.where(fields > cut, grey, x).astype(x.dtype)
+    return out
+
+
+def veil(x: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random veil of fixed ``strength``: ``x + strength F (1 - x)``, F a smooth map in
+    [0, 1] on a 4x4 grid, one per image."""
+    fields = _smooth_fields(x.shape[0], x.shape[-1], 4, rng)
+    out: np.ndarray = np.clip(x + strength * fields * (1.0 - x), 0.0, 1.0).astype(x.dtype)
+    return out
+
+
+def elastic(x: np.ndarray, pixels: float, rng: np.random.Generator) -> np.ndarray:
+    """Elastic deformation: each pixel is read from a place displaced by a smooth random field
+    (4x4 grid, per image and axis) of up to ``pixels`` pixels, zero fill."""
+    n, size = x.shape[0], x.shape[-1]
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    identity = torch.eye(2, 3).expand(n, 2, 3)
+    grid = F.affine_grid(identity, list(t.shape), align_corners=False)
+    shifts = [(_smooth_fields(n, size, 4, rng)[:, 0] * 2.0 - 1.0) * (2.0 * pixels / size) for _ in range(2)]
+    grid = grid + torch.from_numpy(np.stack(shifts, axis=-1).astype(np.float32))
+    out: np.ndarray = F.grid_sample(t, grid, padding_mode="zeros", align_corners=False).numpy()
+    return out
+
+
+def invert(x: np.ndarray, level: float) -> np.ndarray:
+    """Partial negative ``(1 - level) x + level (1 - x)``: ``level = 1`` swaps ink and paper."""
+    out: np.ndarray = ((1.0 - level) * x + level * (1.0 - x)).astype(x.dtype)
+    return out
+
+
 def named(name: str, level: float) -> Manipulation:
     """A manipulation by name and level: the vocabulary of the evaluation CLIs and the service."""
     table: dict[str, Manipulation] = {
@@ -136,6 +174,10 @@ def named(name: str, level: float) -> Manipulation:
         "contrast": lambda x, rng: contrast(x, level, (1.0 - level) / 2.0),
         "rotation": lambda x, rng: rotation(x, level, rng),
         "blur": lambda x, rng: gaussian_blur(x, level),
+        "blobs": lambda x, rng: blobs(x, level, rng),
+        "veil": lambda x, rng: veil(x, level, rng),
+        "elastic": lambda x, rng: elastic(x, level, rng),
+        "invert": lambda x, rng: invert(x, level),
         "generic": generic,  # the family of eq. 5 copies; no level
     }
     if name not in table:

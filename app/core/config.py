@@ -62,7 +62,6 @@ def operator_recipe(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 _RECIPE: TypeAdapter[FinetuneConfig] = TypeAdapter(FinetuneConfig)
-_GATE = GateConfig()  # the gate's defaults are the core's
 
 
 class Settings(BaseSettings):
@@ -159,27 +158,9 @@ class Settings(BaseSettings):
     # adaptation and its promotion gate
     # recipe settings that override every model's own (``adapt_recipe``); empty: each model's recipe
     finetune: dict[str, Any] = Field(default_factory=dict)
-    gate_margin: float = Field(
-        default=_GATE.max_clean_drop, description="largest allowed clean-accuracy drop (fraction)"
-    )
-    gate_min_elbo_gain: float = _GATE.min_elbo_gain
-    gate_max_label_kl_rise: float | None = Field(
-        default=_GATE.max_label_kl_rise,
-        ge=0.0,
-        description="largest allowed rise of the held-out label-histogram KL (nats)",
-    )
-    gate_max_confidence_drop: float | None = Field(
-        default=_GATE.max_confidence_drop,
-        ge=0.0,
-        description="largest allowed fall of the held-out mean confidence max_c p(y_c|x)",
-    )
-    gate_min_confidence: float | None = Field(
-        default=_GATE.min_confidence,
-        ge=0.0,
-        le=1.0,
-        description="smallest allowed held-out mean confidence max_c p(y_c|x) after adapting",
-    )
-    gate_k: int = Field(default=_GATE.k, ge=1)
+    # the promotion gate: cama.adapt.GateConfig's fields, e.g. CAMA_GATE__MAX_CLEAN_DROP=0.01 or
+    # CAMA_GATE='{"min_confidence": null}' (null switches a check off); its screen is screen_margin
+    gate: GateConfig = Field(default_factory=GateConfig)
     holdout_fraction: float = Field(default=HOLDOUT_FRACTION, gt=0.0, lt=1.0)
     min_adapt_inputs: int = Field(default=10, ge=2)
 
@@ -191,6 +172,16 @@ class Settings(BaseSettings):
             if value.lstrip().startswith("["):
                 return json.loads(value)
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("gate", mode="before")
+    @classmethod
+    def _known_gate_settings(cls, value: Any) -> Any:
+        """Refuse a gate setting that :class:`cama.adapt.GateConfig` does not have (a typo)."""
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(GateConfig)})
+            if unknown:
+                raise ValueError(f"unknown gate settings {unknown}")
         return value
 
     @field_validator("finetune")
