@@ -317,9 +317,9 @@ class GateConfig:
     # uniform noise 0.31-0.35
     min_confidence: float | None = 0.5
     max_changed_share: float | None = None
-    # chosen on the validation suite: the changes of the job that gained (vshift) are mostly
-    # explained, those of the jobs that lost (rotation 30, elastic) mostly not
-    min_explained_share: float | None = 0.5
+    # off by default: 0.5 separates the first four validation jobs (docs/m_pathway.md), but a fifth
+    # validation job that gained (blobs) is refused by it; to be chosen again on the whole suite
+    min_explained_share: float | None = None
     explain_margin: float = 0.0
     min_confident_agreement: float | None = None
     confident: float = 0.99
