@@ -325,7 +325,9 @@ def judge(s: Setup, prefix: str, n: int) -> None:
         "clean_after_ft": c.data[f"{prefix}.clean_adapted.n{n}"]["value"] if decision.accepted else clean,
     }
     for name, value in chosen.items():
-        c.put(f"{prefix}.{name}.n{n}", {"value": value, **info}, show=name == "cama_ft")
+        key, entry = f"{prefix}.{name}.n{n}", {"value": value, **info}
+        if c.data.get(key) != entry:  # a figure the cache already holds is not shown again
+            c.put(key, entry, show=name == "cama_ft")
     verdict = "accepts" if decision.accepted else f"REFUSES {list(decision.refused_by)}"
     print(f"  {prefix} n={n}: the gate {verdict}", flush=True)
 

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 SMOKE = ROOT / "scripts" / "compose_smoke.sh"
-TRAIN_ONLY = {"foolbox", "matplotlib", "pandas", "pyarrow", "tqdm"}
+TRAIN_ONLY = {"foolbox", "matplotlib", "pandas", "pyarrow", "scikit-learn", "tqdm"}
 
 
 @pytest.fixture(scope="module")
