@@ -31,7 +31,10 @@ class ImageCamaConfig:
     ``share_encoder`` (NN_Z^q reuses NN_M^q's CNN and feeds its flattened features straight to that
     MLP, as appendix C's CIFAR q network does; otherwise NN_Z^q has its own kernel-5 CNN and an
     x-MLP ``[4*4*64, encoder_hidden]``); ``decoder_stride1_layers`` (3x3 stride-1 deconvolutions
-    at the decoder's first resolution, before the three stride-2 ones).
+    at the decoder's first resolution, before the three stride-2 ones); ``field_inverse``
+    (``"mask"``: q(z|x,y,m) reads the pixels the field covers as missing, not divided back, see
+    ``cama.mechanisms``); ``theta_prior_std`` (the scale of the Gaussian factor that keeps the
+    global mechanisms near the identity in every ELBO, eq. 4's ``log p(m)`` term; ``None``: none).
     """
 
     kind: Literal["image"] = "image"
@@ -57,12 +60,18 @@ class ImageCamaConfig:
     z_head_depth: int = 1
     share_encoder: bool = False
     decoder_stride1_layers: int = 0
+    field_inverse: Literal["divide", "mask"] = "divide"
+    theta_prior_std: float | None = None
 
     def __post_init__(self) -> None:
         if min(self.height, self.width) < 1 or self.channels < 1:
             raise ValueError(f"image shape must be positive, got {self.image_shape}")
         if self.q_m_depth < 1 or self.z_head_depth < 1 or self.decoder_stride1_layers < 0:
             raise ValueError("q_m_depth and z_head_depth must be >= 1, decoder_stride1_layers >= 0")
+        if self.field_inverse not in ("divide", "mask"):
+            raise ValueError(f"field_inverse must be 'divide' or 'mask', got {self.field_inverse!r}")
+        if self.theta_prior_std is not None and not self.theta_prior_std > 0:
+            raise ValueError("theta_prior_std must be positive or None")
         unknown = set(self.transforms) - set(KNOWN_TRANSFORMS)
         if unknown:
             raise ValueError(f"unknown transforms {sorted(unknown)}; known: {KNOWN_TRANSFORMS}")

@@ -27,6 +27,7 @@ from cama.mechanisms import (
     apply_mechanisms,
     bernoulli_mean,
     canonicalize,
+    identity_log_prior,
 )
 
 
@@ -142,7 +143,7 @@ class ImageCama(nn.Module):
             params = self.mechanisms(m.float())  # (K, B, size)
             flat = {name: value.reshape(k * b, -1) for name, value in params.items()}
             xs = x.float().unsqueeze(0).expand(k, *x.shape).reshape(k * b, *x.shape[1:])
-            canonical = canonicalize(xs, flat, self.cleaner)
+            canonical = canonicalize(xs, flat, self.cleaner, self.config.field_inverse)
         features = self.x_features(canonical).view(k, b, -1)
         return ImageContext(m=m, features=features, params=params)
 
@@ -194,6 +195,13 @@ class ImageCama(nn.Module):
     def log_prior_y(self, y: Tensor, cond: Any = None) -> Tensor:
         """log p(y) = -log C (uniform), ``(C', 1, 1)``."""
         return y.new_full((y.shape[0], 1, 1), -math.log(self.num_classes))
+
+    def log_prior_mechanisms(self, ctx: ImageContext) -> Tensor:
+        """log f(theta(m)), the identity factor on p(m) (``cama.mechanisms.identity_log_prior`` with
+        ``theta_prior_std``; 0 without it or without mechanisms), ``(K, B)``."""
+        if ctx.params is None or self.config.theta_prior_std is None:
+            return ctx.m.new_zeros(ctx.m.shape[:2])
+        return identity_log_prior(ctx.params, self.config.theta_prior_std)
 
     # --- selective fine-tuning ------------------------------------------------------------------
     def m_parameters(self) -> list[nn.Parameter]:

@@ -302,6 +302,10 @@ class MeasurementCama(nn.Module):
         log_p = torch.log_softmax(self.prior(a), dim=-1)  # (B, C)
         return (y * log_p.view(1, 1, *log_p.shape)).sum(-1)
 
+    def log_prior_mechanisms(self, ctx: MeasurementContext) -> Tensor:
+        """No factor on p(m) beyond N(0, I): 0, ``(K, B)``."""
+        return ctx.m.new_zeros(ctx.m.shape[:2])
+
     # --- selective fine-tuning ------------------------------------------------------------------
     def m_parameters(self) -> list[nn.Parameter]:
         """NN_M^p (or the affine mechanism) and NN_M^q (q(m|x) and q(z)'s m input)."""

@@ -24,9 +24,22 @@ For greyscale images (C = 1) the sizes are those of the first, MNIST-only versio
 
 The inference network q(z|x,y,m) sees the observed image mapped back through the inverse of the
 invertible mechanisms (field, photometric, warp), so that z is inferred from a canonical image.
+Where the field covers a pixel (``w -> 1``), its exact inverse ``(x - w u) / (1 - w)`` divides by
+almost nothing and turns whatever covers the digit into extreme values. With
+``field_inverse="mask"`` a covered pixel is *missing* instead: where its visibility ``v = 1 - w``
+is at least ``MASK_VISIBILITY`` the inverse is exact (a translucent veil is undone), below it the
+canonical pixel is ``(x - w u) v / MASK_VISIBILITY^2``, which fades to the background as the field
+takes the pixel (continuous at the floor). The likelihood of a covered pixel is already the
+occluder's: ``p + w (u - p) -> u`` does not depend on y or z.
+
+``GLOBAL_TRANSFORMS`` act on the whole image; :func:`identity_log_prior` keeps them near the
+identity (a Gaussian factor on their parameters) so that a local corruption is explained by the
+field, not by degrading the whole image.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +50,10 @@ from cama.layers import mlp
 
 FIELD_GRID = 7
 PROB_EPS = 1e-6
-FIELD_MIN_KEEP = 0.05  # the field's inverse divides by 1 - w, kept at least this
+FIELD_MIN_KEEP = 0.05  # the field's exact inverse divides by 1 - w, kept at least this
+MASK_VISIBILITY = 0.3  # "mask": pixels less visible than this are read as missing
+FieldInverse = Literal["divide", "mask"]
+GLOBAL_TRANSFORMS: tuple[Transform, ...] = ("warp", "blur", "photometric", "outlier")
 
 
 def param_sizes(channels: int = 1) -> dict[Transform, int]:
@@ -232,12 +248,33 @@ class Cleaner(nn.Module):
         return out
 
 
-def canonicalize(x: Tensor, params: dict[Transform, Tensor], cleaner: Cleaner | None) -> Tensor:
-    """Map observed images ``(N, C, H, W)`` back through the invertible mechanisms."""
+def identity_log_prior(params: dict[Transform, Tensor], std: float) -> Tensor:
+    """``log f(theta) = -sum_i theta_i^2 / (2 std^2)`` over the parameters of the global mechanisms
+    (:data:`GLOBAL_TRANSFORMS`), ``(...)`` like the parameters' leading shape: an unnormalised
+    Gaussian factor on m's prior through theta(m), largest (0) at the identity."""
+    parts = [params[name].pow(2).sum(-1) for name in GLOBAL_TRANSFORMS if name in params]
+    if not parts:
+        return next(iter(params.values())).new_zeros(next(iter(params.values())).shape[:-1])
+    return -torch.stack(parts).sum(0) / (2.0 * std * std)
+
+
+def canonicalize(
+    x: Tensor,
+    params: dict[Transform, Tensor],
+    cleaner: Cleaner | None,
+    field_inverse: FieldInverse = "divide",
+) -> Tensor:
+    """Map observed images ``(N, C, H, W)`` back through the invertible mechanisms; the field's
+    covered pixels are divided back (``"divide"``) or treated as missing (``"mask"``)."""
     c = x.shape[1]
     if "field" in params:
         weight, level_map = _field_maps(params["field"], c, x.shape[2], x.shape[3])
-        x = (x - weight * level_map) / (1.0 - weight).clamp_min(FIELD_MIN_KEEP)
+        if field_inverse == "mask":
+            visible = 1.0 - weight
+            fade = visible.clamp_max(MASK_VISIBILITY) / MASK_VISIBILITY  # 1 down to 0 as w -> 1
+            x = (x - weight * level_map) * fade / visible.clamp_min(MASK_VISIBILITY)
+        else:
+            x = (x - weight * level_map) / (1.0 - weight).clamp_min(FIELD_MIN_KEEP)
     if "photometric" in params:
         gain, offset = _photometric(params["photometric"], c)
         x = (x - offset) / gain

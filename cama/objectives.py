@@ -55,9 +55,11 @@ def _joint_elbo_terms(
     m: Tensor,
     eps_z: Tensor,
 ) -> Tensor:
-    """E_q(z|x,y,m)[log p(x|y,z,m) + log p(z) - log q(z|x,y,m)] + log p(y), ``(C', B)``.
+    """E_q(z|x,y,m)[log p(x|y,z,m) + log p(z) - log q(z|x,y,m)] + log p(y) + log f(theta(m)), ``(C', B)``.
 
-    ``m`` is ``(K, B, dM)``; the KL of z is analytic, the expectation over z uses ``eps_z``.
+    ``m`` is ``(K, B, dM)``; the KL of z is analytic, the expectation over z uses ``eps_z``;
+    ``log f`` is the model's factor on p(m) through its mechanisms (0 at m = 0 and for models
+    without one, :meth:`cama.protocol.CamaModel.log_prior_mechanisms`).
     """
     ctx = model.prepare(x, m, cond)
     mu_z, logvar_z = model.infer_z(ctx, y)  # (C', K, B, dZ)
@@ -65,7 +67,8 @@ def _joint_elbo_terms(
     rec = model.log_likelihood(x, ctx, y, z)  # (C', K, B)
     kl_z = kl_to_standard_normal(mu_z, logvar_z)  # (C', K, B)
     log_py = model.log_prior_y(y, cond)  # broadcastable to (C', 1, B)
-    return (rec - kl_z).mean(1) + log_py[:, 0]
+    log_f = model.log_prior_mechanisms(ctx).mean(0)  # (B,)
+    return (rec - kl_z).mean(1) + log_py[:, 0] + log_f
 
 
 def intervention_elbo(

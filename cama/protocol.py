@@ -42,6 +42,11 @@ class CamaModel(Protocol):
         """log p(y) (images) or log p(y|a) (measurement data), broadcastable to ``(C, 1, B)``."""
         ...
 
+    def log_prior_mechanisms(self, ctx: Any) -> Tensor:
+        """log f(theta(m)): an unnormalised factor on p(m) through the m effect (0 where none),
+        ``(K, B)``; part of every ELBO's log p(m), not of eq. 6's weights."""
+        ...
+
     def m_parameters(self) -> list[nn.Parameter]:
         """The parameters of NN_M^p and NN_M^q: the only ones test-time fine-tuning may change."""
         ...

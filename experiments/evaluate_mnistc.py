@@ -386,6 +386,21 @@ def outputs(s: Setup) -> dict[str, float]:
     return metrics
 
 
+def measuring_args(argv: list[str]) -> list[str]:
+    """``argv`` without the options that only rewrite outputs (``--sections``, ``--force`` and
+    ``--merge`` with its caches): the command that measures what the outputs show."""
+    out: list[str] = []
+    skipping = False
+    for arg in argv:
+        if arg.startswith("--"):
+            skipping = arg == "--merge"
+            if skipping or arg in ("--sections", "--force"):
+                continue
+        if not skipping:
+            out.append(arg)
+    return out
+
+
 def table(m: dict[str, float], s: Setup) -> str:
     """The suite's table: one row per set, one column per method, at each n."""
     p = s.prefix
@@ -395,12 +410,13 @@ def table(m: dict[str, float], s: Setup) -> str:
         else "each named manipulation (`training.manipulations`) of the validation split of MNIST's"
         " training set"
     )
+    command = " ".join(["python -m experiments.evaluate_mnistc", *measuring_args(sys.argv[1:])])
     lines = [
         "# MNIST-C" if p == "mnistc" else "# MNIST-C protocol on validation manipulations",
         "",
         f"Accuracy on the scoring half of {what}; adaptation on the first",
         "n unlabelled images of the other half. Written by",
-        f"`{' '.join(['python -m experiments.evaluate_mnistc', *sys.argv[1:]])}`; the protocol is in",
+        f"`{command}`; the protocol is in",
         "that module's docstring. CAMA is the served checkpoint, answered as `POST /predict` answers;",
         f"`cama_ft` is `POST /adapt`'s code path with the recipe `{recipe_id(s.recipe)}`.",
         "",

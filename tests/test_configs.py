@@ -8,9 +8,12 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 import training.baselines  # noqa: F401 - registers the baselines' checkpoint kinds
-from cama.checkpoint import load_checkpoint
+from cama.checkpoint import load_checkpoint, save_checkpoint
+from cama.config import ImageCamaConfig
+from cama.image_model import ImageCama, with_m_pathway
 from training import train_baseline, train_cama, train_measurement
 from training.run_config import (
     BASELINE_KINDS,
@@ -128,9 +131,10 @@ def test_overrides_change_every_training_stage_and_leave_conversions_alone():
     run = Overrides(epochs=1, limit=50, out="o.pt", data="imgs").apply(
         load_config(ROOT / "configs/mnist.toml")
     )
-    convert, generic = run.stages
-    assert convert.epochs is None
-    assert convert.train_limit is None
+    convert, generic, occluder = run.stages
+    for conversion in (convert, occluder):
+        assert conversion.epochs is None
+        assert conversion.train_limit is None
     assert (generic.epochs, generic.train_limit, generic.test_limit) == (1, 50, 50)
     assert run.out == "o.pt"
     assert (run.data.dataset, run.data.path) == ("images", "imgs")
@@ -138,9 +142,9 @@ def test_overrides_change_every_training_stage_and_leave_conversions_alone():
 
 @pytest.mark.slow
 def test_the_served_mnist_config_trains_one_epoch_on_a_subset(tmp_path, cama_serve):
-    """``cama-serve train --config configs/mnist.toml --epochs 1 --limit N``: both stages run (the
-    conversion of the shipped clean model, then eq. 5 on N images) and the checkpoint records the
-    config file and the overrides."""
+    """``cama-serve train --config configs/mnist.toml --epochs 1 --limit N``: every stage runs (the
+    conversion of the shipped clean model, eq. 5 on N images, the occluder settings) and the
+    checkpoint records the config file and the overrides."""
     out = tmp_path / "mnist.pt"
     args = ["--config", "configs/mnist.toml", "--epochs", "1", "--limit", "160", "--threads", "1"]
     proc = cama_serve("train", *args, "--out", str(out))
@@ -158,9 +162,36 @@ def test_the_served_mnist_config_trains_one_epoch_on_a_subset(tmp_path, cama_ser
     assert meta.provenance["adapt_recipe"] == load_config(ROOT / "configs/mnist.toml").adapt_recipe()
     assert meta.config["m_pathway"] == "transform"
     assert "field" in meta.config["transforms"]
+    assert (meta.config["field_inverse"], meta.config["theta_prior_std"]) == ("mask", 0.1)  # last stage
     assert 0.0 <= meta.metrics["test_accuracy"] <= 1.0
     evaluated = cama_serve("evaluate", "--checkpoint", str(out), "--limit", "40", "--k", "2")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     result = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert result["images"] == 40
     assert 0.5 < result["accuracy"] <= 1.0  # a trained MNIST model
+
+
+def test_a_convert_stage_passes_its_network_settings():
+    steps = plan(load_config(ROOT / "configs/mnist.toml"))
+    occluder = steps[-1]
+    assert occluder.argv[:2] == ["--convert", str(steps[1].out)]
+    settings = json.loads(occluder.argv[occluder.argv.index("--networks") + 1])
+    assert settings == {"field_inverse": "mask", "theta_prior_std": 0.1}
+
+
+def test_convert_sets_inference_settings_and_refuses_a_change_of_shape(tmp_path):
+    torch.manual_seed(0)
+    model = with_m_pathway(ImageCama(ImageCamaConfig.tiny()), "transform")
+    source = tmp_path / "tiny.pt"
+    save_checkpoint(source, model, provenance={}, metrics={})
+    out = tmp_path / "masked.pt"
+    train_cama.convert(source, "transform", out, {"field_inverse": "mask", "theta_prior_std": 0.1})
+    masked, _ = load_checkpoint(out)
+    assert isinstance(masked, ImageCama)
+    assert (masked.config.field_inverse, masked.config.theta_prior_std) == ("mask", 0.1)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(masked.state_dict()[key], value)
+    with pytest.raises(SystemExit, match="networks"):
+        train_cama.convert(source, "transform", tmp_path / "wider.pt", {"dim_z": 8})
+    with pytest.raises(SystemExit, match="networks"):
+        train_cama.convert(source, "transform", tmp_path / "bad.pt", {"field_inverse": "cut"})

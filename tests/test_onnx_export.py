@@ -155,23 +155,34 @@ def test_warp_grid_is_affine_grid_and_the_same_in_onnx_runtime(tmp_path):
     np.testing.assert_allclose(onnx_warped, warped.numpy(), rtol=0, atol=1e-6)
 
 
-def test_field_mechanism_exports_with_parity(tmp_path):
-    """The spatial field mechanism (a fixed bilinear upsampling as matrix products) in ONNX Runtime."""
+@pytest.mark.parametrize(("field_inverse", "scale"), [("divide", 0.05), ("mask", 20.0)])
+def test_field_mechanism_exports_with_parity(tmp_path, field_inverse, scale):
+    """The spatial field mechanism (a fixed bilinear upsampling as matrix products) in ONNX Runtime,
+    with covered pixels divided back or, past the visibility floor, read as missing."""
     from cama.config import ImageCamaConfig
     from cama.export import export_onnx
     from cama.image_model import ImageCama, with_m_pathway
+    from cama.mechanisms import MASK_VISIBILITY, _field_maps
     from cama.objectives import Noise, bayes_log_weights
 
     torch.manual_seed(0)
     transforms = ("warp", "blur", "photometric", "outlier", "field", "clean")
-    model = with_m_pathway(ImageCama(ImageCamaConfig.tiny()), "transform", transforms=transforms)
+    model = with_m_pathway(
+        ImageCama(ImageCamaConfig.tiny()), "transform", transforms=transforms, field_inverse=field_inverse
+    )
     with torch.no_grad():
         assert model.mechanisms is not None
         model.mechanisms.head.weight.normal_(0.0, 0.05)
-        model.q_m_mlp[-1].weight.normal_(0.0, 0.05)
+        model.q_m_mlp[-1].weight.normal_(0.0, 0.05 if field_inverse == "divide" else 1.0)
+        start = sum(model.mechanisms.sizes[t] for t in transforms[: transforms.index("field")])
+        model.mechanisms.head.weight[start : start + 49].normal_(0.0, scale)  # the field's weight map
     model.eval()
     images, _ = digit_like_images(5, seed=3)
     x = torch.from_numpy(images[:, None].astype(np.float32) / 255.0)
+    if field_inverse == "mask":  # some pixels lie past the floor, so the masked branch is exercised
+        with torch.no_grad():
+            weight, _ = _field_maps(model.mechanisms(model.infer_m(x)[0])["field"], 1, 28, 28)
+        assert bool((1.0 - weight < MASK_VISIBILITY).any())
     path = export_onnx(model, tmp_path / "field.onnx", x)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(1)

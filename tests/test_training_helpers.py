@@ -203,3 +203,11 @@ def test_zero_m_inference_gives_every_input_the_same_m():
     mu, logvar = model.infer_m(x)
     assert torch.equal(mu, torch.zeros_like(mu))
     assert torch.allclose(logvar, torch.full_like(logvar, ImageCamaConfig.q_m_logvar_init))
+
+
+def test_the_mnistc_table_shows_the_measuring_command_without_output_only_options():
+    from experiments.evaluate_mnistc import measuring_args
+
+    argv = ["--ns", "100", "500", "--sections", "--merge", "a.json", "b.json", "--threads", "2", "--force"]
+    assert measuring_args(argv) == ["--ns", "100", "500", "--threads", "2"]
+    assert measuring_args(["--corruptions", "fog", "--ns", "500"]) == ["--corruptions", "fog", "--ns", "500"]

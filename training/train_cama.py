@@ -187,12 +187,19 @@ def train(
     return {**metrics, "best_val_accuracy": best}
 
 
-def convert(source: Path, pathway: str, out: Path) -> None:
-    """Write ``source`` with another m pathway (mechanisms start at the identity) to ``out``."""
+def convert(source: Path, pathway: str, out: Path, networks: dict[str, object] | None = None) -> None:
+    """Write ``source`` with another m pathway (mechanisms start at the identity) and the config
+    fields ``networks`` (which must keep every weight's shape) to ``out``."""
     clean, meta = load_checkpoint(source)
     if not isinstance(clean, ImageCama):
         raise SystemExit(f"{source} is not an image CAMA checkpoint")
-    model = with_m_pathway(clean, pathway, q_m_logvar_init=ImageCamaConfig.q_m_logvar_init)
+    overrides: dict[str, object] = {"q_m_logvar_init": clean.config.q_m_logvar_init}
+    if pathway != clean.config.m_pathway:
+        overrides["q_m_logvar_init"] = ImageCamaConfig.q_m_logvar_init
+    try:
+        model = with_m_pathway(clean, pathway, **overrides, **(networks or {}))
+    except (TypeError, ValueError, RuntimeError) as exc:  # unknown field, bad value, other shape
+        raise SystemExit(f"--networks {networks}: {exc}") from exc
     provenance = {
         **meta.provenance,
         "converted_from": str(source),
@@ -203,12 +210,25 @@ def convert(source: Path, pathway: str, out: Path) -> None:
     print(f"{out}: m_pathway={pathway} sha256={digest}")
 
 
-def warm_start(source: Path, pathway: str | None, transforms: tuple[str, ...] | None = None) -> ImageCama:
+def warm_start(
+    source: Path,
+    pathway: str | None,
+    transforms: tuple[str, ...] | None = None,
+    networks: dict[str, object] | None = None,
+) -> ImageCama:
     """The image CAMA stored in ``source``, to continue training from (its m pathway and
-    mechanisms unless given; new mechanisms start at the identity)."""
+    mechanisms unless given; new mechanisms start at the identity). ``networks`` changes config
+    fields that keep every weight's shape (e.g. ``field_inverse``, ``theta_prior_std``)."""
     model, _ = load_checkpoint(source)
     if not isinstance(model, ImageCama):
         raise SystemExit(f"--init-from {source}: not an image CAMA checkpoint")
+    if networks:
+        changed = ImageCama(replace(model.config, **networks))  # type: ignore[arg-type]
+        try:
+            changed.load_state_dict(model.state_dict())
+        except RuntimeError as exc:
+            raise SystemExit(f"--networks {networks} changes the shape of {source}'s weights") from exc
+        model = changed
     pathway = pathway or model.config.m_pathway
     overrides: dict[str, object] = {} if transforms is None else {"transforms": tuple(transforms)}
     if pathway != model.config.m_pathway or overrides.get("transforms", model.config.transforms) != (
@@ -321,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.convert is not None:
-        convert(args.convert, args.m_pathway or "transform", args.out)
+        convert(args.convert, args.m_pathway or "transform", args.out, args.networks)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -355,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": device.type,
     }
     if args.init_from is not None:
-        model = warm_start(args.init_from, args.m_pathway, args.transforms).to(device)
+        model = warm_start(args.init_from, args.m_pathway, args.transforms, args.networks).to(device)
         provenance |= {"init_from": str(args.init_from), "init_sha256": sha256_file(args.init_from)}
     else:
         dataset = "images" if args.data is not None else args.dataset
