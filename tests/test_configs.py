@@ -3,6 +3,7 @@ records; the config loader refuses what it does not know; a config runs in CI on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -25,6 +26,7 @@ from training.run_config import (
     load_config,
     parse_config,
     plan,
+    stage_command,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,3 +197,11 @@ def test_convert_sets_inference_settings_and_refuses_a_change_of_shape(tmp_path)
         train_cama.convert(source, "transform", tmp_path / "wider.pt", {"dim_z": 8})
     with pytest.raises(SystemExit, match="networks"):
         train_cama.convert(source, "transform", tmp_path / "bad.pt", {"field_inverse": "cut"})
+
+
+def test_only_a_convert_stage_takes_network_settings():
+    run = load_config(ROOT / "configs/mnist.toml")
+    generic = run.stages[1]
+    bad = dataclasses.replace(generic, networks={"field_inverse": "mask"})
+    with pytest.raises(ConfigError, match="convert stages"):
+        stage_command(run, bad, Path("out.pt"), Path("in.pt"))

@@ -18,8 +18,8 @@ overrides given on the command line.
     [adapt]     fields of ``cama.adapt.FinetuneConfig`` (CAMA models)
     [[stages]]  name, init, convert, epochs, batch_size, lr, weight_decay, val_k, test_k,
                 augment, aug_range, lam, flip, bf16, device, threads, time_budget_s, m_pathway,
-                transforms, networks (config fields a stage changes on its input's model, keeping
-                every weight's shape: e.g. a convert stage that sets ``field_inverse``)
+                transforms, networks (convert stages only: config fields set on the input's model,
+                keeping every weight's shape, e.g. ``field_inverse``)
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class StageConfig:
     time_budget_s: float | None = None
     m_pathway: str | None = None
     transforms: tuple[str, ...] | None = None
-    networks: Mapping[str, Any] | None = None  # config fields changed on the input's model
+    networks: Mapping[str, Any] | None = None  # convert stages: config fields set on the input's model
     train_limit: int | None = None  # set by --limit
     test_limit: int | None = None
 
@@ -243,6 +243,8 @@ def stage_command(run: RunConfig, stage: StageConfig, out: Path, init: Path | No
             raise ConfigError(f"stage {stage.name!r}: convert needs an input (init)")
         flags = {"convert": init, "m_pathway": stage.convert, "networks": stage.networks, "out": out}
         return "training.train_cama", _flags(flags)
+    if stage.networks:
+        raise ConfigError(f"stage {stage.name!r}: networks is for convert stages (else [model])")
     schedule = {
         "epochs": stage.epochs,
         "batch_size": stage.batch_size,
@@ -262,7 +264,7 @@ def stage_command(run: RunConfig, stage: StageConfig, out: Path, init: Path | No
         "flip": stage.flip,
         "train_limit": stage.train_limit,
         "test_limit": stage.test_limit,
-        "networks": {**model.networks, **(stage.networks or {})} if not init else stage.networks,
+        "networks": model.networks,
     }
     if model.kind in BASELINE_KINDS:
         extra = {"model": model.kind, "bncnn_head": model.head, "dropout": model.dropout}

@@ -210,25 +210,12 @@ def convert(source: Path, pathway: str, out: Path, networks: dict[str, object] |
     print(f"{out}: m_pathway={pathway} sha256={digest}")
 
 
-def warm_start(
-    source: Path,
-    pathway: str | None,
-    transforms: tuple[str, ...] | None = None,
-    networks: dict[str, object] | None = None,
-) -> ImageCama:
+def warm_start(source: Path, pathway: str | None, transforms: tuple[str, ...] | None = None) -> ImageCama:
     """The image CAMA stored in ``source``, to continue training from (its m pathway and
-    mechanisms unless given; new mechanisms start at the identity). ``networks`` changes config
-    fields that keep every weight's shape (e.g. ``field_inverse``, ``theta_prior_std``)."""
+    mechanisms unless given; new mechanisms start at the identity)."""
     model, _ = load_checkpoint(source)
     if not isinstance(model, ImageCama):
         raise SystemExit(f"--init-from {source}: not an image CAMA checkpoint")
-    if networks:
-        changed = ImageCama(replace(model.config, **networks))  # type: ignore[arg-type]
-        try:
-            changed.load_state_dict(model.state_dict())
-        except RuntimeError as exc:
-            raise SystemExit(f"--networks {networks} changes the shape of {source}'s weights") from exc
-        model = changed
     pathway = pathway or model.config.m_pathway
     overrides: dict[str, object] = {} if transforms is None else {"transforms": tuple(transforms)}
     if pathway != model.config.m_pathway or overrides.get("transforms", model.config.transforms) != (
@@ -375,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": device.type,
     }
     if args.init_from is not None:
-        model = warm_start(args.init_from, args.m_pathway, args.transforms, args.networks).to(device)
+        model = warm_start(args.init_from, args.m_pathway, args.transforms).to(device)
         provenance |= {"init_from": str(args.init_from), "init_sha256": sha256_file(args.init_from)}
     else:
         dataset = "images" if args.data is not None else args.dataset
